@@ -1,5 +1,32 @@
 """EAGLE-3 draft models (Llama-style and DeepSeek MLA) with test-time training."""
 
 from torchspec.draft_models.__about__ import __version__
+from torchspec.draft_models.auto import AutoEagle3DraftModel
+from torchspec.draft_models.config import (
+    AutoDraftModelConfig,
+    DeepseekEagle3Config,
+    DraftConfigError,
+    Eagle3DraftConfig,
+    LlamaEagle3Config,
+)
+from torchspec.draft_models.deepseek import Eagle3DeepseekV2ForCausalLM
+from torchspec.draft_models.draft_model import DraftCheckpointError, Eagle3DraftModel
+from torchspec.draft_models.eagle3 import Eagle3Model, Eagle3Output, step0_loss_mask
+from torchspec.draft_models.llama import LlamaForCausalLMEagle3
 
-__all__ = ["__version__"]
+__all__ = [
+    "AutoDraftModelConfig",
+    "AutoEagle3DraftModel",
+    "DeepseekEagle3Config",
+    "DraftCheckpointError",
+    "DraftConfigError",
+    "Eagle3DeepseekV2ForCausalLM",
+    "Eagle3DraftConfig",
+    "Eagle3DraftModel",
+    "Eagle3Model",
+    "Eagle3Output",
+    "LlamaEagle3Config",
+    "LlamaForCausalLMEagle3",
+    "__version__",
+    "step0_loss_mask",
+]
