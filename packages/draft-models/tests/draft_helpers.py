@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, LlamaEagle3Config
+
+VOCAB = 97
+
+
+def tiny_llama_config(**overrides):
+    values = dict(
+        hidden_size=32,
+        vocab_size=VOCAB,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,  # deliberately != hidden_size / heads
+        intermediate_size=48,
+        max_position_embeddings=64,
+        torch_dtype="float32",
+    )
+    values.update(overrides)
+    return LlamaEagle3Config(**values)
+
+
+def tiny_mla_config(**overrides):
+    values = dict(
+        hidden_size=32,
+        vocab_size=VOCAB,
+        num_attention_heads=4,
+        intermediate_size=48,
+        q_lora_rank=16,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        max_position_embeddings=64,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0},
+        torch_dtype="float32",
+    )
+    values.update(overrides)
+    return DeepseekEagle3Config(**values)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial weights everywhere (norm weights included) so that tests can tell layers apart."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2 + (1.0 if param.ndim == 1 else 0.0))
+    return model
+
+
+def pruned_mapping(vocab: int, draft_vocab: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    kept = torch.randperm(vocab, generator=generator)[:draft_vocab].sort().values
+    d2t = kept - torch.arange(draft_vocab)
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[kept] = True
+    return d2t, t2d
+
+
+
+
+def build_draft(kind: str, seed: int = 0, **overrides):
+    config = tiny_llama_config(**overrides) if kind == "llama" else tiny_mla_config(**overrides)
+    model = randomize(AutoEagle3DraftModel.from_config(config), seed)
+    if config.is_vocab_pruned:
+        model.set_vocab_mapping(*pruned_mapping(config.vocab_size, config.draft_vocab_size, seed))
+    return model
+
+
+def make_batch(batch=2, seq_len=12, target_hidden=32, vocab=VOCAB, seed=0, pad_last=3):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
+    attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
+    if pad_last:
+        attention_mask[-1, seq_len - pad_last :] = 0
+    return dict(
+        input_ids=input_ids,
+        hidden_states=torch.randn(batch, seq_len, 3 * target_hidden, generator=generator),
+        attention_mask=attention_mask,
+        target_hidden=torch.randn(batch, seq_len, target_hidden, generator=generator),
+        target_head_weight=torch.randn(vocab, target_hidden, generator=generator),
+        token_loss_mask=(torch.rand(batch, seq_len, generator=generator) > 0.3).long() * attention_mask,
+    )

@@ -1,0 +1,200 @@
+"""Eagle3Model: alignment, losses against a direct per-row formula, gradients, checkpointing."""
+
+import pytest
+import torch
+
+from torchspec.draft_models import Eagle3Model, step0_loss_mask
+from torchspec.draft_models.loss import chunked_forward_kl, DenseTargetProbs
+
+from draft_helpers import build_draft, make_batch
+
+
+def _reference_ttt(draft, batch, length, token_loss_mask, pruned=False):
+    """The TTT objective written out row by row from the alignment rules in the docstring.
+
+    Runs the draft one step at a time through its public pieces and computes every loss with the
+    full logits and an explicit softmax, without chunking or sorting.
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"].bool()
+    B, T = ids.shape
+    target_logits = batch["target_hidden"] @ batch["target_head_weight"].T  # [B, T, V]
+    draft_ids = draft.draft_to_target_ids()
+    hidden = draft.project_hidden_states(batch["hidden_states"])
+    cache_k = cache_v = None
+    loss_sums, counts, corrects = [], [], []
+    for k in range(length):
+        tokens = torch.zeros_like(ids)
+        tokens[:, : T - 1 - k] = ids[:, k + 1 :]
+        positions = torch.arange(T).expand(B, T) + k
+        hidden, cache_k, cache_v = draft.backbone(draft.embed_input_ids(tokens), hidden, attn, positions, cache_k, cache_v)
+        logits = draft.compute_logits(hidden)
+        total, count, correct = 0.0, 0, 0
+        for b in range(B):
+            for t in range(T):
+                j = t + 1 + k  # target position
+                if j >= T or not attn[b, j] or not attn[b, t] or t + k + 2 >= T or not token_loss_mask[b, t + k + 2]:
+                    continue
+                full = target_logits[b, j]
+                if pruned and not draft.t2d[full.argmax()]:
+                    continue
+                p = torch.softmax(full[draft_ids], -1)
+                total = total - (p * torch.log_softmax(logits[b, t], -1)).sum()
+                count += 1
+                correct += int(logits[b, t].argmax() == p.argmax())
+        loss_sums.append(total)
+        counts.append(count)
+        corrects.append(correct)
+    return loss_sums, counts, corrects
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_losses_match_the_row_by_row_formula(draft_kind, pruned):
+    draft = build_draft(draft_kind, draft_vocab_size=40 if pruned else 97)
+    batch = make_batch()
+    length = 4
+    model = Eagle3Model(draft, length=length, loss_chunk_elements=97 * 5)  # several chunks
+    out = model(
+        batch["input_ids"], batch["hidden_states"], step0_loss_mask(batch["token_loss_mask"]), batch["attention_mask"],
+        target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"],
+    )
+    loss_sums, counts, corrects = _reference_ttt(draft, batch, length, batch["token_loss_mask"], pruned)
+    assert out.counted.tolist() == counts
+    assert out.counted_mask.sum().item() == sum(counts)
+    torch.testing.assert_close(out.loss_sums, torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in loss_sums]), rtol=1e-4, atol=1e-4)
+    assert out.correct.sum(dim=(1, 2)).tolist() == corrects
+    torch.testing.assert_close(out.losses, out.loss_sums / out.counted.clamp(min=1))
+
+    # Gradients of the chunked loss equal the gradients of the direct formula.
+    decay = 0.8
+    reference = sum(decay**k * loss_sums[k] / max(counts[k], 1) for k in range(length))
+    expected = torch.autograd.grad(reference, [p for p in draft.parameters() if p.requires_grad], allow_unused=True)
+    actual = torch.autograd.grad(out.total_loss(decay), [p for p in draft.parameters() if p.requires_grad], allow_unused=True)
+    for (name, _), e, a in zip([(n, p) for n, p in draft.named_parameters() if p.requires_grad], expected, actual):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_pruned_vocab_reports_and_excludes_positions_outside_the_draft_vocab():
+    draft = build_draft("llama", draft_vocab_size=30)
+    batch = make_batch(seq_len=16)
+    model = Eagle3Model(draft, length=3)
+    valid = model.target_in_draft_vocab(batch["target_hidden"], batch["target_head_weight"])
+    expected_valid = draft.t2d[(batch["target_hidden"] @ batch["target_head_weight"].T).argmax(-1)]
+    assert torch.equal(valid, expected_valid)
+    assert 0 < valid.sum() < valid.numel()  # the test exercises both cases
+    loss_mask = step0_loss_mask(torch.ones_like(batch["input_ids"]))
+    out = model(batch["input_ids"], batch["hidden_states"], loss_mask, batch["attention_mask"],
+                target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"])
+    k, b, t = out.counted_mask.nonzero(as_tuple=True)
+    assert valid[b, t + 1 + k].all()
+    assert torch.equal(out.counted, model.count_positions(loss_mask, batch["attention_mask"], valid))
+
+
+def test_dense_target_probs_equal_the_lazy_target(draft_kind):
+    draft = build_draft(draft_kind)
+    batch = make_batch()
+    loss_mask = step0_loss_mask(batch["token_loss_mask"])
+    model = Eagle3Model(draft, length=3)
+    lazy = model(batch["input_ids"], batch["hidden_states"], loss_mask, batch["attention_mask"],
+                 target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"])
+    probs = torch.softmax(batch["target_hidden"] @ batch["target_head_weight"].T, -1)
+    dense = model(batch["input_ids"], batch["hidden_states"], loss_mask, batch["attention_mask"], target_probs=probs)
+    torch.testing.assert_close(lazy.loss_sums, dense.loss_sums, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lazy.correct, dense.correct)
+
+
+def test_alignment_counts_each_step_one_token_further():
+    draft = build_draft("llama")
+    model = Eagle3Model(draft, length=3)
+    token_mask = torch.zeros(1, 10, dtype=torch.long)
+    token_mask[0, 6] = 1  # one supervised token
+    counted = model.counted_positions(step0_loss_mask(token_mask))
+    # Token 6 is predicted by row 4 at step 0, row 3 at step 1, row 2 at step 2.
+    assert [row.nonzero().flatten().tolist() for row in counted[:, 0]] == [[4], [3], [2]]
+
+
+def test_loss_normalizer_divides_the_sums():
+    draft = build_draft("mla")
+    batch = make_batch()
+    model = Eagle3Model(draft, length=2)
+    out = model(batch["input_ids"], batch["hidden_states"], step0_loss_mask(batch["token_loss_mask"]), batch["attention_mask"],
+                target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"],
+                loss_normalizer=torch.tensor([100.0, 50.0]))
+    torch.testing.assert_close(out.losses, out.loss_sums / torch.tensor([100.0, 50.0]))
+    assert out.total_loss(0.5).item() == pytest.approx((out.losses[0] + 0.5 * out.losses[1]).item())
+
+
+def test_gradients_reach_every_trainable_parameter_and_not_the_frozen_embedding(draft_kind):
+    draft = build_draft(draft_kind)
+    draft.freeze_embedding()
+    batch = make_batch()
+    model = Eagle3Model(draft, length=3)
+    out = model(batch["input_ids"], batch["hidden_states"], step0_loss_mask(batch["token_loss_mask"]), batch["attention_mask"],
+                target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"])
+    out.total_loss().backward()
+    assert draft.embed_tokens.weight.grad is None
+    for name, param in draft.named_parameters():
+        if name != "embed_tokens.weight":
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_mla_without_q_lora_uses_a_single_q_proj():
+    draft = build_draft("mla", q_lora_rank=None)
+    attn = draft.midlayer.self_attn
+    assert hasattr(attn, "q_proj") and not hasattr(attn, "q_a_proj")
+    assert attn.q_proj.weight.shape == (4 * (8 + 4), 2 * 32)
+    batch = make_batch()
+    out = Eagle3Model(draft, length=2)(batch["input_ids"], batch["hidden_states"], step0_loss_mask(batch["token_loss_mask"]),
+                                       batch["attention_mask"], target_hidden=batch["target_hidden"],
+                                       target_head_weight=batch["target_head_weight"])
+    out.total_loss().backward()
+    assert attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_identical_gradients(draft_kind):
+    batch = make_batch()
+    grads = []
+    for checkpointing in (False, True):
+        draft = build_draft(draft_kind)
+        model = Eagle3Model(draft, length=3, gradient_checkpointing=checkpointing)
+        out = model(batch["input_ids"], batch["hidden_states"], step0_loss_mask(batch["token_loss_mask"]), batch["attention_mask"],
+                    target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"])
+        out.total_loss().backward()
+        grads.append({n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_backbone_shapes_with_and_without_cache(draft_kind):
+    draft = build_draft(draft_kind)
+    B, T, H = 2, 6, 32
+    embeds, hidden = torch.randn(B, T, H), draft.project_hidden_states(torch.randn(B, T, 3 * H))
+    positions = torch.arange(T).expand(B, T)
+    cache_k = cache_v = None
+    for step in range(3):
+        hidden, cache_k, cache_v = draft.backbone(embeds, hidden, None, positions + step, cache_k, cache_v, use_cache=True)
+        assert hidden.shape == (B, T, H)
+        assert len(cache_k) == len(cache_v) == step + 1
+        kv_heads = 2 if draft_kind == "llama" else 4  # GQA keeps kv heads; MLA expands the shared key
+        assert cache_k[-1].shape[:3] == (B, kv_heads, T)
+    out, no_k, no_v = draft.backbone(embeds, hidden, None, positions, None, None, use_cache=False)
+    assert out.shape == (B, T, H) and no_k is None and no_v is None
+    assert draft.compute_logits(out).shape == (B, T, draft.config.draft_vocab_size)
+
+
+def test_chunked_loss_rejects_unsorted_rows():
+    with pytest.raises(ValueError, match="sorted"):
+        chunked_forward_kl(torch.randn(2, 4), torch.randn(5, 4), DenseTargetProbs(torch.rand(1, 3, 5)), torch.tensor([2, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_bf16_forward_and_backward_run(dtype):
+    draft = build_draft("mla").to(dtype)
+    batch = make_batch()
+    model = Eagle3Model(draft, length=2)
+    out = model(batch["input_ids"], batch["hidden_states"].to(dtype), step0_loss_mask(batch["token_loss_mask"]),
+                batch["attention_mask"], target_hidden=batch["target_hidden"].to(dtype),
+                target_head_weight=batch["target_head_weight"].to(dtype))
+    out.total_loss().backward()
+    assert torch.isfinite(out.losses).all()
+    assert draft.lm_head.weight.grad.dtype == dtype

@@ -1,0 +1,116 @@
+"""save_pretrained / from_pretrained in the serving format."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from torchspec.draft_models import AutoEagle3DraftModel, DraftCheckpointError, DraftConfigError, Eagle3DraftModel, LlamaForCausalLMEagle3
+
+from draft_helpers import build_draft
+
+
+def _keys(path):
+    with safe_open(str(path), framework="pt") as handle:
+        return set(handle.keys())
+
+
+def _same_outputs(a, b):
+    torch.manual_seed(1)
+    h3, ids = torch.randn(1, 5, 96), torch.randint(0, 97, (1, 5))
+    pos = torch.arange(5)[None]
+    outs = []
+    for model in (a, b):
+        hidden, _, _ = model.backbone(model.embed_input_ids(ids), model.project_hidden_states(h3), None, pos)
+        outs.append(model.compute_logits(hidden))
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_round_trip_keeps_weights_mapping_and_outputs(tmp_path, draft_kind, pruned):
+    draft = build_draft(draft_kind, draft_vocab_size=50 if pruned else 97)
+    draft.save_pretrained(tmp_path)
+    keys = _keys(tmp_path / "model.safetensors")
+    assert "fc.weight" in keys and "norm.weight" in keys and "lm_head.weight" in keys and "embed_tokens.weight" in keys
+    assert any(k.startswith("midlayer.self_attn.") for k in keys)
+    assert not any(k.startswith("model.") for k in keys)
+    assert ({"d2t", "t2d"} <= keys) == pruned
+    loaded = AutoEagle3DraftModel.from_pretrained(tmp_path)
+    assert type(loaded) is type(draft)
+    for (name, a), (_, b) in zip(draft.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    _same_outputs(draft, loaded)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["draft_vocab_size"] == (50 if pruned else 97)
+
+
+def test_layers_0_prefix_is_accepted(tmp_path):
+    draft = build_draft("llama")
+    draft.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        tensors = {k.replace("midlayer.", "layers.0."): handle.get_tensor(k) for k in handle.keys()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    _same_outputs(draft, AutoEagle3DraftModel.from_pretrained(tmp_path))
+
+
+def test_without_embeddings_and_in_another_dtype(tmp_path):
+    draft = build_draft("mla", draft_vocab_size=40)
+    draft.save_pretrained(tmp_path, include_embeddings=False, dtype=torch.bfloat16)
+    assert "embed_tokens.weight" not in _keys(tmp_path / "model.safetensors")
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = AutoEagle3DraftModel.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.d2t, draft.d2t) and torch.equal(loaded.t2d, draft.t2d)
+
+
+def test_missing_t2d_is_rebuilt_from_d2t(tmp_path):
+    draft = build_draft("llama", draft_vocab_size=40)
+    draft.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k != "t2d"}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    assert torch.equal(AutoEagle3DraftModel.from_pretrained(tmp_path).t2d, draft.t2d)
+
+
+def test_mismatched_weights_name_the_keys(tmp_path):
+    draft = build_draft("llama")
+    draft.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k != "fc.weight"}
+    tensors["extra.weight"] = torch.zeros(1)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(DraftCheckpointError, match="missing fc.weight; unexpected extra.weight"):
+        AutoEagle3DraftModel.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_and_missing_files(tmp_path):
+    draft = build_draft("llama")
+    draft.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    with pytest.raises(DraftCheckpointError, match="midlayer.mlp.*has shape"):
+        AutoEagle3DraftModel.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(DraftCheckpointError, match="model.safetensors does not exist"):
+        AutoEagle3DraftModel.from_pretrained(tmp_path)
+    with pytest.raises(DraftConfigError, match="does not exist"):
+        AutoEagle3DraftModel.from_pretrained(tmp_path / "nowhere")
+
+
+def test_loading_through_the_wrong_class_is_refused(tmp_path):
+    build_draft("mla").save_pretrained(tmp_path)
+    with pytest.raises(DraftCheckpointError, match="load it with AutoEagle3DraftModel"):
+        LlamaForCausalLMEagle3.from_pretrained(tmp_path)
+    assert isinstance(Eagle3DraftModel.from_pretrained(tmp_path), Eagle3DraftModel)
+
+
+def test_embedding_and_mapping_setters_check_shapes():
+    draft = build_draft("llama", draft_vocab_size=40)
+    with pytest.raises(ValueError, match="does not fit"):
+        draft.load_embedding(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="do not match"):
+        draft.set_vocab_mapping(torch.zeros(3, dtype=torch.long), torch.zeros(97, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs a pruned config"):
+        build_draft("llama").set_vocab_mapping(torch.zeros(1), torch.zeros(1))
