@@ -69,8 +69,12 @@ class Eagle3Model(nn.Module):
         length: int = 7,
         attention_backend: str = "sdpa",
         gradient_checkpointing: bool = False,
+        recompute_mlp: bool = True,
         loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ):
+        """``gradient_checkpointing`` recomputes each whole backbone step in backward;
+        ``recompute_mlp`` (default) recomputes only the MLP block, the largest activations for the
+        least compute."""
         super().__init__()
         if length < 1:
             raise ValueError(f"TTT length must be >= 1, got {length}")
@@ -80,6 +84,7 @@ class Eagle3Model(nn.Module):
         self.length = length
         self.attention_backend = attention_backend
         self.gradient_checkpointing = gradient_checkpointing
+        draft.midlayer.recompute_mlp = recompute_mlp and not gradient_checkpointing
         self.loss_chunk_elements = loss_chunk_elements
 
     # --- which rows count --------------------------------------------------------------------------

@@ -27,8 +27,8 @@ __all__ = [
     "chunked_forward_kl",
 ]
 
-# Elements of one [rows, vocab] float32 buffer per chunk (64 MiB); a handful are alive at once.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Elements of one [rows, vocab] float32 buffer per chunk (16 MiB); a handful are alive at once.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 class TargetDistribution:
