@@ -13,6 +13,8 @@ from torchspec.draft_models.deepseek import Eagle3DeepseekV2ForCausalLM
 from torchspec.draft_models.draft_model import DraftCheckpointError, Eagle3DraftModel
 from torchspec.draft_models.eagle3 import Eagle3Model, Eagle3Output, step0_loss_mask
 from torchspec.draft_models.llama import LlamaForCausalLMEagle3
+from torchspec.draft_models.speculative import SpeculativeGenerator, SpeculativeResult, target_greedy_generate
+from torchspec.draft_models.aux_layers import default_aux_layer_ids
 
 __all__ = [
     "AutoDraftModelConfig",
@@ -27,6 +29,10 @@ __all__ = [
     "Eagle3Output",
     "LlamaEagle3Config",
     "LlamaForCausalLMEagle3",
+    "SpeculativeGenerator",
+    "SpeculativeResult",
     "__version__",
+    "default_aux_layer_ids",
     "step0_loss_mask",
+    "target_greedy_generate",
 ]

@@ -22,7 +22,7 @@ from torch import nn
 
 from torchspec.draft_models.config import AutoDraftModelConfig, Eagle3DraftConfig
 from torchspec.draft_models.layers import Eagle3DecoderLayer, RMSNorm
-from torchspec.draft_models.ttt_attention import TTTMask
+from torchspec.draft_models.ttt_attention import DecodeMask, TTTMask
 
 __all__ = ["DraftCheckpointError", "Eagle3DraftModel"]
 
@@ -69,15 +69,16 @@ class Eagle3DraftModel(nn.Module):
         self,
         input_embeds: torch.Tensor,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | TTTMask | None,
+        attention_mask: torch.Tensor | TTTMask | DecodeMask | None,
         position_ids: torch.Tensor,
         cache_keys: list[torch.Tensor] | None = None,
         cache_values: list[torch.Tensor] | None = None,
         use_cache: bool = True,
     ):
-        """One draft step. ``attention_mask`` is a ``[B, T]`` key-padding mask (1 = token) or a
-        prepared :class:`TTTMask`. Returns ``(pre-norm hidden, cache_keys, cache_values)``."""
-        if not isinstance(attention_mask, TTTMask):
+        """One draft step. ``attention_mask`` is a ``[B, T]`` key-padding mask (1 = token), a
+        prepared :class:`TTTMask` (training), or a :class:`DecodeMask` (inference over a flat cache).
+        Returns ``(pre-norm hidden, cache_keys, cache_values)``."""
+        if not isinstance(attention_mask, (TTTMask, DecodeMask)):
             if attention_mask is None:
                 attention_mask = torch.ones(input_embeds.shape[:2], dtype=torch.bool, device=input_embeds.device)
             attention_mask = TTTMask(attention_mask)

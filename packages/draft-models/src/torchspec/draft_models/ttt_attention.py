@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTENTION_BACKENDS", "TTTMask", "ttt_attention"]
+__all__ = ["ATTENTION_BACKENDS", "DecodeMask", "TTTMask", "ttt_attention"]
 
 ATTENTION_BACKENDS = ("sdpa", "flex_attention")
 
@@ -44,12 +44,26 @@ class TTTMask:
     def seq_len(self) -> int:
         return self.padding.shape[1]
 
-    def for_cache(self, num_steps: int):
+    def for_cache(self, num_steps: int, query_len: int, key_len: int, device: torch.device):
         """The mask for queries of one step against ``num_steps`` cached steps."""
         if num_steps not in self._masks:
             build = _dense_mask if self.backend == "sdpa" else _block_mask
             self._masks[num_steps] = build(self.padding, num_steps)
         return self._masks[num_steps]
+
+
+class DecodeMask:
+    """Inference-time mask: the cache is one flat sequence (verified prefix, then the drafted chain),
+    and each new query sees every cached key up to its own position."""
+
+    backend = "sdpa"
+
+    def for_cache(self, num_steps: int, query_len: int, key_len: int, device: torch.device):
+        if query_len == 1:
+            return None
+        offset = key_len - query_len
+        keys, queries = torch.arange(key_len, device=device), torch.arange(query_len, device=device)
+        return keys[None, :] <= queries[:, None] + offset
 
 
 def _dense_mask(padding: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -116,7 +130,7 @@ def ttt_attention(
         cache_keys = cache_values = None
         keys, values, num_steps = key, value, 1
     gqa = query.shape[1] != keys.shape[1]
-    attn_mask = mask.for_cache(num_steps)
+    attn_mask = mask.for_cache(num_steps, query.shape[2], keys.shape[2], query.device)
     if mask.backend == "flex_attention":
         out = _flex_attention()(query, keys, values, block_mask=attn_mask, scale=scale, enable_gqa=gqa)
     else:
