@@ -1,5 +1,18 @@
 """Export TorchSpec checkpoints to serving-ready EAGLE-3 draft folders, with vocabulary pruning."""
 
 from torchspec.converter.__about__ import __version__
+from torchspec.converter.checkpoint import TrainingCheckpoint, resolve_checkpoint
+from torchspec.converter.errors import ConverterError
+from torchspec.converter.export import ExportResult, export_checkpoint
+from torchspec.converter.serving_contract import Finding, check_serving_folder
 
-__all__ = ["__version__"]
+__all__ = [
+    "ConverterError",
+    "ExportResult",
+    "Finding",
+    "TrainingCheckpoint",
+    "__version__",
+    "check_serving_folder",
+    "export_checkpoint",
+    "resolve_checkpoint",
+]

@@ -1,0 +1,97 @@
+"""Reading a TorchSpec training checkpoint (a ``torch.distributed.checkpoint`` folder) tensor by tensor.
+
+Layout written by torchspec-trainer, one folder per saved step::
+
+    output_dir/
+      latest                      text: name of the newest complete checkpoint, written last
+      iter_0000200/
+        .metadata, *.distcp       DCP: {"model": draft state dict, "optimizer": ..., ...}
+        config.json               the draft config
+        aux_layers.json           {"aux_layer_ids": [...], "num_target_layers": L}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from torchspec.converter.errors import ConverterError
+from torchspec.draft_models import AutoDraftModelConfig, DraftConfigError, Eagle3DraftConfig
+
+__all__ = ["TrainingCheckpoint", "resolve_checkpoint"]
+
+_ITER = re.compile(r"^iter_(\d+)$")
+MODEL_PREFIX = "model."
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / "config.json").is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """An ``iter_*`` folder, or a training output folder meaning its latest complete checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise ConverterError(f"checkpoint {path} does not exist; pass an iter_XXXXXXX folder or a training output_dir")
+    if (path / ".metadata").exists():
+        if not _is_complete(path):
+            raise ConverterError(f"checkpoint {path} is incomplete (no config.json); it was not fully written")
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        candidate = path / latest.read_text().strip()
+        if _is_complete(candidate):
+            return candidate
+    complete = sorted(
+        (int(m.group(1)), child) for child in path.iterdir() if (m := _ITER.match(child.name)) and _is_complete(child)
+    )
+    if not complete:
+        raise ConverterError(f"{path} holds no complete checkpoint (iter_XXXXXXX with .metadata and config.json)")
+    return complete[-1][1]
+
+
+@dataclass
+class TrainingCheckpoint:
+    path: Path
+    config: Eagle3DraftConfig
+    aux_layer_ids: list[int] | None
+    num_target_layers: int | None
+
+    @classmethod
+    def open(cls, path: str | Path) -> TrainingCheckpoint:
+        path = resolve_checkpoint(path)
+        try:
+            config = AutoDraftModelConfig.from_file(path / "config.json")
+        except DraftConfigError as err:
+            raise ConverterError(str(err)) from None
+        aux = {}
+        if (path / "aux_layers.json").is_file():
+            aux = json.loads((path / "aux_layers.json").read_text())
+        return cls(path, config, aux.get("aux_layer_ids"), aux.get("num_target_layers"))
+
+    def _metadata(self):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return FileSystemReader(str(self.path)).read_metadata().state_dict_metadata
+
+    def weight_names(self) -> list[str]:
+        """Names of the draft's tensors (without the ``model.`` prefix), in checkpoint order."""
+        return [k[len(MODEL_PREFIX) :] for k in self._metadata() if k.startswith(MODEL_PREFIX)]
+
+    def load_tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read alone (peak memory stays at one tensor beyond what the caller keeps)."""
+        import torch.distributed.checkpoint as dcp
+
+        meta = self._metadata().get(MODEL_PREFIX + name)
+        if meta is None or not hasattr(meta, "size"):
+            raise ConverterError(f"{self.path}: the checkpoint holds no tensor {name!r}")
+        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load({MODEL_PREFIX + name: tensor}, checkpoint_id=str(self.path))
+        return tensor

@@ -1,0 +1,170 @@
+"""Export a training checkpoint to the serving folder (config.json + model.safetensors).
+
+The checkpoint is read one tensor at a time and cast as it is read, so peak memory is about the
+size of the exported model. The folder is written under a temporary name, checked against the
+serving contract, and only then renamed into place; a replaced folder is moved aside first and
+deleted last, so a crash leaves either the old or the new folder, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from torchspec.converter.checkpoint import TrainingCheckpoint
+from torchspec.converter.errors import ConverterError
+from torchspec.converter.serving_contract import Finding, check_serving_folder
+from torchspec.converter.vocab_pruning import head_rows_for
+from torchspec.draft_models import LlamaEagle3Config, default_aux_layer_ids
+
+__all__ = ["ExportResult", "export_checkpoint"]
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    checkpoint: Path
+    num_parameters: int
+    draft_vocab_size: int
+    findings: list[Finding] = field(default_factory=list)
+
+
+def _target_config(target_model_path: str | None) -> dict:
+    if target_model_path is None:
+        return {}
+    path = Path(target_model_path) / "config.json"
+    if not path.is_file():
+        raise ConverterError(f"--target-model-path {target_model_path}: no config.json there")
+    return json.loads(path.read_text())
+
+
+def _target_embedding(target_model_path: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    for file in sorted(Path(target_model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith("embed_tokens.weight"):
+                    return handle.get_tensor(key)
+    raise ConverterError(f"--target-model-path {target_model_path}: no *embed_tokens.weight in its safetensors files")
+
+
+def _serving_config(checkpoint: TrainingCheckpoint, draft_vocab_size: int, dtype: torch.dtype, target: dict) -> dict:
+    config = checkpoint.config.to_dict()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in target and key not in config:
+            config[key] = target[key]
+    config.update(
+        num_hidden_layers=1,
+        draft_vocab_size=draft_vocab_size,
+        tie_word_embeddings=False,
+        torch_dtype=str(dtype).removeprefix("torch."),
+    )
+    if isinstance(checkpoint.config, LlamaEagle3Config):
+        config["head_dim"] = checkpoint.config.head_dim
+    eagle = dict(config.get("eagle_config") or {})
+    eagle["use_aux_hidden_state"] = True
+    eagle.pop("eagle_aux_hidden_state_layer_ids", None)
+    config.pop("eagle_aux_hidden_state_layer_ids", None)
+    num_layers = checkpoint.num_target_layers or target.get("num_hidden_layers")
+    ids = checkpoint.aux_layer_ids
+    if ids is not None and (num_layers is None or list(ids) != default_aux_layer_ids(int(num_layers))):
+        config["eagle_aux_hidden_state_layer_ids"] = list(ids)  # vLLM: input to layer j
+        eagle["eagle_aux_hidden_state_layer_ids"] = [i - 1 for i in ids]  # SGLang: output of layer j
+    config["eagle_config"] = eagle
+    return config
+
+
+def export_checkpoint(
+    input_path: str | Path,
+    output_path: str | Path | None = None,
+    dtype: str | None = None,
+    include_embeddings: bool = False,
+    target_model_path: str | None = None,
+    force: bool = False,
+    new_draft_target_ids: torch.Tensor | None = None,
+) -> ExportResult:
+    """Write the serving folder for ``input_path``. ``new_draft_target_ids`` (sorted target ids of a
+    smaller draft vocabulary) prunes the head after training."""
+    checkpoint = TrainingCheckpoint.open(input_path)
+    output = Path(output_path) if output_path is not None else Path(str(Path(input_path)).rstrip("/") + "_hf")
+    if output.exists() and not force:
+        raise ConverterError(f"{output} already exists; pass --force to replace it")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConverterError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    config = checkpoint.config
+    names = checkpoint.weight_names()
+    if not names:
+        raise ConverterError(f"{checkpoint.path}: no draft weights under 'model.' in this checkpoint")
+    if config.is_vocab_pruned and "d2t" not in names:
+        raise ConverterError(
+            f"{checkpoint.path}: config.json says draft_vocab_size={config.draft_vocab_size} < vocab_size="
+            f"{config.vocab_size} but the checkpoint holds no d2t mapping; re-train with the vocab mapping or fix config.json"
+        )
+    target = _target_config(target_model_path)
+    with_embeddings = include_embeddings or config.hidden_size != config.target_hidden_size
+
+    old_d2t = checkpoint.load_tensor("d2t") if config.is_vocab_pruned else None
+    head_rows = None
+    draft_vocab_size = config.draft_vocab_size
+    if new_draft_target_ids is not None:
+        head_rows = head_rows_for(new_draft_target_ids, config.vocab_size, old_d2t)
+        draft_vocab_size = int(new_draft_target_ids.numel())
+
+    tensors: dict[str, torch.Tensor] = {}
+    out_dtype = None
+    for name in names:
+        if name == "embed_tokens.weight" and not with_embeddings:
+            continue
+        if name in ("d2t", "t2d") and head_rows is not None:
+            continue
+        tensor = checkpoint.load_tensor(name)
+        if name == "embed_tokens.weight" and target_model_path is not None:
+            tensor = _target_embedding(target_model_path)
+        if name == "lm_head.weight" and head_rows is not None:
+            tensor = tensor.index_select(0, head_rows)
+        if tensor.is_floating_point():
+            out_dtype = DTYPES[dtype] if dtype else (out_dtype or tensor.dtype)
+            tensor = tensor.to(out_dtype)
+        tensors[name] = tensor.contiguous()
+    if head_rows is not None and draft_vocab_size < config.vocab_size:
+        tensors["d2t"] = new_draft_target_ids.long() - torch.arange(draft_vocab_size)
+        t2d = torch.zeros(config.vocab_size, dtype=torch.bool)
+        t2d[new_draft_target_ids.long()] = True
+        tensors["t2d"] = t2d
+    serving_config = _serving_config(checkpoint, draft_vocab_size, out_dtype or torch.float32, target)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(serving_config, indent=2, sort_keys=True) + "\n")
+        findings = check_serving_folder(staging)
+        errors = [f for f in findings if f.level == "error"]
+        if errors:
+            raise ConverterError(f"the exported folder breaks the serving contract: {errors[0].message}")
+        _replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(output, checkpoint.path, sum(t.numel() for t in tensors.values() if t.is_floating_point()),
+                        draft_vocab_size, findings)
+
+
+def _replace(staging: Path, output: Path) -> None:
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    aside = output.with_name(f".{output.name}.old-{os.getpid()}")
+    os.replace(output, aside)
+    os.replace(staging, output)
+    shutil.rmtree(aside, ignore_errors=True)

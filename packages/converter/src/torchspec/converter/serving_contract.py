@@ -1,0 +1,133 @@
+"""The draft folder SGLang and vLLM load unmodified, and a checker for it.
+
+A serving folder holds ``config.json`` and ``model.safetensors``:
+
+* keys ``fc.weight``, ``midlayer.*``, ``norm.weight``, ``lm_head.weight`` (always, also for a full
+  vocabulary), ``d2t`` (int64 offsets) when ``draft_vocab_size < vocab_size``, optional ``t2d``
+  (bool), optional ``embed_tokens.weight``; no ``model.`` prefix;
+* config: one ``architectures`` entry, ``num_hidden_layers: 1``, the target's ``vocab_size``,
+  ``draft_vocab_size``, ``tie_word_embeddings: false``, ``torch_dtype``, ``head_dim`` for Llama
+  drafts, and ``eagle_config.use_aux_hidden_state: true``;
+* aux layers: SGLang reads ``eagle_config.eagle_aux_hidden_state_layer_ids`` as "output of layer j",
+  vLLM reads top-level ``eagle_aux_hidden_state_layer_ids`` as "input to layer j". Both are absent
+  when training used the default layers (the engines' defaults agree), else both are present and
+  differ by one;
+* MLA drafts use ``model_type: deepseek_v2``: vLLM turns ``deepseek_v3`` configs into its MTP draft.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from torchspec.draft_models import AutoDraftModelConfig, AutoEagle3DraftModel, DraftConfigError, LlamaEagle3Config
+
+__all__ = ["Finding", "check_serving_folder"]
+
+
+@dataclass
+class Finding:
+    level: str  # "error" or "warning"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.message}"
+
+
+def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = AutoEagle3DraftModel.from_config(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_serving_folder(folder: str | Path) -> list[Finding]:
+    folder = Path(folder)
+    findings: list[Finding] = []
+
+    def error(message):
+        findings.append(Finding("error", message))
+
+    def warning(message):
+        findings.append(Finding("warning", message))
+
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    if not config_path.is_file():
+        error(f"{config_path} is missing")
+        return findings
+    try:
+        raw = json.loads(config_path.read_text())
+        config = AutoDraftModelConfig.from_dict(raw, source=str(config_path))
+    except (json.JSONDecodeError, DraftConfigError) as err:
+        error(str(err))
+        return findings
+    if not weights_path.is_file():
+        error(f"{weights_path} is missing")
+        return findings
+
+    for key in ("draft_vocab_size", "vocab_size", "torch_dtype"):
+        if key not in raw:
+            error(f"config.json lacks {key!r}")
+    if raw.get("num_hidden_layers", 1) != 1:
+        error(f"config.json num_hidden_layers is {raw['num_hidden_layers']}; an EAGLE-3 draft has 1")
+    if raw.get("tie_word_embeddings") is not False:
+        error("config.json tie_word_embeddings must be false (the draft head is not the embedding)")
+    if isinstance(config, LlamaEagle3Config) and "head_dim" not in raw:
+        error("config.json lacks an explicit head_dim (engines would assume hidden_size / num_attention_heads)")
+    if raw.get("model_type") == "deepseek_v3":
+        error("model_type deepseek_v3 makes vLLM load the folder as an MTP draft; use deepseek_v2")
+    eagle = raw.get("eagle_config") or {}
+    if eagle.get("use_aux_hidden_state") is not True:
+        error("config.json eagle_config.use_aux_hidden_state must be true for EAGLE-3")
+    sglang_ids, vllm_ids = eagle.get("eagle_aux_hidden_state_layer_ids"), raw.get("eagle_aux_hidden_state_layer_ids")
+    if (sglang_ids is None) != (vllm_ids is None):
+        error(
+            "aux layer ids are written for only one engine: set both eagle_config.eagle_aux_hidden_state_layer_ids "
+            "(SGLang, output of layer j) and eagle_aux_hidden_state_layer_ids (vLLM, input to layer j), or neither"
+        )
+    elif sglang_ids is not None and [i + 1 for i in sglang_ids] != list(vllm_ids):
+        error(
+            f"aux layer ids disagree: SGLang {sglang_ids} (output of layer j) should equal vLLM {vllm_ids} (input to layer j) minus 1"
+        )
+
+    expected = _expected_shapes(config)
+    with safe_open(str(weights_path), framework="pt") as handle:
+        keys = set(handle.keys())
+        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+        prefixed = sorted(k for k in keys if k.startswith("model."))
+        if prefixed:
+            error(f"keys carry a 'model.' prefix ({prefixed[0]}, ...); engines expect fc.weight, midlayer.*")
+        if "lm_head.weight" not in keys:
+            error("lm_head.weight is missing (engines need it, also for a full vocabulary)")
+        optional = {"embed_tokens.weight", "t2d"}
+        for key in sorted(set(expected) - keys - optional):
+            if key != "lm_head.weight":
+                error(f"missing key {key}")
+        for key in sorted(keys - set(expected)):
+            if not key.startswith("model."):
+                error(f"unexpected key {key}")
+        for key in sorted(keys & set(expected)):
+            if shapes[key] != expected[key]:
+                error(f"{key} has shape {shapes[key]}, config.json implies {expected[key]}")
+        if config.is_vocab_pruned:
+            if "d2t" in keys:
+                d2t = handle.get_tensor("d2t")
+                if d2t.dtype != torch.int64:
+                    error(f"d2t has dtype {d2t.dtype}; engines expect int64 offsets")
+                target_ids = torch.arange(d2t.numel()) + d2t.long()
+                if target_ids.min() < 0 or target_ids.max() >= config.vocab_size:
+                    error("d2t offsets map draft ids outside the target vocabulary (d2t must hold offsets, not ids)")
+                elif target_ids.unique().numel() != target_ids.numel():
+                    error("d2t maps two draft ids to the same target id")
+                elif "t2d" in keys:
+                    t2d = handle.get_tensor("t2d")
+                    if t2d.dtype != torch.bool:
+                        error(f"t2d has dtype {t2d.dtype}; expected bool")
+                    elif not (t2d[target_ids].all() and int(t2d.sum()) == d2t.numel()):
+                        error("t2d disagrees with d2t: t2d must be True exactly at arange(draft_vocab_size) + d2t")
+        elif "d2t" in keys or "t2d" in keys:
+            warning("d2t/t2d present although draft_vocab_size == vocab_size; engines ignore them")
+    return findings
