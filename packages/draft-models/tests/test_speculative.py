@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from torchspec.draft_models import AutoEagle3DraftModel, SpeculativeGenerator, target_greedy_generate
+from torchspec.draft_models.speculative import rejection_sample
 
 from draft_helpers import build_draft
 
@@ -52,7 +53,7 @@ def test_an_oracle_draft_is_fully_accepted(tiny_target):
     def oracle_chain(aux, new_tokens, start, prefix_cache):
         # rows start.. carry the tokens at sequence indices start+1 ..; the chain continues after them
         first = start + new_tokens.shape[1] + 1
-        return torch.tensor([sequence[first : first + 3]]), prefix_cache
+        return torch.tensor([sequence[first : first + 3]]), None, prefix_cache
 
     generator._draft_chain = oracle_chain
     result = generator.generate(prompt, max_new_tokens=40)
@@ -73,3 +74,27 @@ def test_stops_at_eos(tiny_target):
 def test_bad_aux_layers_are_refused(tiny_target):
     with pytest.raises(ValueError, match="outside the target's 6 layers"):
         SpeculativeGenerator(build_draft("llama"), tiny_target, aux_layer_ids=[1, 3, 9])
+
+
+def test_rejection_sampling_reproduces_the_target_distribution():
+    """Draw a drafted token from q, verify it against p; the result must be distributed as p."""
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1, 0.0])
+    q = torch.tensor([0.1, 0.6, 0.1, 0.1, 0.1])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(5)
+    samples = 40000
+    drafted = torch.multinomial(q, samples, replacement=True, generator=generator)
+    for token in drafted.tolist():
+        counts[rejection_sample(p, q, token, generator)[1]] += 1
+    # 4 standard errors of a binomial share at n = 40000 is at most 0.01
+    torch.testing.assert_close(counts / samples, p, atol=0.01, rtol=0)
+
+
+def test_sampling_at_temperature_is_seeded_and_well_formed(tiny_target):
+    draft = build_draft("llama", draft_vocab_size=40)
+    draft.load_embedding(tiny_target.get_input_embeddings().weight)
+    runs = [SpeculativeGenerator(draft, tiny_target, num_draft_tokens=3, temperature=0.8, seed=7).generate([4, 8, 15], 20)
+            for _ in range(2)]
+    assert runs[0].tokens == runs[1].tokens and len(runs[0].tokens) == 20
+    assert all(0 <= t < 97 for t in runs[0].tokens)
+    assert all(0 <= a <= 3 for a in runs[0].accepted_per_round)

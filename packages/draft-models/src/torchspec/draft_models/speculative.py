@@ -7,7 +7,10 @@ Each round drafts a chain of ``num_draft_tokens`` tokens the way SGLang and vLLM
 3. one target forward pass verifies the chain; the longest prefix matching the target's greedy
    choice is accepted, plus the target's own next token (the "bonus" token).
 
-The output is therefore exactly the target's greedy output. Acceptance length is reported as
+The output is therefore exactly the target's greedy output. With ``temperature > 0`` the draft
+samples its chain and verification uses the standard rejection rule (accept drafted token ``x``
+with probability ``min(1, p(x) / q(x))``, else sample from ``max(0, p - q)`` renormalised), so the
+output is distributed exactly as sampling from the target alone. Acceptance length is reported as
 accepted draft tokens + 1 (the bonus token) per round, the convention of the serving engines.
 """
 
@@ -23,7 +26,23 @@ from torchspec.draft_models.aux_layers import aux_layer_ids_from_config, select_
 from torchspec.draft_models.draft_model import Eagle3DraftModel
 from torchspec.draft_models.ttt_attention import DecodeMask
 
-__all__ = ["SpeculativeGenerator", "SpeculativeResult", "target_greedy_generate"]
+__all__ = ["SpeculativeGenerator", "SpeculativeResult", "rejection_sample", "target_greedy_generate"]
+
+
+def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, drafted: int, generator=None) -> tuple[bool, int]:
+    """Speculative sampling for one drafted token over the target vocabulary.
+
+    Returns ``(accepted, token)``: the drafted token if accepted, else a token from the residual
+    ``max(0, p - q)``; either way the token is distributed as ``target_probs``.
+    """
+    p, q = target_probs[drafted], draft_probs[drafted]
+    if q <= 0 or torch.rand((), generator=generator, device=target_probs.device) * q <= p:
+        return True, drafted
+    residual = (target_probs - draft_probs).clamp(min=0)
+    total = residual.sum()
+    if total <= 0:  # p == q numerically: any rejection is a rounding artefact
+        residual, total = target_probs, target_probs.sum()
+    return False, int(torch.multinomial(residual / total, 1, generator=generator))
 
 
 @dataclass
@@ -83,43 +102,88 @@ def target_greedy_generate(target, prompt_ids: list[int], max_new_tokens: int, e
 
 
 class SpeculativeGenerator:
-    def __init__(self, draft: Eagle3DraftModel, target, num_draft_tokens: int = 4, aux_layer_ids: list[int] | None = None):
+    def __init__(
+        self,
+        draft: Eagle3DraftModel,
+        target,
+        num_draft_tokens: int = 4,
+        aux_layer_ids: list[int] | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ):
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
         num_layers = target.config.num_hidden_layers
         self.draft, self.target = draft.eval(), target.eval()
         self.num_draft_tokens = num_draft_tokens
+        self.temperature = temperature
         self.aux_layer_ids = (
             validate_aux_layer_ids(aux_layer_ids, num_layers) if aux_layer_ids is not None
             else aux_layer_ids_from_config(draft.config.extra, num_layers)
         )
+        self.vocab_size = target.config.vocab_size
         self.draft_to_target = draft.draft_to_target_ids()
-        if draft.embed_tokens.weight.shape[0] != target.config.vocab_size:
+        if draft.embed_tokens.weight.shape[0] != self.vocab_size:
             raise ValueError(
-                f"draft vocab_size {draft.embed_tokens.weight.shape[0]} != target vocab_size {target.config.vocab_size}"
+                f"draft vocab_size {draft.embed_tokens.weight.shape[0]} != target vocab_size {self.vocab_size}"
             )
+        device = next(target.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def _target_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+    def _pick(self, target_logits: torch.Tensor) -> int:
+        """The target's own next token: greedy, or sampled at the temperature."""
+        if self.temperature == 0:
+            return int(target_logits.argmax())
+        return int(torch.multinomial(self._target_probs(target_logits), 1, generator=self.generator))
 
     def _draft_forward(self, embeds, hidden, positions, cache):
         hidden, keys, values = self.draft.backbone(embeds, hidden, DecodeMask(), positions, cache[0], cache[1], use_cache=True)
-        token = self.draft_to_target[self.draft.compute_logits(hidden[:, -1:]).argmax(-1)]
-        return hidden[:, -1:], token, (keys, values)
+        logits = self.draft.compute_logits(hidden[:, -1]).float()[0]
+        if self.temperature == 0:
+            draft_id, probs = logits.argmax(), None
+        else:
+            draft_probs = torch.softmax(logits / self.temperature, dim=-1)
+            draft_id = torch.multinomial(draft_probs, 1, generator=self.generator)[0]
+            probs = torch.zeros(self.vocab_size, device=logits.device).index_copy(0, self.draft_to_target, draft_probs)
+        token = self.draft_to_target[draft_id].view(1, 1)
+        return hidden[:, -1:], token, probs, (keys, values)
 
     def _draft_chain(self, aux, new_tokens, start: int, prefix_cache):
         """Extend the draft's verified prefix with rows ``start ..`` (target aux states + next tokens),
-        then draft a chain. Returns the chain and the prefix cache (chain entries dropped)."""
+        then draft a chain. Returns the chain ``[1, K]``, the draft distributions of its tokens
+        (None when greedy) and the prefix cache (chain entries dropped)."""
         device = new_tokens.device
         positions = torch.arange(start, start + new_tokens.shape[1], device=device)[None]
         hidden = self.draft.project_hidden_states(aux.to(self.draft.fc.weight.dtype))
-        hidden, token, cache = self._draft_forward(self.draft.embed_input_ids(new_tokens), hidden, positions, prefix_cache)
+        hidden, token, probs, cache = self._draft_forward(self.draft.embed_input_ids(new_tokens), hidden, positions, prefix_cache)
         prefix_cache = (list(cache[0]), list(cache[1]))
-        chain, position = [token], start + new_tokens.shape[1] - 1
+        chain, chain_probs, position = [token], [probs], start + new_tokens.shape[1] - 1
         for _ in range(self.num_draft_tokens - 1):
             position += 1
-            hidden, token, cache = self._draft_forward(
+            hidden, token, probs, cache = self._draft_forward(
                 self.draft.embed_input_ids(token), hidden, torch.tensor([[position]], device=device), cache
             )
             chain.append(token)
-        return torch.cat(chain, dim=1), prefix_cache
+            chain_probs.append(probs)
+        return torch.cat(chain, dim=1), (None if self.temperature == 0 else chain_probs), prefix_cache
+
+    def _verify(self, chain: torch.Tensor, chain_probs, target_logits: torch.Tensor) -> tuple[int, int]:
+        """``target_logits[i]`` follows the i-th verified token. Returns (accepted drafts, next token)."""
+        for i in range(chain.shape[1]):
+            drafted = int(chain[0, i])
+            if chain_probs is None:
+                if drafted != int(target_logits[i].argmax()):
+                    return i, int(target_logits[i].argmax())
+                continue
+            accepted, token = rejection_sample(self._target_probs(target_logits[i]), chain_probs[i], drafted, self.generator)
+            if not accepted:
+                return i, token
+        return chain.shape[1], self._pick(target_logits[chain.shape[1]])
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> SpeculativeResult:
@@ -133,7 +197,7 @@ class SpeculativeGenerator:
         cache = DynamicCache()
         prompt = torch.tensor([prompt_ids], device=device)
         logits, hidden_states, cache = _target_step(self.target, prompt, cache, 0)
-        next_token = logits[-1].argmax().view(1, 1)
+        next_token = torch.tensor([[self._pick(logits[-1])]], device=device)
         result.tokens.append(int(next_token))
         # Draft rows 0..n-1: target aux state at t with token t+1 (the prompt shifted, then next_token).
         aux = select_aux_hidden_states(hidden_states, self.aux_layer_ids)
@@ -141,16 +205,12 @@ class SpeculativeGenerator:
         verified = len(prompt_ids)  # tokens in the target cache
         draft_cache = ([], [])
         while len(result.tokens) < max_new_tokens and result.tokens[-1] != eos_token_id:
-            chain, draft_cache = self._draft_chain(aux, row_tokens, verified - row_tokens.shape[1], draft_cache)
+            chain, chain_probs, draft_cache = self._draft_chain(aux, row_tokens, verified - row_tokens.shape[1], draft_cache)
             candidates = torch.cat([next_token, chain], dim=1)  # last accepted token + drafts
             logits, hidden_states, cache = _target_step(self.target, candidates, cache, verified)
-            greedy = logits.argmax(-1)  # greedy[i] follows candidates[i]
-            accepted = 0
-            while accepted < chain.shape[1] and int(chain[0, accepted]) == int(greedy[accepted]):
-                accepted += 1
+            accepted, bonus = self._verify(chain, chain_probs, logits)
             result.accepted_per_round.append(accepted)
-            new = chain[0, :accepted].tolist() + [int(greedy[accepted])]
-            for token in new:
+            for token in chain[0, :accepted].tolist() + [bonus]:
                 result.tokens.append(token)
                 if token == eos_token_id or len(result.tokens) >= max_new_tokens:
                     break
@@ -158,7 +218,7 @@ class SpeculativeGenerator:
             verified += accepted + 1
             _crop(cache, verified)
             aux = select_aux_hidden_states(hidden_states, self.aux_layer_ids)[:, : accepted + 1]
-            next_token = greedy[accepted].view(1, 1)
+            next_token = torch.tensor([[bonus]], device=device)
             row_tokens = torch.cat([chain[:, :accepted], next_token], dim=1)
         result.tokens = result.tokens[:max_new_tokens]
         result.wall_time_s = time.perf_counter() - start_time
