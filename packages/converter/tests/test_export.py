@@ -82,7 +82,7 @@ def test_existing_output_needs_force_and_a_crash_leaves_it_intact(tmp_path, monk
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed while writing
 
-    monkeypatch.setattr(export_module, "save_file", crash)
+    monkeypatch.setattr(export_module, "write_safetensors", crash)
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(tmp_path / "run", force=True)
     assert (out / "model.safetensors").read_bytes() == before

@@ -83,14 +83,18 @@ class TrainingCheckpoint:
         """Names of the draft's tensors (without the ``model.`` prefix), in checkpoint order."""
         return [k[len(MODEL_PREFIX) :] for k in self._metadata() if k.startswith(MODEL_PREFIX)]
 
+    def tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        meta = self._metadata().get(MODEL_PREFIX + name)
+        if meta is None or not hasattr(meta, "size"):
+            raise ConverterError(f"{self.path}: the checkpoint holds no tensor {name!r}")
+        return tuple(meta.size), meta.properties.dtype
+
     def load_tensor(self, name: str) -> torch.Tensor:
         """One tensor, read alone (peak memory stays at one tensor beyond what the caller keeps)."""
         import torch.distributed.checkpoint as dcp
 
-        meta = self._metadata().get(MODEL_PREFIX + name)
-        if meta is None or not hasattr(meta, "size"):
-            raise ConverterError(f"{self.path}: the checkpoint holds no tensor {name!r}")
-        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+        shape, dtype = self.tensor_info(name)
+        tensor = torch.empty(shape, dtype=dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load({MODEL_PREFIX + name: tensor}, checkpoint_id=str(self.path))

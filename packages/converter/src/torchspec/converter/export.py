@@ -1,7 +1,7 @@
 """Export a training checkpoint to the serving folder (config.json + model.safetensors).
 
-The checkpoint is read one tensor at a time and cast as it is read, so peak memory is about the
-size of the exported model. The folder is written under a temporary name, checked against the
+The checkpoint is read one tensor at a time, cast and streamed into model.safetensors, so peak
+memory is about one tensor, not the model. The folder is written under a temporary name, checked against the
 serving contract, and only then renamed into place; a replaced folder is moved aside first and
 deleted last, so a crash leaves either the old or the new folder, never a mix.
 """
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from torchspec.converter.checkpoint import TrainingCheckpoint
 from torchspec.converter.errors import ConverterError
+from torchspec.converter.safetensors_stream import TensorSpec, write_safetensors
 from torchspec.converter.serving_contract import Finding, check_serving_folder
 from torchspec.converter.vocab_pruning import head_rows_for
 from torchspec.draft_models import LlamaEagle3Config, default_aux_layer_ids
@@ -47,14 +47,21 @@ def _target_config(target_model_path: str | None) -> dict:
     return json.loads(path.read_text())
 
 
-def _target_embedding(target_model_path: str) -> torch.Tensor:
+def _target_embedding(target_model_path: str) -> tuple[tuple[int, ...], callable]:
+    """Shape of the target's embedding table and a function that reads it."""
     from safetensors import safe_open
 
     for file in sorted(Path(target_model_path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if key.endswith("embed_tokens.weight"):
-                    return handle.get_tensor(key)
+                    shape = tuple(handle.get_slice(key).get_shape())
+
+                    def read(file=file, key=key):
+                        with safe_open(str(file), framework="pt") as again:
+                            return again.get_tensor(key)
+
+                    return shape, read
     raise ConverterError(f"--target-model-path {target_model_path}: no *embed_tokens.weight in its safetensors files")
 
 
@@ -120,33 +127,44 @@ def export_checkpoint(
         head_rows = head_rows_for(new_draft_target_ids, config.vocab_size, old_d2t)
         draft_vocab_size = int(new_draft_target_ids.numel())
 
-    tensors: dict[str, torch.Tensor] = {}
-    out_dtype = None
+    float_dtypes = [checkpoint.tensor_info(n)[1] for n in names if checkpoint.tensor_info(n)[1].is_floating_point]
+    out_dtype = DTYPES[dtype] if dtype else (float_dtypes[0] if float_dtypes else torch.float32)
+
+    def from_checkpoint(name, rows=None):
+        def produce():
+            tensor = checkpoint.load_tensor(name)
+            if rows is not None:
+                tensor = tensor.index_select(0, rows)
+            return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+
+        return produce
+
+    specs: list[TensorSpec] = []
     for name in names:
         if name == "embed_tokens.weight" and not with_embeddings:
             continue
         if name in ("d2t", "t2d") and head_rows is not None:
             continue
-        tensor = checkpoint.load_tensor(name)
+        shape, stored_dtype = checkpoint.tensor_info(name)
+        produce = from_checkpoint(name)
         if name == "embed_tokens.weight" and target_model_path is not None:
-            tensor = _target_embedding(target_model_path)
+            shape, read = _target_embedding(target_model_path)
+            produce = lambda read=read: read().to(out_dtype)  # noqa: E731
         if name == "lm_head.weight" and head_rows is not None:
-            tensor = tensor.index_select(0, head_rows)
-        if tensor.is_floating_point():
-            out_dtype = DTYPES[dtype] if dtype else (out_dtype or tensor.dtype)
-            tensor = tensor.to(out_dtype)
-        tensors[name] = tensor.contiguous()
+            shape, produce = (len(head_rows), shape[1]), from_checkpoint(name, head_rows)
+        specs.append(TensorSpec(name, shape, out_dtype if stored_dtype.is_floating_point else stored_dtype, produce))
     if head_rows is not None and draft_vocab_size < config.vocab_size:
-        tensors["d2t"] = new_draft_target_ids.long() - torch.arange(draft_vocab_size)
+        new_ids = new_draft_target_ids.long()
         t2d = torch.zeros(config.vocab_size, dtype=torch.bool)
-        t2d[new_draft_target_ids.long()] = True
-        tensors["t2d"] = t2d
-    serving_config = _serving_config(checkpoint, draft_vocab_size, out_dtype or torch.float32, target)
+        t2d[new_ids] = True
+        specs.append(TensorSpec("d2t", (draft_vocab_size,), torch.int64, lambda: new_ids - torch.arange(draft_vocab_size)))
+        specs.append(TensorSpec("t2d", (config.vocab_size,), torch.bool, lambda: t2d))
+    serving_config = _serving_config(checkpoint, draft_vocab_size, out_dtype, target)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(staging / "model.safetensors", specs, metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(serving_config, indent=2, sort_keys=True) + "\n")
         findings = check_serving_folder(staging)
         errors = [f for f in findings if f.level == "error"]
@@ -156,8 +174,8 @@ def export_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ExportResult(output, checkpoint.path, sum(t.numel() for t in tensors.values() if t.is_floating_point()),
-                        draft_vocab_size, findings)
+    num_parameters = sum(s.nbytes // out_dtype.itemsize for s in specs if s.dtype.is_floating_point)
+    return ExportResult(output, checkpoint.path, num_parameters, draft_vocab_size, findings)
 
 
 def _replace(staging: Path, output: Path) -> None:
