@@ -198,3 +198,16 @@ def test_bf16_forward_and_backward_run(dtype):
     out.total_loss().backward()
     assert torch.isfinite(out.losses).all()
     assert draft.lm_head.weight.grad.dtype == dtype
+
+
+def test_a_batch_without_counted_rows_gives_zero_loss_and_zero_gradients():
+    """Under data parallelism a rank can receive a micro-batch with nothing supervised; it must still
+    produce a graph (zero gradients) so collective gradient reduction does not hang."""
+    draft = build_draft("llama")
+    batch = make_batch()
+    out = Eagle3Model(draft, length=3)(batch["input_ids"], batch["hidden_states"], torch.zeros_like(batch["input_ids"]),
+                                       batch["attention_mask"], target_hidden=batch["target_hidden"],
+                                       target_head_weight=batch["target_head_weight"])
+    assert out.counted.tolist() == [0, 0, 0] and out.losses.tolist() == [0.0, 0.0, 0.0]
+    out.total_loss().backward()
+    assert draft.lm_head.weight.grad is not None and draft.lm_head.weight.grad.abs().sum() == 0
