@@ -39,6 +39,7 @@ def _write_checkpoint(workdir: Path, dtype: str) -> None:
     path = workdir / "run" / "iter_0000001"
     dcp.save({"model": draft.state_dict()}, checkpoint_id=str(path))
     config.save_pretrained(path)
+    (path / "COMPLETE").write_text("{}")
     (path / "aux_layers.json").write_text(json.dumps({"aux_layer_ids": [2, 18, 33], "num_target_layers": 36}))
 
 

@@ -40,6 +40,7 @@ def write_training_checkpoint(draft, output_dir: Path, step: int = 10, aux_layer
     draft.config.save_pretrained(path)
     ids = aux_layer_ids or [2, num_target_layers // 2, num_target_layers - 3]
     (path / "aux_layers.json").write_text(json.dumps({"aux_layer_ids": ids, "num_target_layers": num_target_layers}))
+    (path / "COMPLETE").write_text(json.dumps({"step": step, "world_size": 1}))
     (Path(output_dir) / "latest").write_text(path.name)
     return path
 

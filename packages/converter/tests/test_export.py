@@ -65,6 +65,9 @@ def test_output_dir_resolves_to_latest_complete_checkpoint(tmp_path):
     write_training_checkpoint(old, tmp_path / "run", step=10)
     write_training_checkpoint(new, tmp_path / "run", step=20)
     (tmp_path / "run" / ".tmp_iter_0000030").mkdir()  # a save in progress is never picked
+    unfinished = write_training_checkpoint(tiny_draft("llama", seed=3), tmp_path / "other", step=40)
+    (unfinished / "COMPLETE").unlink()  # an iter_ folder without the marker is not complete
+    (tmp_path / "run" / "iter_0000040").symlink_to(unfinished, target_is_directory=True)
     result = export_checkpoint(tmp_path / "run", include_embeddings=True)
     assert result.checkpoint.name == "iter_0000020"
     torch.testing.assert_close(draft_logits(AutoEagle3DraftModel.from_pretrained(result.output)), draft_logits(new))

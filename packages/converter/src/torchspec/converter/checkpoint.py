@@ -8,6 +8,10 @@ Layout written by torchspec-trainer, one folder per saved step::
         .metadata, *.distcp       DCP: {"model": draft state dict, "optimizer": ..., ...}
         config.json               the draft config
         aux_layers.json           {"aux_layer_ids": [...], "num_target_layers": L}
+        COMPLETE                  marker written once every rank finished, before the rename
+
+Only folders with the marker (and DCP's ``.metadata``) are read; ``.tmp_*`` folders of interrupted
+saves never are.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ _ITER = re.compile(r"^iter_(\d+)$")
 MODEL_PREFIX = "model."
 
 
+COMPLETE_MARKER = "COMPLETE"
+
+
 def _is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / "config.json").is_file()
+    return all((path / name).is_file() for name in (".metadata", "config.json", COMPLETE_MARKER))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -40,7 +47,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise ConverterError(f"checkpoint {path} does not exist; pass an iter_XXXXXXX folder or a training output_dir")
     if (path / ".metadata").exists():
         if not _is_complete(path):
-            raise ConverterError(f"checkpoint {path} is incomplete (no config.json); it was not fully written")
+            raise ConverterError(
+                f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker or config.json); it was not fully written"
+            )
         return path
     latest = path / "latest"
     if latest.is_file():
@@ -51,7 +60,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         (int(m.group(1)), child) for child in path.iterdir() if (m := _ITER.match(child.name)) and _is_complete(child)
     )
     if not complete:
-        raise ConverterError(f"{path} holds no complete checkpoint (iter_XXXXXXX with .metadata and config.json)")
+        raise ConverterError(f"{path} holds no complete checkpoint (iter_XXXXXXX with {COMPLETE_MARKER}, .metadata, config.json)")
     return complete[-1][1]
 
 
