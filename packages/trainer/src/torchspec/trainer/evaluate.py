@@ -142,9 +142,9 @@ def _defaults(args) -> None:
 
         args.data = str(sample_conversations_path())
     if args.target is None:
-        from torchspec.trainer.default_assets import default_target_path
+        from torchspec.trainer.default_assets import ensure_default_target
 
-        args.target = str(default_target_path())
+        args.target = str(ensure_default_target())
     if args.draft is None:
         args.draft = "outputs/default_llama_hf"
 

@@ -1,0 +1,270 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): atomic, resumable, reshardable.
+
+Layout, one folder per saved step (the converter reads the same)::
+
+    output_dir/
+      latest                        text: name of the newest complete checkpoint (written last)
+      best.json                     the checkpoint with the best eval acceptance length
+      iter_0000200/
+        .metadata, *.distcp         DCP: {"model": draft state dict, "optimizer": AdamW state}
+        config.json                 the draft config
+        aux_layers.json             {"aux_layer_ids": [...], "num_target_layers": L}
+        vocab_mapping.safetensors   d2t/t2d, when the draft vocabulary is pruned
+        training_config.yaml        the fully resolved training config
+        trainer_state.json          step, LR scheduler, data position
+        rng_state_rank{r}.pt        each rank's RNG states
+        COMPLETE                    marker, written after every rank finished
+
+A save goes to ``.tmp_iter_XXXXXXX``; after a barrier, rank 0 writes ``COMPLETE`` and renames the
+folder into place, then rewrites ``latest`` (temporary file + ``os.replace``). A process killed at
+any moment therefore leaves either no ``iter_*`` folder or a complete one: ``find_latest`` only
+returns ``iter_*`` folders with the marker and never looks at ``.tmp_*``. Removing old checkpoints
+(retention) renames them to ``.deleting_*`` before deleting, for the same reason.
+
+DCP stores each tensor by name with its global shape, so a checkpoint written by N ranks loads on
+M ranks (each reads the slices of its own shards). Model and optimizer state go through
+``get_state_dict``/``set_state_dict``, which handle FSDP2's sharded DTensors and plain modules alike;
+without a process group DCP saves and loads in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from torchspec.trainer.distributed import barrier
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "Checkpointer",
+    "checkpoint_name",
+    "find_latest",
+    "is_complete",
+    "list_checkpoints",
+    "rng_state",
+    "set_rng_state",
+]
+
+COMPLETE_MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return bool(_ITER.match(path.name)) and (path / COMPLETE_MARKER).is_file() and (path / ".metadata").is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``output_dir``, by step ascending."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = _ITER.match(child.name)
+        if match and is_complete(child):
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def find_latest(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint (by step) in ``output_dir``, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    # Without a process group DCP warns that it assumes a single process, which is the intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
+        yield
+
+
+class Checkpointer:
+    """Saves and restores training state under ``output_dir``; every rank calls every method."""
+
+    def __init__(self, output_dir: str | os.PathLike, keep_last: int | None = None):
+        self.output_dir = Path(output_dir)
+        self.keep_last = keep_last
+        self.rank = _rank()
+
+    # --- save -----------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        trainer_state: dict[str, Any],
+        files: dict[str, Callable[[Path], None]] | None = None,
+    ) -> Path:
+        """Write checkpoint ``step``. ``trainer_state`` (JSON) and ``files`` (name -> writer called
+        with the path to write) are written by rank 0; DCP tensors and RNG states by every rank."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        name = checkpoint_name(step)
+        final = self.output_dir / name
+        staging = self.output_dir / f".tmp_{name}"
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if staging.exists():  # left by a run killed during this very save
+                shutil.rmtree(staging)
+            staging.mkdir()
+        barrier()
+
+        if optimizer is not None:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state}
+        else:
+            state = {"model": get_model_state_dict(model)}
+        with _quiet_dcp():
+            dcp.save(state, checkpoint_id=str(staging))
+        torch.save(rng_state(), staging / f"rng_state_rank{self.rank}.pt")
+        if self.rank == 0:
+            (staging / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+            for file_name, write in (files or {}).items():
+                write(staging / file_name)
+        barrier()
+
+        if self.rank == 0:
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+            _write_atomic(staging / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world_size}) + "\n")
+            if final.exists():  # an older save of the same step; replace it only now
+                aside = self.output_dir / f".deleting_{name}"
+                os.replace(final, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            os.replace(staging, final)
+            _fsync_dir(self.output_dir)
+            _write_atomic(self.output_dir / "latest", name + "\n")
+            self._apply_retention()
+        barrier()
+        return final
+
+    def _protected(self) -> set[str]:
+        best = self.output_dir / "best.json"
+        if best.is_file():
+            try:
+                return {json.loads(best.read_text())["checkpoint"]}
+            except (ValueError, KeyError):
+                return set()
+        return set()
+
+    def _apply_retention(self) -> None:
+        if self.keep_last is None:
+            return
+        found = list_checkpoints(self.output_dir)
+        protected = self._protected()
+        for _, path in found[: max(len(found) - self.keep_last, 0)]:
+            if path.name in protected:
+                continue
+            aside = path.with_name(f".deleting_{path.name}")
+            os.replace(path, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def mark_best(self, checkpoint: Path, metrics: dict[str, Any]) -> None:
+        """Point ``best.json`` at ``checkpoint`` (rank 0 writes)."""
+        if self.rank == 0:
+            record = {"checkpoint": Path(checkpoint).name, **metrics}
+            _write_atomic(self.output_dir / "best.json", json.dumps(record, indent=2) + "\n")
+
+    def clean_stale(self) -> None:
+        """Delete leftovers of interrupted saves and deletions (rank 0)."""
+        if self.rank == 0 and self.output_dir.is_dir():
+            for child in self.output_dir.iterdir():
+                if child.name.startswith((".tmp_iter_", ".deleting_iter_")):
+                    shutil.rmtree(child, ignore_errors=True)
+        barrier()
+
+    # --- load -----------------------------------------------------------------------------------
+
+    def load(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             restore_rng: bool = True) -> dict[str, Any]:
+        """Restore ``model`` (and ``optimizer``, RNG states) from checkpoint ``path``; returns its trainer state.
+
+        With ``optimizer=None`` only the model weights are read (``continual_training``).
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
+
+        path = Path(path)
+        if not is_complete(path):
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker or DCP metadata)")
+        with _quiet_dcp():
+            if optimizer is not None:
+                model_state, optimizer_state = get_state_dict(model, optimizer)
+                state = {"model": model_state, "optimizer": optimizer_state}
+                dcp.load(state, checkpoint_id=str(path))
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            else:
+                state = {"model": get_model_state_dict(model)}
+                dcp.load(state, checkpoint_id=str(path))
+                set_model_state_dict(model, state["model"])
+        rng_file = path / f"rng_state_rank{self.rank}.pt"
+        if restore_rng and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        trainer_state = path / TRAINER_STATE
+        return json.loads(trainer_state.read_text()) if trainer_state.is_file() else {}

@@ -1,0 +1,82 @@
+"""Command line: ``python -m torchspec.trainer.cli train [--config FILE] [section.key=value ...]``
+and ``python -m torchspec.trainer.cli evaluate ...`` (``torchspec.trainer.evaluate``).
+
+With no ``--config`` the embedded default runs (a tiny built-in target, the bundled sample
+conversations, a small Llama-style draft); ``configs/default_llama.yaml`` spells out the same values.
+Mistakes in the config or the data end the run with one ``error: ...`` line and exit status 1.
+Launch on several processes with ``torchrun --nproc-per-node N -m torchspec.trainer.cli train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchspec-trainer", description="Train EAGLE-3 draft models online.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a draft against a live target")
+    train.add_argument("--config", help="YAML config file (default: the embedded demo config)")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. training.learning_rate=5e-5")
+    commands.add_parser("evaluate", help="real speculative decoding of an exported draft (see evaluate --help)",
+                        add_help=False)
+    return parser
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="[torchspec %(asctime)s] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    for noisy in ("datasets", "transformers", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Their per-file bars would interleave with the training log.
+    import datasets.utils.logging
+    import transformers.utils.logging
+
+    datasets.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["evaluate"]:
+        from torchspec.trainer.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+
+    from torchspec.data import DataError
+    from torchspec.draft_models import DraftConfigError
+    from torchspec.trainer.config import ConfigError, load_config
+
+    _setup_logging()
+    try:
+        config = load_config(args.config, args.overrides)
+        from torchspec.trainer.trainer import train
+
+        train(config)
+    except (ConfigError, DataError, DraftConfigError) as err:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; resume with training.resume=auto", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Training configuration: typed sections, YAML files, dotted command-line overrides.
+
+A config is three sections (``model``, ``data``, ``training``) of plain dataclasses. Files and
+overrides are checked strictly: an unknown key fails with the closest known key as a suggestion, a
+value of the wrong type fails with its key path. The defaults are the embedded demo run (a tiny
+built-in target and the bundled sample conversations), so ``TrainConfig()`` trains something.
+
+YAML is read with one change to PyYAML's scalar rules: ``5e-5`` is a float (YAML 1.1 wants
+``5.0e-5``), because learning rates are written that way on command lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "BUILTIN_SAMPLE_CONVERSATIONS",
+    "BUILTIN_TINY_TARGET",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_yaml_scalar",
+]
+
+BUILTIN_TINY_TARGET = "builtin:tiny-qwen3"
+BUILTIN_SAMPLE_CONVERSATIONS = "builtin:sample-conversations"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake the user can fix; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face causal-LM folder, or the built-in tiny Qwen3-style target.
+    target_model_path: str = BUILTIN_TINY_TARGET
+    # A draft config.json (e.g. configs/draft_models/*.json); null generates one from the target.
+    draft_config: str | None = None
+    # Architecture of a generated draft (draft_config: null).
+    draft_architecture: Literal["llama", "mla"] = "llama"
+    # Below the target vocabulary: the draft predicts only the most frequent supervised tokens.
+    draft_vocab_size: int | None = None
+    # Target layers whose inputs feed the draft (low, mid, high); null = [2, L//2, L-3].
+    aux_layer_ids: list[int] | None = None
+    trust_remote_code: bool = False
+    # Target weights; auto = bfloat16 on GPU, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Tokenizer folder; null = the target folder.
+    tokenizer_path: str | None = None
+
+
+@dataclass
+class DataConfig:
+    train_path: str = BUILTIN_SAMPLE_CONVERSATIONS
+    eval_path: str | None = None
+    # Share of the training conversations held out for evaluation when eval_path is null.
+    eval_split: float = 0.1
+    # A torchspec-data template name, or "hf" for the tokenizer's own chat template.
+    chat_template: str = "qwen"
+    prompt_key: str = "conversations"
+    max_seq_length: int = 2048
+    num_proc: int = 1
+    cache_dir: str | None = None
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "outputs/default_llama"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Draft compute dtype; auto = bfloat16 on GPU (fp32 master weights and reductions), float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    micro_batch_size: int = 4
+    # Samples per optimizer step, across all ranks and accumulation steps.
+    global_batch_size: int = 16
+    num_epochs: int = 4
+    # Overrides num_epochs when set.
+    max_steps: int | None = None
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = 1.0
+    lr_schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = 0.05
+    # WSD: share of the total steps spent decaying at the end.
+    decay_ratio: float = 0.1
+    # The schedule decays to min_lr_ratio * learning_rate.
+    min_lr_ratio: float = 0.1
+    ttt_length: int = 7
+    loss_decay: float = 0.8
+    attention_backend: Literal["sdpa", "flex_attention"] = "sdpa"
+    gradient_checkpointing: bool = False
+    # Steps between checkpoints (0 = only at the end).
+    save_interval: int = 0
+    # Checkpoints kept (the best one is always kept); null = all.
+    keep_last: int | None = 3
+    # Steps between evaluations (0 = only at the end).
+    eval_interval: int = 40
+    log_interval: int = 10
+    # null, "auto" (latest complete checkpoint in output_dir) or a checkpoint folder.
+    resume: str | None = None
+    # A checkpoint whose draft weights start a new run (optimizer, schedule and data start fresh).
+    continual_training: str | None = None
+    tensorboard: bool = False
+    # Shard the frozen target with FSDP2 too, for targets larger than one device.
+    shard_target: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+# --- YAML with scientific-notation floats ------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "-+0123456789.":
+    _Loader.yaml_implicit_resolvers[_first] = [
+        (tag, regexp) for tag, regexp in _Loader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
+    ]
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, [_first])
+
+
+def parse_yaml_scalar(text: str) -> Any:
+    """A command-line value read with the same rules as the config files (``5e-5`` is a float)."""
+    if text == "":
+        return ""
+    return yaml.load(text, Loader=_Loader)
+
+
+# --- dict <-> dataclasses, strictly ------------------------------------------------------------------
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+_UNION_ORIGINS = (Union, types.UnionType)
+_NOT_A_MATCH = object()
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: hints[name] for name in _SECTIONS}
+
+
+def _all_key_paths() -> list[str]:
+    paths = []
+    for section, cls in _section_classes().items():
+        paths.extend(f"{section}.{f.name}" for f in dataclasses.fields(cls))
+    return paths
+
+
+def _suggest(path: str) -> str:
+    candidates = _all_key_paths() + list(_SECTIONS)
+    match = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
+    if not match:
+        # The right key in the wrong place: "learning_rate" at the top level, or under data.
+        by_leaf = {candidate.rsplit(".", 1)[-1]: candidate for candidate in candidates}
+        leaf = difflib.get_close_matches(path.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.75)
+        match = [by_leaf[leaf[0]]] if leaf else []
+    return f"; did you mean {match[0]}?" if match else f"; known sections: {', '.join(_SECTIONS)}"
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(v) for v in typing.get_args(hint))
+    if origin in _UNION_ORIGINS:
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` as ``hint`` or ``_NOT_A_MATCH``. Integers are accepted for floats; nothing else converts."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        return value if any(value == v and type(value) is type(v) for v in typing.get_args(hint)) else _NOT_A_MATCH
+    if origin in _UNION_ORIGINS:
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            result = _coerce(value, arg)
+            if result is not _NOT_A_MATCH:
+                return result
+        return _NOT_A_MATCH
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return _NOT_A_MATCH
+        (item_hint,) = typing.get_args(hint)
+        items = [_coerce(v, item_hint) for v in value]
+        return _NOT_A_MATCH if any(i is _NOT_A_MATCH for i in items) else items
+    if hint is bool:
+        return value if isinstance(value, bool) else _NOT_A_MATCH
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NOT_A_MATCH
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        return _NOT_A_MATCH
+    if hint is str:
+        return value if isinstance(value, str) else _NOT_A_MATCH
+    return value if isinstance(value, hint) else _NOT_A_MATCH
+
+
+def _where(source: str | None) -> str:
+    return f" in {source}" if source else ""
+
+
+def config_from_dict(values: dict, source: str | None = None, base: TrainConfig | None = None) -> TrainConfig:
+    """Build a config from nested dicts on top of ``base`` (default: the defaults). ``source`` names
+    the file for error messages."""
+    config = dataclasses.replace(base) if base is not None else TrainConfig()
+    if values is None:
+        return config
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source or 'config'}: expected a mapping of sections (model, data, training), got {type(values).__name__}")
+    sections = _section_classes()
+    for section, section_values in values.items():
+        if section not in sections:
+            raise ConfigError(f"unknown key {section}{_where(source)}{_suggest(str(section))}")
+        if section_values is None:
+            continue
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"{section}{_where(source)} must be a mapping of keys, got {section_values!r}")
+        current = dataclasses.replace(getattr(config, section))
+        for key, value in section_values.items():
+            _set_field(current, section, str(key), value, source)
+        setattr(config, section, current)
+    return config
+
+
+def _set_field(section_obj: Any, section: str, key: str, value: Any, source: str | None) -> None:
+    path = f"{section}.{key}"
+    hints = typing.get_type_hints(type(section_obj))
+    if key not in hints:
+        raise ConfigError(f"unknown key {path}{_where(source)}{_suggest(path)}")
+    coerced = _coerce(value, hints[key])
+    if coerced is _NOT_A_MATCH:
+        raise ConfigError(f"{path}{_where(source)} must be {_type_name(hints[key])}, got {value!r}")
+    setattr(section_obj, key, coerced)
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``section.key=value`` strings (values read as YAML scalars)."""
+    config = dataclasses.replace(
+        config, **{name: dataclasses.replace(getattr(config, name)) for name in _SECTIONS}
+    )
+    for override in overrides:
+        where = f"command-line override {override!r}"
+        if "=" not in override:
+            raise ConfigError(f"{where} is not key=value; write it like training.learning_rate=5e-5")
+        path, text = override.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) != 2 or parts[0] not in _SECTIONS:
+            raise ConfigError(f"unknown key {path.strip()} in {where}{_suggest(path.strip())}")
+        try:
+            value = parse_yaml_scalar(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{where}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+        _set_field(getattr(config, parts[0]), parts[0], parts[1], value, where)
+    return config
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The defaults, updated by the YAML file at ``path`` (if any), then by ``overrides``; validated."""
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        try:
+            values = yaml.load(path.read_text(), Loader=_Loader)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+        config = config_from_dict(values, source=str(path))
+    config = apply_overrides(config, overrides or [])
+    validate_config(config, source=str(path) if path is not None else None)
+    return config
+
+
+def validate_config(config: TrainConfig, source: str | None = None) -> None:
+    """Checks between values that types alone cannot express."""
+    where = _where(source)
+    t, d, m = config.training, config.data, config.model
+
+    def positive(section: str, name: str, value: Any, allow_zero: bool = False) -> None:
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{section}.{name}{where} must be {bound}, got {value}")
+
+    for name in ("micro_batch_size", "global_batch_size", "num_epochs", "ttt_length", "log_interval"):
+        positive("training", name, getattr(t, name))
+    for name in ("max_steps", "keep_last"):
+        positive("training", name, getattr(t, name))
+    for name in ("save_interval", "eval_interval", "weight_decay", "warmup_steps"):
+        positive("training", name, getattr(t, name), allow_zero=True)
+    positive("training", "learning_rate", t.learning_rate)
+    positive("training", "max_grad_norm", t.max_grad_norm)
+    positive("data", "max_seq_length", d.max_seq_length)
+    positive("data", "num_proc", d.num_proc)
+    positive("model", "draft_vocab_size", m.draft_vocab_size)
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"training.global_batch_size ({t.global_batch_size}){where} must be a multiple of "
+            f"training.micro_batch_size ({t.micro_batch_size})"
+        )
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"training.betas{where} must be two numbers in [0, 1), got {t.betas}")
+    for name in ("warmup_ratio", "decay_ratio", "min_lr_ratio", "loss_decay"):
+        value = getattr(t, name)
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"training.{name}{where} must be in [0, 1], got {value}")
+    if t.warmup_steps is not None and t.warmup_ratio is not None:
+        raise ConfigError(
+            f"training.warmup_steps and training.warmup_ratio are both set{where}; set one and the other to null"
+        )
+    if not 0 <= d.eval_split < 1:
+        raise ConfigError(f"data.eval_split{where} must be in [0, 1), got {d.eval_split}")
+    if m.aux_layer_ids is not None and len(m.aux_layer_ids) != 3:
+        raise ConfigError(f"model.aux_layer_ids{where} must list 3 layer ids (low, mid, high), got {m.aux_layer_ids}")
+    if t.resume is not None and t.continual_training is not None:
+        raise ConfigError(
+            f"training.resume and training.continual_training are both set{where}; resume continues a run, "
+            "continual_training starts a new one from its weights: keep one"
+        )
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: TrainConfig, path: str | os.PathLike | None = None) -> str:
+    """The fully resolved config as YAML (written to ``path`` when given); loading it gives ``config`` back."""
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
+    if path is not None:
+        Path(path).write_text(text)
+    return text

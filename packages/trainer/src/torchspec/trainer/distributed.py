@@ -1,0 +1,122 @@
+"""Process group, device mesh and FSDP2 sharding: one code path for 1 process, N processes, N nodes.
+
+``init_distributed`` always creates a process group. Under ``torchrun`` it reads the usual
+environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...); a plain ``python`` run
+gets a one-process group on an in-memory store. So a one-process run shards with FSDP2 over a
+mesh of one, saves the same DTensor checkpoints and takes the same branches as a 64-GPU run.
+Backend: nccl on GPU, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "DistributedContext",
+    "all_reduce_sum",
+    "apply_fsdp",
+    "barrier",
+    "destroy_distributed",
+    "init_distributed",
+    "mixed_precision_policy",
+]
+
+
+@dataclass
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh, 1-D over all ranks
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            from torchspec.trainer.config import ConfigError
+
+            raise ConfigError("training.device is cuda but no GPU is visible; set training.device=cpu or auto")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Join (or create) the process group and build the 1-D device mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
+    resolved = _resolve_device(device, local_rank)
+    backend = "nccl" if resolved.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if launched:
+            dist.init_process_group(backend=backend, device_id=resolved if resolved.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(resolved.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, resolved, mesh)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; the identity without a process group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def mixed_precision_policy(compute_dtype: torch.dtype):
+    """bf16 (or fp16) compute with fp32 gradient reduction; None (plain fp32) for float32."""
+    if compute_dtype == torch.float32:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, mesh, mp_policy=None, keep_in_root: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Shard every ``nn.Linear`` of ``model`` as its own FSDP2 unit, then ``model`` as the root;
+    gradients are reduced as sums over ranks.
+
+    Linears whose attribute name is in ``keep_in_root`` stay in the root unit: the draft's loss reads
+    ``lm_head.weight`` directly inside the root's forward, never through ``lm_head.forward``, so a
+    separate unit would never be gathered.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    units = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in keep_in_root:
+            units.append(fully_shard(module, **kwargs))
+    units.append(fully_shard(model, **kwargs))
+    for unit in units:
+        # Gradients are summed over ranks, not averaged: each rank's loss is already divided by the
+        # global count of positions. Plain sums also work on gloo, which has no pre-scaled reduction.
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    return model

@@ -1,0 +1,179 @@
+"""The frozen target model and the hidden states an EAGLE-3 draft reads from it.
+
+For a batch the target yields
+
+* ``aux_hidden_states`` ``[B, T, 3 * H]``: the residual stream *entering* the decoder layers
+  ``aux_layer_ids`` (low, mid, high), i.e. Hugging Face ``output_hidden_states[i]``. Forward
+  pre-hooks on those three layers catch them, so the other layers' states are never kept.
+* ``final_hidden`` ``[B, T, H]``: the output of the target's final norm, what its ``lm_head``
+  consumes; the draft's loss computes the target distribution from it, chunk by chunk.
+
+The causal-LM head is never run over the batch: the decoder (``model.base_model``) is called
+directly and the ``[B, T, vocab]`` logits are left to the loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torchspec.draft_models import default_aux_layer_ids
+from torchspec.trainer.config import ConfigError
+
+__all__ = ["TargetModel", "TargetOutput"]
+
+
+@dataclass
+class TargetOutput:
+    aux_hidden_states: torch.Tensor  # [B, T, 3 * H]: low, mid, high
+    final_hidden: torch.Tensor  # [B, T, H]
+
+
+def _decoder_layers(decoder: nn.Module, num_layers: int) -> nn.ModuleList:
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    for module in decoder.modules():  # GPT-2 style names (`h`, `blocks`)
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ConfigError(
+        f"cannot find the {num_layers} decoder layers of {type(decoder).__name__}; "
+        "the target must be a Hugging Face decoder-only causal LM"
+    )
+
+
+class TargetModel:
+    """A Hugging Face causal LM in evaluation mode, frozen, with aux-layer capture."""
+
+    def __init__(self, model: nn.Module, aux_layer_ids: list[int] | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.config = model.config
+        self.decoder = model.base_model
+        self.layers = _decoder_layers(self.decoder, int(self.config.num_hidden_layers))
+        self.aux_layer_ids = self.validate_aux_layer_ids(aux_layer_ids)
+        self._captured: dict[int, torch.Tensor] = {}
+        self._capturing = False
+        for layer_id in self.aux_layer_ids:
+            self.layers[layer_id].register_forward_pre_hook(self._capture_hook(layer_id), with_kwargs=True)
+        self._lm_head_weight: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        aux_layer_ids: list[int] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        trust_remote_code: bool = False,
+    ) -> TargetModel:
+        """Load a local Hugging Face causal-LM folder (``config.json`` + weights)."""
+        from transformers import AutoModelForCausalLM
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.target_model_path {path} is not a Hugging Face model folder (no config.json there); "
+                "point it at a local folder written by save_pretrained"
+            )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError as err:
+            if "trust_remote_code" in str(err):
+                raise ConfigError(
+                    f"the target at {path} needs its own code; set model.trust_remote_code=true if you trust it"
+                ) from None
+            raise
+        return cls(model.to(device), aux_layer_ids)
+
+    # --- shape facts ----------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def default_aux_layer_ids(self) -> list[int]:
+        return default_aux_layer_ids(self.num_layers)
+
+    def validate_aux_layer_ids(self, aux_layer_ids: list[int] | None) -> list[int]:
+        if aux_layer_ids is None:
+            return self.default_aux_layer_ids()
+        ids = [int(i) for i in aux_layer_ids]
+        if len(ids) != 3:
+            raise ConfigError(f"model.aux_layer_ids must list 3 layers (low, mid, high), got {ids}")
+        bad = [i for i in ids if not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(
+                f"model.aux_layer_ids {ids} has ids outside the target's {self.num_layers} layers; "
+                f"use ids in [0, {self.num_layers - 1}] (default {self.default_aux_layer_ids()})"
+            )
+        return ids
+
+    # --- weights the draft needs ----------------------------------------------------------------
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The target's output projection ``[vocab, H]`` (gathered once if the target is sharded)."""
+        if self._lm_head_weight is None:
+            self._lm_head_weight = _full(self.model.get_output_embeddings().weight).detach()
+        return self._lm_head_weight
+
+    @property
+    def embed_tokens_weight(self) -> torch.Tensor:
+        """The input embedding table ``[vocab, H]`` (a collective call when the target is sharded)."""
+        return _full(self.model.get_input_embeddings().weight).detach()
+
+    # --- capture --------------------------------------------------------------------------------
+
+    def _capture_hook(self, layer_id: int):
+        def hook(module, args, kwargs):
+            if self._capturing:
+                self._captured[layer_id] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetOutput:
+        # no_grad rather than inference_mode: the outputs feed the draft's autograd graph, which
+        # must save them for backward (inference tensors cannot be saved).
+        self._capturing = True
+        try:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            captured = [self._captured[i] for i in self.aux_layer_ids]
+            if hasattr(self.decoder, "reshard"):  # FSDP keeps a root gathered when no backward follows
+                self.decoder.reshard()
+        finally:
+            self._capturing = False
+            self._captured = {}
+        return TargetOutput(torch.cat(captured, dim=-1), out.last_hidden_state)
+
+    # --- distribution ---------------------------------------------------------------------------
+
+    def shard(self, mesh, device: torch.device, mp_policy=None) -> None:
+        """FSDP2-shard the decoder (each layer, then the decoder as root) onto ``device``, for
+        targets too large for one device. The head stays whole and replicated: the loss reads it
+        for every position anyway."""
+        from torch.distributed.fsdp import fully_shard
+
+        head = self.model.get_output_embeddings()
+        self._lm_head_weight = head.weight.detach().to(device)  # before a tied table is sharded
+        kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+        for layer in self.layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(self.decoder, **kwargs)  # moves the shards to the mesh's device
+        head.to(device)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

@@ -1,0 +1,401 @@
+"""The online training loop: the frozen target feeds the draft, batch by batch, in the same processes.
+
+One optimizer step:
+
+1. the target runs on every micro-batch of this rank's share of the global batch, yielding the aux
+   hidden states and its final hidden state;
+2. the counted positions per TTT step are summed over micro-batches and all-reduced, so every
+   loss is divided by the *global* count: the gradient is that of the mean over the global batch
+   however it is split over ranks and accumulation steps (FSDP sums, not averages, the gradients);
+3. the draft runs forward and backward on each micro-batch, gradients synchronised on the last;
+4. gradient clipping, AdamW, the LR schedule; the metrics counts are all-reduced and logged.
+
+Everything else (config, capture, data order, metrics, schedule, checkpoints, process groups) is a
+component in its own module; this file only composes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from torchspec.draft_models import Eagle3Model, step0_loss_mask
+from torchspec.trainer.checkpoint import Checkpointer, checkpoint_name, find_latest, is_complete, list_checkpoints
+from torchspec.trainer.config import BUILTIN_TINY_TARGET, ConfigError, TrainConfig, dump_config
+from torchspec.trainer.data_loader import DistributedBatchLoader, EvalBatches, MicroBatch
+from torchspec.trainer.distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    apply_fsdp,
+    init_distributed,
+    mixed_precision_policy,
+)
+from torchspec.trainer.draft import build_draft, check_draft_against_target, resolve_draft_config
+from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
+from torchspec.trainer.metrics import MetricsSink, ProgressBar, TTTCounts, format_metrics, summarize, ttt_counts
+from torchspec.trainer.target import TargetModel
+from torchspec.trainer.training_data import load_training_data, vocab_mapping_from_data
+
+__all__ = ["TrainResult", "Trainer", "train"]
+
+logger = logging.getLogger("torchspec.trainer")
+
+VOCAB_MAPPING_FILE = "vocab_mapping.safetensors"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    checkpoint: Path | None
+    steps: int
+    train_history: list[dict[str, Any]] = field(default_factory=list)  # this process's step records
+    eval_metrics: dict[str, Any] | None = None
+
+
+def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run training as configured. ``step_callback(step, record)`` is called after every step."""
+    created_group = not dist.is_initialized()
+    ctx = init_distributed(config.training.device)
+    try:
+        trainer = Trainer(config, ctx)
+        trainer.restore()
+        return trainer.fit(step_callback)
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Trainer:
+    """Builds the components in the order they depend on each other; ``fit`` runs the loop."""
+
+    def __init__(self, config: TrainConfig, ctx: DistributedContext):
+        self.config, self.ctx = config, ctx
+        t, m = config.training, config.model
+        self.output_dir = Path(t.output_dir)
+        self.resume_from = _resume_path(t.resume, self.output_dir)
+        self.checkpointer = Checkpointer(self.output_dir, t.keep_last)
+        self.checkpointer.clean_stale()
+
+        # The target, its tokenizer, the data.
+        target_path = _target_path(m.target_model_path)
+        self.target = TargetModel.from_pretrained(target_path, m.aux_layer_ids, _dtype(m.dtype, ctx.device),
+                                                  "cpu" if t.shard_target else ctx.device, m.trust_remote_code)
+        tokenizer = _load_tokenizer(m.tokenizer_path or target_path, m.trust_remote_code)
+        data = load_training_data(config.data, tokenizer, t.seed, ctx.is_main)
+        _log(ctx, f"data: {data.summary}")
+
+        # The draft, checked against the target, wrapped for TTT and sharded.
+        self.draft_config = resolve_draft_config(m, self.target.config)
+        check_draft_against_target(self.draft_config, self.target, tokenizer, m.draft_config or "the generated draft config")
+        self.vocab_mapping = _vocab_mapping(self.draft_config, t.continual_training, data.train)
+        torch.manual_seed(t.seed)  # the same initial draft on every rank
+        self.draft = build_draft(self.draft_config, self.target, self.vocab_mapping).to(ctx.device)
+        self.model = Eagle3Model(self.draft, t.ttt_length, t.attention_backend, t.gradient_checkpointing)
+        apply_fsdp(self.model, ctx.mesh, mixed_precision_policy(_dtype(t.dtype, ctx.device)))
+        if t.shard_target:
+            self.target.shard(ctx.mesh, ctx.device)
+        _log(ctx, f"target: {target_path} ({self.target.num_layers} layers, aux layers {self.target.aux_layer_ids}"
+                  f"{', sharded' if t.shard_target else ''}); draft: {self.draft_config.architectures[0]}, "
+                  f"{_count(self.draft):,} trainable parameters, vocab {self.draft_config.draft_vocab_size}/"
+                  f"{self.draft_config.vocab_size}; world size {ctx.world_size} on {ctx.device}")
+
+        # Optimizer, schedule, data order.
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=t.learning_rate, betas=tuple(t.betas),
+                                           weight_decay=t.weight_decay)
+        pad_id = _pad_id(tokenizer)
+        try:
+            self.loader = DistributedBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, pad_id,
+                                                 ctx.rank, ctx.world_size, t.seed, config.data.max_seq_length)
+        except ValueError as err:
+            raise ConfigError(f"training.global_batch_size: {err}") from None
+        self.total_steps = t.max_steps or t.num_epochs * self.loader.steps_per_epoch
+        warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
+        self.scheduler = build_lr_scheduler(self.optimizer, WarmupDecaySchedule(
+            self.total_steps, warmup, t.lr_schedule, t.min_lr_ratio, t.decay_ratio))
+        self.eval_batches = None
+        if data.eval is not None and len(data.eval) > 0:
+            self.eval_batches = EvalBatches(data.eval, t.micro_batch_size, pad_id, ctx.rank, ctx.world_size,
+                                            config.data.max_seq_length)
+        self.step, self.best = 0, None
+
+    # --- resume, save -----------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Resume everything from ``training.resume``, or take only the weights of ``continual_training``."""
+        t = self.config.training
+        if self.resume_from is not None:
+            _check_same_draft(self.resume_from, self.draft_config, "training.resume")
+            state = self.checkpointer.load(self.resume_from, self.draft, self.optimizer)
+            _check_same_aux_layers(state, self.target.aux_layer_ids, self.resume_from)
+            # The position comes from the checkpoint, the shape of the schedule from this config.
+            self.scheduler.load_state_dict({**state["lr_scheduler"], "lr_lambdas": [None]})
+            try:
+                self.loader.load_state_dict(state["data"])
+            except ValueError as err:
+                raise ConfigError(f"training.resume {self.resume_from}: {err}") from None
+            self.step, self.best = int(state["step"]), state.get("best")
+            _log(self.ctx, f"resumed from {self.resume_from} at step {self.step}")
+        elif t.continual_training is not None:
+            source = _complete_checkpoint(t.continual_training, "training.continual_training")
+            _check_same_draft(source, self.draft_config, "training.continual_training")
+            self.checkpointer.load(source, self.draft, None, restore_rng=False)
+            _log(self.ctx, f"draft weights from {source}; optimizer, schedule and data start fresh")
+
+    def save(self) -> Path:
+        target = self.target
+        files = {
+            "config.json": lambda path: self.draft_config.save_pretrained(path.parent),
+            "aux_layers.json": lambda path: path.write_text(json.dumps(
+                {"aux_layer_ids": target.aux_layer_ids, "num_target_layers": target.num_layers}) + "\n"),
+            "training_config.yaml": lambda path: dump_config(self.config, path),
+        }
+        if self.vocab_mapping is not None:
+            files[VOCAB_MAPPING_FILE] = self.vocab_mapping.save
+        state = {"lr_scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(), "best": self.best,
+                 "aux_layer_ids": target.aux_layer_ids, "world_size": self.ctx.world_size}
+        return self.checkpointer.save(self.step, self.draft, self.optimizer, state, files)
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def fit(self, step_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+        t, ctx = self.config.training, self.ctx
+        if ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.config, self.output_dir / "training_config.yaml")
+        sink = MetricsSink(self.output_dir, t.tensorboard, append=self.resume_from is not None) if ctx.is_main else None
+        progress = ProgressBar(self.total_steps, enabled=t.progress_bar and ctx.is_main)
+        _log(ctx, f"training {self.total_steps} steps ({self.loader.steps_per_epoch} per epoch, "
+                  f"{self.loader.accumulation_steps} micro-batches of {t.micro_batch_size} per rank per step); "
+                  f"metrics: {self.output_dir / 'metrics.jsonl'} (acceptance_length = 1 + sum_k prod_{{i<=k}} cond_acc_i)")
+
+        history, eval_metrics, checkpoint = [], None, self.resume_from
+        while self.step < self.total_steps:
+            record = self.train_step([batch.to(ctx.device) for batch in self.loader.next_batches()])
+            self.step += 1
+            record = {"step": self.step, "split": "train", "epoch": self.loader.epoch, **record}
+            history.append(record)
+            if sink is not None:
+                sink.write(record)
+            progress.update(self.step, f"loss {record['loss']:.3f} acc {record['acc']:.3f}")
+            last = self.step == self.total_steps
+            if self.step % t.log_interval == 0 or last:
+                progress.clear()
+                _log(ctx, format_metrics(record))
+
+            new_best = False
+            if self.eval_batches is not None and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
+                eval_metrics = {"step": self.step, "split": "eval", **self.evaluate()}
+                if sink is not None:
+                    sink.write(eval_metrics)
+                progress.clear()
+                _log(ctx, "eval " + format_metrics(eval_metrics))
+                new_best = self.best is None or eval_metrics["acceptance_length"] > self.best["acceptance_length"]
+                if new_best:
+                    self.best = {"step": self.step, "acceptance_length": eval_metrics["acceptance_length"],
+                                 "checkpoint": checkpoint_name(self.step)}
+            # A new best eval is always saved, so that best.json points at a checkpoint.
+            if (t.save_interval and self.step % t.save_interval == 0) or last or new_best:
+                checkpoint = self.save()
+                if new_best:
+                    self.checkpointer.mark_best(checkpoint, {k: v for k, v in self.best.items() if k != "checkpoint"})
+            if step_callback is not None:
+                step_callback(self.step, record)
+        progress.close()
+        if sink is not None:
+            sink.close()
+        checkpoint = checkpoint or find_latest(self.output_dir)
+        _log(ctx, f"checkpoint: {checkpoint}")
+        _log(ctx, f"export it for SGLang/vLLM: hatch run converter:export --input {self.output_dir}")
+        return TrainResult(self.output_dir, checkpoint, self.step, history, eval_metrics)
+
+    def _target_pass(self, batch: MicroBatch):
+        """The target's outputs for ``batch``, the step-0 loss mask, and (pruned vocab) which
+        positions the draft vocabulary can learn."""
+        out = self.target(batch.input_ids, batch.attention_mask)
+        valid = None
+        if self.draft_config.is_vocab_pruned:
+            valid = self.model.target_in_draft_vocab(out.final_hidden, self.target.lm_head_weight)
+        return out, step0_loss_mask(batch.loss_mask), valid
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, Any]:
+        t, ctx, model = self.config.training, self.ctx, self.model
+        started = time.perf_counter()
+        # 1. The target on every micro-batch, and the positions each TTT step counts, over all ranks.
+        targets = [self._target_pass(batch) for batch in micro_batches]
+        local_counts = sum(model.count_positions(mask, batch.attention_mask, valid).double()
+                           for batch, (_, mask, valid) in zip(micro_batches, targets))
+        _synchronize(ctx.device)
+        target_seconds = time.perf_counter() - started
+        global_counts = all_reduce_sum(local_counts.clone())
+
+        # 2. Draft forward/backward per micro-batch, each loss divided by the global counts, so the
+        # accumulated (and rank-summed) gradient is that of the global-batch mean.
+        counts = TTTCounts.zeros(t.ttt_length, ctx.device)
+        for index, (batch, (out, loss_mask, valid)) in enumerate(zip(micro_batches, targets)):
+            model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+            result = model(batch.input_ids, out.aux_hidden_states, loss_mask, batch.attention_mask,
+                           target_hidden=out.final_hidden, target_head_weight=self.target.lm_head_weight,
+                           target_valid=valid, loss_normalizer=global_counts)
+            result.total_loss(t.loss_decay).backward()
+            counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
+
+        # 3. Clip, step, schedule.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _synchronize(ctx.device)
+        seconds = time.perf_counter() - started
+
+        # 4. Global metrics: one all-reduce of the counts, tokens and timings.
+        tokens = sum(batch.num_tokens for batch in micro_batches)
+        extras = torch.tensor([tokens, target_seconds, seconds], dtype=torch.float64, device=ctx.device)
+        totals = all_reduce_sum(torch.cat([counts.as_tensor().flatten(), extras]))
+        global_tokens, target_seconds_sum, seconds_sum = totals[-3:].tolist()
+        return {
+            **summarize(TTTCounts.from_tensor(totals[:-3].view(-1, t.ttt_length)), t.loss_decay),
+            "lr": learning_rate,
+            "grad_norm": float(grad_norm),
+            "tokens": int(global_tokens),
+            "tokens_per_s": global_tokens / seconds,
+            "target_time_share": target_seconds_sum / seconds_sum,
+            "step_seconds": seconds,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """The training metrics over the whole held-out set (losses normalised by its total counts)."""
+        t = self.config.training
+        counts = TTTCounts.zeros(t.ttt_length, self.ctx.device)
+        for batch in self.eval_batches:
+            batch = batch.to(self.ctx.device)
+            out, loss_mask, valid = self._target_pass(batch)
+            result = self.model(batch.input_ids, out.aux_hidden_states, loss_mask, batch.attention_mask,
+                                target_hidden=out.final_hidden, target_head_weight=self.target.lm_head_weight,
+                                target_valid=valid)
+            counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
+        self.model.reshard()  # no backward follows, so FSDP would otherwise keep the root gathered
+        totals = all_reduce_sum(counts.as_tensor().clone())
+        return summarize(TTTCounts.from_tensor(totals), t.loss_decay)
+
+
+# --- small helpers ------------------------------------------------------------------------------------
+
+
+def _log(ctx: DistributedContext, message: str) -> None:
+    if ctx.is_main:
+        logger.info(message)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def _target_path(path: str) -> Path:
+    if path == BUILTIN_TINY_TARGET:
+        from torchspec.trainer.default_assets import ensure_default_target
+
+        return ensure_default_target()
+    return Path(path)
+
+
+def _load_tokenizer(path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"tokenizer folder {path} does not exist; set model.tokenizer_path or model.target_model_path")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); set model.tokenizer_path") from None
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # padding is masked out everywhere; any id will do
+
+
+def _complete_checkpoint(path: str, key: str) -> Path:
+    path = Path(path)
+    if is_complete(path):
+        return path
+    latest = find_latest(path)
+    if latest is None:
+        raise ConfigError(f"{key} {path} is neither a complete checkpoint (iter_XXXXXXX) nor an output_dir holding one")
+    return latest
+
+
+def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
+    if resume == "auto":
+        latest = find_latest(output_dir)
+        return latest  # None: nothing to resume yet, a fresh start
+    if resume is not None:
+        return _complete_checkpoint(resume, "training.resume")
+    if list_checkpoints(output_dir):
+        raise ConfigError(
+            f"training.output_dir {output_dir} already holds checkpoints; set training.resume=auto to continue that run, "
+            "or choose another output_dir"
+        )
+    return None
+
+
+def _check_same_draft(path: Path, draft_config, key: str) -> None:
+    """The checkpoint's draft must have this run's shapes, or its weights cannot load."""
+    saved_file = path / "config.json"
+    if not saved_file.is_file():
+        return
+    saved, current = json.loads(saved_file.read_text()), draft_config.to_dict()
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "torch_dtype")
+    if differing:
+        key_name = differing[0]
+        raise ConfigError(
+            f"{key} {path}: the checkpoint's draft has {key_name}={saved.get(key_name)!r}, this run's has "
+            f"{current.get(key_name)!r}; use the draft config it was trained with (model.draft_config={saved_file})"
+        )
+
+
+def _check_same_aux_layers(state: dict, aux_layer_ids: list[int], path: Path) -> None:
+    saved = state.get("aux_layer_ids")
+    if saved is not None and list(saved) != list(aux_layer_ids):
+        raise ConfigError(
+            f"training.resume {path}: the checkpoint was trained on aux layers {saved}, this run uses {aux_layer_ids}; "
+            f"set model.aux_layer_ids={saved}"
+        )
+
+
+def _vocab_mapping(draft_config, continual_training: str | None, train_dataset):
+    if not draft_config.is_vocab_pruned:
+        return None
+    if continual_training is not None:
+        from torchspec.data import VocabMapping
+
+        source = _complete_checkpoint(continual_training, "training.continual_training") / VOCAB_MAPPING_FILE
+        if source.is_file():
+            return VocabMapping.load(source)  # the head's rows follow the mapping it was trained with
+    return vocab_mapping_from_data(train_dataset, draft_config.vocab_size, draft_config.draft_vocab_size)

@@ -1,0 +1,77 @@
+"""Tokenized training and held-out conversations (torchspec-data), and the pruned draft vocabulary."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from torchspec.trainer.config import BUILTIN_SAMPLE_CONVERSATIONS, DataConfig
+from torchspec.trainer.distributed import barrier
+
+__all__ = ["TrainingData", "load_training_data", "vocab_mapping_from_data"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    train: object  # datasets.Dataset with input_ids, loss_mask
+    eval: object | None
+    summary: str
+
+
+def _source(path: str):
+    from torchspec.data import sample_conversations_path
+
+    return sample_conversations_path() if path == BUILTIN_SAMPLE_CONVERSATIONS else path
+
+
+def _build(path: str, tokenizer, config: DataConfig, key: str):
+    from torchspec.data import DataError, build_training_dataset
+
+    try:
+        return build_training_dataset(
+            _source(path),
+            tokenizer,
+            config.chat_template,
+            config.max_seq_length,
+            num_proc=config.num_proc,
+            cache_dir=config.cache_dir,
+            prompt_key=config.prompt_key,
+        )
+    except DataError as err:
+        raise DataError(f"{key}: {err}") from None
+
+
+def load_training_data(config: DataConfig, tokenizer, seed: int, is_main: bool) -> TrainingData:
+    """Tokenize (rank 0 first, filling the cache; the other ranks then read it) and split off the
+    held-out set: ``eval_path``, else a seeded ``eval_split`` share of the training conversations."""
+    if not is_main:
+        barrier()
+    train, stats = _build(config.train_path, tokenizer, config, "data.train_path")
+    evaluation = None
+    if config.eval_path is not None:
+        evaluation, _ = _build(config.eval_path, tokenizer, config, "data.eval_path")
+    if is_main:
+        barrier()
+    if config.eval_path is None and config.eval_split > 0:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        held_out = max(1, round(config.eval_split * len(train)))
+        evaluation = train.select(sorted(order[:held_out]), keep_in_memory=True)
+        train = train.select(sorted(order[held_out:]), keep_in_memory=True)
+    summary = stats.summary() + f"; {len(train)} for training, {len(evaluation) if evaluation is not None else 0} held out"
+    return TrainingData(train, evaluation, summary)
+
+
+def vocab_mapping_from_data(dataset, vocab_size: int, draft_vocab_size: int):
+    """Keep the ``draft_vocab_size`` most frequent supervised target tokens of the training set."""
+    from torchspec.data import build_vocab_mapping, count_supervised_tokens
+
+    counts = count_supervised_tokens(dataset, vocab_size)
+    mapping = build_vocab_mapping(counts, vocab_size, draft_vocab_size)
+    covered = counts[mapping.draft_to_target_ids()].sum().item() / max(counts.sum().item(), 1)
+    logger.info("draft vocabulary: %d of %d tokens, covering %.1f%% of supervised tokens", draft_vocab_size, vocab_size,
+                100 * covered)
+    return mapping

@@ -1,0 +1,162 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from torchspec.trainer.checkpoint import COMPLETE_MARKER, Checkpointer, find_latest, is_complete, list_checkpoints
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.register_buffer("d2t", torch.zeros(5, dtype=torch.long))
+
+
+def trained(seed=0):
+    torch.manual_seed(seed)
+    model = Small()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.head(model.fc(torch.randn(2, 4))).pow(2).sum().backward()
+    optimizer.step()
+    model.d2t.copy_(torch.arange(5) * (seed + 1))
+    return model, optimizer
+
+
+def save(checkpointer, step, model, optimizer, files=None):
+    return checkpointer.save(step, model, optimizer, {"data": {"epoch": 0, "step_in_epoch": step}}, files)
+
+
+def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):
+    model, optimizer = trained(seed=0)
+    checkpointer = Checkpointer(tmp_path)
+    torch.manual_seed(123)
+    path = save(checkpointer, 5, model, optimizer, {"config.json": lambda p: p.write_text("{}")})
+    after_save = torch.rand(3)
+    assert path == tmp_path / "iter_0000005" and is_complete(path)
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000005"
+    assert (path / "config.json").is_file() and (path / "rng_state_rank0.pt").is_file()
+
+    other, other_optimizer = trained(seed=1)
+    torch.manual_seed(999)
+    state = Checkpointer(tmp_path).load(path, other, other_optimizer)
+    assert state == {"step": 5, "data": {"epoch": 0, "step_in_epoch": 5}}
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    for group_a, group_b in zip(optimizer.state_dict()["state"].values(), other_optimizer.state_dict()["state"].values()):
+        assert torch.equal(group_a["exp_avg"], group_b["exp_avg"]) and torch.equal(group_a["exp_avg_sq"], group_b["exp_avg_sq"])
+    assert torch.equal(torch.rand(3), after_save)  # the RNG continues where the save left it
+
+
+def test_weights_only_load_leaves_the_optimizer_alone(tmp_path):
+    model, optimizer = trained(seed=0)
+    path = save(Checkpointer(tmp_path), 1, model, optimizer)
+    fresh = Small()
+    Checkpointer(tmp_path).load(path, fresh, None, restore_rng=False)
+    assert torch.equal(fresh.fc.weight, model.fc.weight) and torch.equal(fresh.d2t, model.d2t)
+
+
+def test_a_failure_midway_leaves_nothing_resume_would_pick(tmp_path):
+    model, optimizer = trained()
+    checkpointer = Checkpointer(tmp_path)
+    good = save(checkpointer, 10, model, optimizer)
+
+    def explode(path):
+        path.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save(checkpointer, 20, model, optimizer, {"config.json": explode})
+    assert not (tmp_path / "iter_0000020").exists()
+    assert (tmp_path / ".tmp_iter_0000020").exists()  # the debris is under the temporary name only
+    assert find_latest(tmp_path) == good
+    assert (tmp_path / "latest").read_text().strip() == good.name
+
+    # The next attempt at the same step starts clean and succeeds.
+    again = save(checkpointer, 20, model, optimizer)
+    assert find_latest(tmp_path) == again and not (tmp_path / ".tmp_iter_0000020").exists()
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, sys, torch
+    from torch import nn
+    from torchspec.trainer.checkpoint import Checkpointer
+    model = nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    point = sys.argv[2]
+    def die(path):
+        if point == "extras":
+            os._exit(9)
+    checkpointer = Checkpointer(sys.argv[1])
+    checkpointer.save(1, model, optimizer, {}, {"config.json": lambda p: p.write_text("{}")})
+    if point == "marker":
+        import torchspec.trainer.checkpoint as module
+        real = module._write_atomic
+        def write(path, data):
+            if path.name == "COMPLETE":
+                os._exit(9)
+            real(path, data)
+        module._write_atomic = write
+    checkpointer.save(2, model, optimizer, {}, {"config.json": die})
+    """
+)
+
+
+@pytest.mark.parametrize("point", ["extras", "marker"])
+def test_a_process_killed_during_save_leaves_the_previous_checkpoint_latest(tmp_path, point):
+    script = tmp_path / "kill.py"
+    script.write_text(KILLER)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), point], capture_output=True, timeout=120, check=False)
+    assert result.returncode == 9, result.stderr.decode()[-2000:]
+    assert find_latest(tmp_path / "out") == tmp_path / "out" / "iter_0000001"
+    assert not (tmp_path / "out" / "iter_0000002").exists()
+    Checkpointer(tmp_path / "out").clean_stale()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["iter_0000001", "latest"]
+
+
+def test_find_latest_ignores_incomplete_folders(tmp_path):
+    model, optimizer = trained()
+    checkpointer = Checkpointer(tmp_path)
+    save(checkpointer, 3, model, optimizer)
+    newest = save(checkpointer, 4, model, optimizer)
+    assert find_latest(tmp_path) == newest
+    (newest / COMPLETE_MARKER).unlink()  # e.g. a copy interrupted by hand
+    assert find_latest(tmp_path) == tmp_path / "iter_0000003"
+    (tmp_path / ".tmp_iter_0000009").mkdir()
+    (tmp_path / "iter_12").mkdir()
+    assert find_latest(tmp_path) == tmp_path / "iter_0000003"
+    assert find_latest(tmp_path / "missing") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpointer.load(newest, model, optimizer)
+
+
+def test_retention_keeps_the_last_k_and_the_best(tmp_path):
+    model, optimizer = trained()
+    checkpointer = Checkpointer(tmp_path, keep_last=2)
+    first = save(checkpointer, 1, model, optimizer)
+    checkpointer.mark_best(first, {"step": 1, "acceptance_length": 2.5})
+    for step in range(2, 6):
+        save(checkpointer, step, model, optimizer)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 4, 5]
+    assert json.loads((tmp_path / "best.json").read_text()) == {"checkpoint": "iter_0000001", "step": 1, "acceptance_length": 2.5}
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000005"
+
+
+def test_the_converter_reads_the_layout(tmp_path):
+    converter = pytest.importorskip("torchspec.converter")
+    model, optimizer = trained()
+    path = save(Checkpointer(tmp_path), 7, model, optimizer, {"config.json": lambda p: p.write_text("{}")})
+    assert converter.resolve_checkpoint(tmp_path) == path
+    from torchspec.converter.checkpoint import TrainingCheckpoint
+
+    reader = TrainingCheckpoint.__new__(TrainingCheckpoint)
+    reader.path = path
+    assert sorted(reader.weight_names()) == ["d2t", "fc.bias", "fc.weight", "head.weight"]
+    assert torch.equal(reader.load_tensor("fc.weight"), model.fc.weight.detach())

@@ -1,0 +1,143 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from torchspec.trainer.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    parse_yaml_scalar,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "x.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_file_values_and_overrides_land_in_typed_fields(tmp_path):
+    path = write(tmp_path, """
+        model:
+          target_model_path: /models/qwen
+          aux_layer_ids: [1, 5, 9]
+        training:
+          learning_rate: 1e-4
+          betas: [0.9, 0.99]
+          max_steps: 50
+    """)
+    config = load_config(path, ["training.learning_rate=5e-5", "training.lr_schedule=wsd", "data.eval_path=null"])
+    assert config.model.target_model_path == "/models/qwen"
+    assert config.model.aux_layer_ids == [1, 5, 9]
+    assert config.training.learning_rate == 5e-5 and isinstance(config.training.learning_rate, float)
+    assert config.training.betas == [0.9, 0.99]
+    assert config.training.max_steps == 50
+    assert config.training.lr_schedule == "wsd"
+    assert config.data.eval_path is None
+    # Untouched keys keep their defaults.
+    assert config.training.ttt_length == 7 and config.training.loss_decay == 0.8
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("5e-5", 5e-5), ("1E3", 1000.0), ("3", 3), ("0.5", 0.5), ("true", True), ("null", None), ("abc", "abc"), ("[1, 2]", [1, 2])],
+)
+def test_scalars_follow_yaml_rules_with_exponent_floats(text, value):
+    parsed = parse_yaml_scalar(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_unknown_key_names_file_and_suggests_the_closest(tmp_path):
+    path = write(tmp_path, "training:\n  learnig_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"unknown key training.learnig_rate in {path}; did you mean training.learning_rate?"
+
+
+def test_key_in_wrong_place_points_to_its_section(tmp_path):
+    path = write(tmp_path, "learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="did you mean training.learning_rate"):
+        load_config(path)
+    path = write(tmp_path, "data:\n  ttt_length: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key data.ttt_length .*did you mean training.ttt_length"):
+        load_config(path)
+
+
+def test_unknown_override_key_is_reported_with_the_override():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.warmup_step=10"])
+    assert "training.warmup_step" in str(err.value) and "did you mean training.warmup_steps" in str(err.value)
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(None, ["training.seed"])
+    with pytest.raises(ConfigError, match="unknown key trainig.seed"):
+        load_config(None, ["trainig.seed=1"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.micro_batch_size=four", "training.micro_batch_size in command-line override .* must be integer, got 'four'"),
+        ("training.micro_batch_size=2.5", "must be integer, got 2.5"),
+        ("training.micro_batch_size=true", "must be integer, got True"),
+        ("training.tensorboard=1", "training.tensorboard .* must be true/false, got 1"),
+        ("training.lr_schedule=linear", r"must be 'cosine' \| 'constant' \| 'wsd', got 'linear'"),
+        ("model.aux_layer_ids=[1, x, 3]", "model.aux_layer_ids .* must be list of integer \\| null, got"),
+        ("training.max_steps=[3]", "training.max_steps .* must be integer \\| null, got \\[3\\]"),
+    ],
+)
+def test_wrong_types_fail_with_the_key_path(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_integers_are_accepted_for_floats():
+    config = load_config(None, ["training.learning_rate=1", "training.max_grad_norm=2"])
+    assert config.training.learning_rate == 1.0 and isinstance(config.training.learning_rate, float)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="global_batch_size .* multiple of training.micro_batch_size"):
+        load_config(None, ["training.global_batch_size=10", "training.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="warmup_steps and training.warmup_ratio are both set"):
+        load_config(None, ["training.warmup_steps=10"])
+    assert load_config(None, ["training.warmup_steps=10", "training.warmup_ratio=null"]).training.warmup_steps == 10
+    with pytest.raises(ConfigError, match="model.aux_layer_ids .* 3 layer ids"):
+        load_config(None, ["model.aux_layer_ids=[1, 2]"])
+    with pytest.raises(ConfigError, match="training.learning_rate must be > 0"):
+        load_config(None, ["training.learning_rate=0"])
+    with pytest.raises(ConfigError, match="data.eval_split must be in"):
+        load_config(None, ["data.eval_split=1.5"])
+
+
+def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):
+    path = write(tmp_path, "training:\n  seed: [1,\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:") and "invalid YAML" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "training: 3\n"))
+
+
+def test_dump_is_the_resolved_config_and_reloads_identically(tmp_path):
+    config = load_config(None, ["training.learning_rate=5e-5", "model.aux_layer_ids=[1, 2, 3]", "training.seed=7"])
+    path = tmp_path / "resolved.yaml"
+    dump_config(config, path)
+    raw = yaml.safe_load(path.read_text())
+    assert raw["training"]["learning_rate"] == 5e-5 and raw["model"]["aux_layer_ids"] == [1, 2, 3]
+    assert set(raw) == {"model", "data", "training"}
+    assert load_config(path) == config
+
+
+def test_overrides_do_not_mutate_the_input_config():
+    base = TrainConfig()
+    changed = apply_overrides(base, ["training.seed=5", "training.betas=[0.8, 0.9]"])
+    assert base.training.seed == 0 and base.training.betas == [0.9, 0.95]
+    assert changed.training.seed == 5 and changed.training.betas == [0.8, 0.9]

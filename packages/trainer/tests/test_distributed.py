@@ -1,0 +1,64 @@
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+
+from torchspec.draft_models import Eagle3Model
+from torchspec.trainer.config import ModelConfig
+from torchspec.trainer.distributed import all_reduce_sum, apply_fsdp, init_distributed, mixed_precision_policy
+from torchspec.trainer.draft import build_draft, resolve_draft_config
+from torchspec.trainer.target import TargetModel
+
+from trainer_test_helpers import VOCAB, tiny_qwen3
+
+
+@pytest.fixture
+def one_process_group():
+    assert not dist.is_initialized()
+    ctx = init_distributed("cpu")
+    yield ctx
+    dist.destroy_process_group()
+
+
+def test_without_torchrun_a_one_process_group(one_process_group):
+    ctx = one_process_group
+    assert (ctx.rank, ctx.world_size, ctx.device.type) == (0, 1, "cpu")
+    assert dist.get_backend() == "gloo" and ctx.mesh.size() == 1
+    assert torch.equal(all_reduce_sum(torch.tensor([1.0, 2.0])), torch.tensor([1.0, 2.0]))
+
+
+def test_every_linear_but_lm_head_is_its_own_unit_and_numerics_are_unchanged(one_process_group):
+    torch.manual_seed(0)
+    target = TargetModel(tiny_qwen3(num_layers=6))
+    draft = build_draft(resolve_draft_config(ModelConfig(), target.config), target)
+    reference = Eagle3Model(copy.deepcopy(draft), length=3)
+    model = apply_fsdp(Eagle3Model(draft, length=3), one_process_group.mesh)
+
+    linear_names = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    sharded = {name for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+    assert "" in sharded  # the root
+    assert sharded - {""} == linear_names - {"draft.lm_head"}
+    assert "draft.fc" in sharded and "draft.midlayer.self_attn.q_proj" in sharded
+
+    ids = torch.randint(0, VOCAB, (2, 10))
+    out = target(ids)
+    mask = torch.ones_like(ids)
+    kwargs = {"target_hidden": out.final_hidden, "target_head_weight": target.lm_head_weight}
+    loss = model(ids, out.aux_hidden_states, mask, **kwargs).total_loss()
+    expected = reference(ids, out.aux_hidden_states, mask, **kwargs).total_loss()
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+        if ref.grad is None:
+            assert param.grad is None, name
+            continue
+        torch.testing.assert_close(param.grad.full_tensor(), ref.grad, msg=name)
+
+
+def test_mixed_precision_policy():
+    assert mixed_precision_policy(torch.float32) is None
+    policy = mixed_precision_policy(torch.bfloat16)
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32

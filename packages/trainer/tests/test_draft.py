@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+
+from torchspec.data import VocabMapping
+from torchspec.draft_models import DeepseekEagle3Config, Eagle3Model, LlamaEagle3Config
+from torchspec.trainer.config import ConfigError, ModelConfig
+from torchspec.trainer.draft import (
+    build_draft,
+    check_draft_against_target,
+    draft_config_from_target,
+    resolve_draft_config,
+)
+from torchspec.trainer.target import TargetModel
+
+from trainer_test_helpers import VOCAB, tiny_qwen3
+
+
+@pytest.fixture(scope="module")
+def target():
+    return TargetModel(tiny_qwen3(num_layers=6))
+
+
+class FakeTokenizer:
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+
+def test_generated_llama_draft_has_the_targets_shapes(target):
+    config = resolve_draft_config(ModelConfig(), target.config)
+    assert isinstance(config, LlamaEagle3Config) and config.architectures == ["LlamaForCausalLMEagle3"]
+    hf = target.config
+    assert (config.hidden_size, config.target_hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            config.head_dim, config.intermediate_size, config.vocab_size, config.draft_vocab_size) == (
+        hf.hidden_size, hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim,
+        hf.intermediate_size, hf.vocab_size, hf.vocab_size)
+    assert config.rope_theta == hf.rope_parameters["rope_theta"] and config.num_hidden_layers == 1
+
+
+def test_generated_mla_draft_trains_a_step(target):
+    config = resolve_draft_config(ModelConfig(draft_architecture="mla", draft_vocab_size=40), target.config)
+    assert isinstance(config, DeepseekEagle3Config) and config.draft_vocab_size == 40
+    mapping = VocabMapping.from_target_ids(torch.arange(0, 80, 2), VOCAB)
+    draft = build_draft(config, target, mapping)
+    assert torch.equal(draft.draft_to_target_ids(), torch.arange(0, 80, 2))
+    ids = torch.randint(0, VOCAB, (2, 9))
+    out = target(ids)
+    mask = torch.ones_like(ids)
+    result = Eagle3Model(draft, length=3)(ids, out.aux_hidden_states, mask, target_hidden=out.final_hidden,
+                                          target_head_weight=target.lm_head_weight)
+    result.total_loss().backward()
+    assert draft.fc.weight.grad is not None and draft.embed_tokens.weight.grad is None
+
+
+def test_draft_config_file_and_vocab_override(tmp_path, target):
+    values = draft_config_from_target(target.config)
+    path = tmp_path / "draft.json"
+    path.write_text(json.dumps(values))
+    config = resolve_draft_config(ModelConfig(draft_config=str(path), draft_vocab_size=32), target.config)
+    assert config.draft_vocab_size == 32 and config.is_vocab_pruned
+    with pytest.raises(ConfigError, match=r"model.draft_config .*nope.json does not exist"):
+        resolve_draft_config(ModelConfig(draft_config=str(tmp_path / "nope.json")), target.config)
+    path.write_text("{\n  'bad'")
+    with pytest.raises(ConfigError, match=r"draft.json:2: invalid JSON"):
+        resolve_draft_config(ModelConfig(draft_config=str(path)), target.config)
+    with pytest.raises(ConfigError, match="draft_vocab_size .* exceeds vocab_size"):
+        resolve_draft_config(ModelConfig(draft_vocab_size=VOCAB + 1), target.config)
+
+
+def test_embedding_is_the_targets_and_frozen(target):
+    draft = build_draft(resolve_draft_config(ModelConfig(), target.config), target)
+    assert torch.equal(draft.embed_tokens.weight, target.embed_tokens_weight)
+    assert not draft.embed_tokens.weight.requires_grad
+    with pytest.raises(ValueError, match="needs a vocab mapping"):
+        build_draft(resolve_draft_config(ModelConfig(draft_vocab_size=10), target.config), target)
+
+
+def test_mismatches_with_the_target_are_one_line_errors(target):
+    base = draft_config_from_target(target.config)
+    wide = LlamaEagle3Config.from_dict({**base, "target_hidden_size": 128})
+    with pytest.raises(ConfigError, match="target_hidden_size=128 but the target's hidden_size is 64; set target_hidden_size to 64"):
+        check_draft_against_target(wide, target, FakeTokenizer(VOCAB), "d.json")
+    other_vocab = LlamaEagle3Config.from_dict({**base, "vocab_size": 200, "draft_vocab_size": 200})
+    with pytest.raises(ConfigError, match=f"vocab_size=200 but the target's lm_head has {VOCAB} rows"):
+        check_draft_against_target(other_vocab, target, FakeTokenizer(VOCAB), "d.json")
+    good = LlamaEagle3Config.from_dict(base)
+    with pytest.raises(ConfigError, match=f"tokenizer has {VOCAB + 5} tokens but the target's vocabulary has {VOCAB}"):
+        check_draft_against_target(good, target, FakeTokenizer(VOCAB + 5), "d.json")
+    check_draft_against_target(good, target, FakeTokenizer(VOCAB - 10), "d.json")  # padded target vocab: fine

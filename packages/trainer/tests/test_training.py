@@ -1,0 +1,128 @@
+"""Integration: short CPU runs of the whole online loop on a tiny target."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from torchspec.trainer.checkpoint import find_latest, list_checkpoints
+from torchspec.trainer.config import ConfigError, load_config
+from torchspec.trainer.trainer import train
+
+from trainer_test_helpers import read_metrics, small_overrides
+
+
+def run(assets, output_dir, callback=None, **extra):
+    return train(load_config(None, small_overrides(assets, output_dir, **extra)), step_callback=callback)
+
+
+@pytest.fixture(scope="module")
+def reference_run(assets, tmp_path_factory):
+    """8 uninterrupted steps, checkpoints every 2."""
+    output_dir = tmp_path_factory.mktemp("reference")
+    result = run(assets, output_dir, **{"training.save_interval": 2})
+    return output_dir, result
+
+
+def test_loss_falls_and_accuracy_rises(assets, tmp_path):
+    result = run(assets, tmp_path, **{"training.max_steps": 24, "training.eval_interval": 12})
+    losses = [r["loss"] for r in result.train_history]
+    accuracy = [r["acc"] for r in result.train_history]
+    assert sum(losses[-4:]) / 4 < 0.75 * sum(losses[:4]) / 4
+    assert sum(accuracy[-4:]) / 4 > sum(accuracy[:4]) / 4 + 0.1
+    evals = read_metrics(tmp_path, "eval")
+    assert sorted(evals) == [12, 24] and evals[24]["loss"] < evals[12]["loss"]
+
+
+def test_run_outputs(reference_run):
+    output_dir, result = reference_run
+    assert result.steps == 8 and result.checkpoint == output_dir / "iter_0000008" == find_latest(output_dir)
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2, 4, 6, 8]
+    checkpoint = result.checkpoint
+    for name in ("config.json", "aux_layers.json", "training_config.yaml", "trainer_state.json", "rng_state_rank0.pt"):
+        assert (checkpoint / name).is_file(), name
+    assert json.loads((checkpoint / "aux_layers.json").read_text()) == {"aux_layer_ids": [2, 3, 4], "num_target_layers": 7}
+    assert json.loads((checkpoint / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
+    resolved = yaml.safe_load((output_dir / "training_config.yaml").read_text())
+    assert resolved["training"]["max_steps"] == 8 and resolved["model"]["aux_layer_ids"] is None
+    assert load_config(output_dir / "training_config.yaml") == load_config(checkpoint / "training_config.yaml")
+
+    records = read_metrics(output_dir)
+    assert sorted(records) == list(range(1, 9))
+    first = records[1]
+    for key in ("loss", "loss_per_position", "acc_per_position", "cond_acc_per_position", "acceptance_length",
+                "tokens_per_s", "target_time_share", "lr", "grad_norm"):
+        assert key in first, key
+    assert len(first["acc_per_position"]) == 3 and 0 < first["target_time_share"] < 1
+    assert first["lr"] == pytest.approx(3e-3 * 1 / 1)  # warmup_ratio 0.1 of 8 steps rounds to 1 step
+    best = json.loads((output_dir / "best.json").read_text())
+    assert best["checkpoint"] in {"iter_0000004", "iter_0000008"}
+
+
+def test_interrupted_and_resumed_run_repeats_the_losses_bitwise(assets, reference_run, tmp_path):
+    reference_dir, _ = reference_run
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_5(step, record):
+        if step == 5:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(assets, tmp_path, stop_at_5, **{"training.save_interval": 2})
+    assert find_latest(tmp_path).name == "iter_0000004"
+    resumed = run(assets, tmp_path, **{"training.save_interval": 2, "training.resume": "auto"})
+    assert [r["step"] for r in resumed.train_history] == [5, 6, 7, 8]
+
+    expected, got = read_metrics(reference_dir), read_metrics(tmp_path)
+    for step in range(1, 9):
+        for key in ("loss", "loss_per_position", "acc_per_position", "grad_norm", "lr"):
+            assert got[step][key] == expected[step][key], (step, key)
+    # The final weights are the same bits too.
+    from torchspec.converter.checkpoint import TrainingCheckpoint
+
+    a, b = TrainingCheckpoint.open(reference_dir / "iter_0000008"), TrainingCheckpoint.open(tmp_path / "iter_0000008")
+    for name in a.weight_names():
+        assert torch.equal(a.load_tensor(name), b.load_tensor(name)), name
+
+
+def test_continual_training_takes_weights_only(assets, reference_run, tmp_path):
+    reference_dir, _ = reference_run
+    fresh = read_metrics(reference_dir)[1]
+    result = run(assets, tmp_path, **{"training.continual_training": str(reference_dir), "training.eval_interval": 0})
+    continued = result.train_history[0]
+    assert continued["loss"] < 0.9 * fresh["loss"]  # starts from trained weights
+    assert continued["lr"] == fresh["lr"]  # but the schedule starts over
+
+
+def test_pruned_vocabulary_run_exports(assets, tmp_path):
+    converter = pytest.importorskip("torchspec.converter")
+    from torchspec.data import VocabMapping
+
+    result = run(assets, tmp_path, **{"model.draft_vocab_size": 512, "training.max_steps": 2})
+    mapping = VocabMapping.load(result.checkpoint / "vocab_mapping.safetensors")
+    assert mapping.draft_vocab_size == 512
+    assert all(len(r["counted_positions"]) == 3 for r in result.train_history)
+    exported = converter.export_checkpoint(tmp_path, tmp_path / "served")
+    assert exported.draft_vocab_size == 512 and not [f for f in exported.findings if f.level == "error"]
+
+
+def test_mla_draft_trains(assets, tmp_path):
+    result = run(assets, tmp_path, **{"model.draft_architecture": "mla", "training.max_steps": 6, "training.eval_interval": 0})
+    config = json.loads((result.checkpoint / "config.json").read_text())
+    assert config["architectures"] == ["Eagle3DeepseekV2ForCausalLM"]
+    assert result.train_history[-1]["loss"] < result.train_history[0]["loss"]
+
+
+def test_continuing_with_another_draft_shape_is_a_config_error(assets, reference_run, tmp_path):
+    reference_dir, _ = reference_run
+    with pytest.raises(ConfigError, match="the checkpoint's draft has architectures=.*LlamaForCausalLMEagle3"):
+        run(assets, tmp_path, **{"training.continual_training": str(reference_dir), "model.draft_architecture": "mla"})
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(assets, reference_run):
+    reference_dir, _ = reference_run
+    with pytest.raises(ConfigError, match="already holds checkpoints; set training.resume=auto"):
+        run(assets, reference_dir)

@@ -1,0 +1,105 @@
+"""Small models and datasets for the trainer tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 96
+
+
+def tiny_qwen3(num_layers: int = 8, vocab: int = VOCAB, hidden: int = 64, seed: int = 0, tie: bool = False):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def save_tiny_qwen3(directory: Path, **kwargs) -> Path:
+    model = tiny_qwen3(**kwargs)
+    model.save_pretrained(directory)
+    return Path(directory)
+
+
+def token_dataset(lengths: list[int], vocab: int = VOCAB, seed: int = 0) -> list[dict]:
+    """Samples with distinct content: sample i starts with token i % vocab (tests identify samples by it)."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for index, length in enumerate(lengths):
+        ids = torch.randint(0, vocab, (length,), generator=generator)
+        ids[0] = index
+        mask = (torch.arange(length) >= length // 3).long()
+        samples.append({"input_ids": ids.tolist(), "loss_mask": mask.tolist(), "index": index})
+    return samples
+
+
+# --- integration runs ------------------------------------------------------------------------------
+
+SMALL_TARGET = {"hidden_size": 64, "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 16, "intermediate_size": 128, "max_seq_length": 128, "train_steps": 120, "batch_size": 16}
+
+
+def build_small_assets(root: Path) -> dict:
+    """A briefly trained tiny target (through the same builder as the default one) and a short
+    conversation file, under ``root``."""
+    import json
+
+    from torchspec.data import sample_conversations_path
+    from torchspec.trainer.default_assets import TinyTargetRecipe, ensure_default_target
+
+    target = ensure_default_target(root / "targets", TinyTargetRecipe(**SMALL_TARGET))
+    conversations = root / "conversations.jsonl"
+    lines = sample_conversations_path().read_text().splitlines()[:56]
+    conversations.write_text("\n".join(lines) + "\n")
+    bad = root / "broken.jsonl"
+    bad.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n' + "not json\n")
+    return {"target": str(target), "train_path": str(conversations), "cache_dir": str(root / "data_cache"),
+            "broken": str(bad), "lines": [json.loads(line) for line in lines]}
+
+
+def small_overrides(assets: dict, output_dir: Path, **extra) -> list[str]:
+    values = {
+        "model.target_model_path": assets["target"],
+        "data.train_path": assets["train_path"],
+        "data.cache_dir": assets["cache_dir"],
+        "data.max_seq_length": 96,
+        "data.eval_split": 0.15,
+        "training.output_dir": str(output_dir),
+        "training.device": "cpu",
+        "training.micro_batch_size": 2,
+        "training.global_batch_size": 8,
+        "training.max_steps": 8,
+        "training.ttt_length": 3,
+        "training.learning_rate": 3e-3,
+        "training.warmup_ratio": 0.1,
+        "training.eval_interval": 4,
+        "training.log_interval": 4,
+        "training.progress_bar": False,
+        "training.keep_last": None,
+    }
+    values.update(extra)
+    return [f"{key}={'null' if value is None else value}" for key, value in values.items()]
+
+
+def read_metrics(output_dir: Path, split: str = "train") -> dict[int, dict]:
+    """Metrics records by step (a resumed run's later record of a step wins)."""
+    import json
+
+    records = {}
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == split:
+            records[record["step"]] = record
+    return records
