@@ -1,0 +1,52 @@
+"""Shared steps of the end-to-end tests: train on the embedded default, export, decode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from torchspec.converter import export_checkpoint
+from torchspec.data import sample_conversations_path
+from torchspec.trainer.config import load_config
+from torchspec.trainer.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"llama": REPO / "configs" / "default_llama.yaml", "mla": REPO / "configs" / "default_mla.yaml"}
+SAMPLES = str(sample_conversations_path())
+
+# Small enough for CI on 2 cores, long enough for the draft to learn the tiny target.
+FAST = ["data.max_seq_length=256", "training.progress_bar=false", "training.log_interval=1000",
+        "training.eval_interval=0", "training.tensorboard=false"]
+
+
+def train_default(arch: str, output_dir: Path, steps: int, *overrides: str, step_callback=None):
+    config = load_config(CONFIGS[arch], [*FAST, f"training.output_dir={output_dir}", f"training.max_steps={steps}", *overrides])
+    return train(config, step_callback=step_callback)
+
+
+def untrained_draft(arch: str, target_dir: Path, out: Path, *overrides: str) -> Path:
+    """The draft a run would start from (same config, same seed), exported without training."""
+    from torchspec.trainer.draft import build_draft, resolve_draft_config
+    from torchspec.trainer.target import TargetModel
+
+    config = load_config(CONFIGS[arch], [*FAST, *overrides])
+    target = TargetModel.from_pretrained(target_dir)
+    torch.manual_seed(config.training.seed)
+    build_draft(resolve_draft_config(config.model, target.config), target).save_pretrained(out, include_embeddings=False)
+    return out
+
+
+def export(run_dir: Path, out: Path, **kwargs) -> Path:
+    return export_checkpoint(run_dir, out, force=True, **kwargs).output
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
