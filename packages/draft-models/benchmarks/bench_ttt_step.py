@@ -56,7 +56,8 @@ def run_one(kind: str, args) -> dict:
     dtype = getattr(torch, args.dtype)
     draft = AutoEagle3DraftModel.from_config(_configs(args.hidden, args.vocab)[kind]).to(dtype)
     draft.freeze_embedding()
-    model = Eagle3Model(draft, length=args.length, attention_backend="sdpa")
+    model = Eagle3Model(draft, length=args.length, attention_backend="sdpa", recompute_mlp=not args.keep_mlp_activations,
+                        **({"loss_chunk_elements": args.loss_chunk_elements} if args.loss_chunk_elements else {}))
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-5)
     B, T = args.batch, args.seq
     batch = dict(
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--naive", action="store_true", help="per-step full logits (the obvious implementation)")
+    parser.add_argument("--loss-chunk-elements", type=int, help="elements of one [rows, vocab] loss chunk")
+    parser.add_argument("--keep-mlp-activations", action="store_true", help="do not recompute the MLP in backward")
     parser.add_argument("--keep-malloc-defaults", action="store_true", help="do not pin glibc's mmap threshold")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
