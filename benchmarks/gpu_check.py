@@ -37,8 +37,8 @@ def _batch(hidden: int, vocab: int, seq: int, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     batch = dict(
         input_ids=torch.randint(0, vocab, (1, seq), device="cuda", generator=g),
-        hidden_states=torch.randn(1, seq, 3 * hidden, device="cuda", generator=g, dtype=dtype),
-        target_hidden=torch.randn(1, seq, hidden, device="cuda", generator=g, dtype=dtype),
+        hidden_states=torch.randn(1, seq, 3 * hidden, device="cuda", generator=g).to(dtype),
+        target_hidden=torch.randn(1, seq, hidden, device="cuda", generator=g).to(dtype),
         target_head_weight=(torch.randn(vocab, hidden, device="cuda", generator=g) * 0.02).to(dtype),
     )
     batch["loss_mask"] = step0_loss_mask(torch.ones(1, seq, dtype=torch.long, device="cuda"))
