@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from torchspec.draft_models import default_aux_layer_ids
+from torchspec.draft_models.aux_layers import validate_aux_layer_ids
 from torchspec.trainer.config import ConfigError
 
 __all__ = ["TargetModel", "TargetOutput"]
@@ -109,16 +110,10 @@ class TargetModel:
     def validate_aux_layer_ids(self, aux_layer_ids: list[int] | None) -> list[int]:
         if aux_layer_ids is None:
             return self.default_aux_layer_ids()
-        ids = [int(i) for i in aux_layer_ids]
-        if len(ids) != 3:
-            raise ConfigError(f"model.aux_layer_ids must list 3 layers (low, mid, high), got {ids}")
-        bad = [i for i in ids if not 0 <= i < self.num_layers]
-        if bad:
-            raise ConfigError(
-                f"model.aux_layer_ids {ids} has ids outside the target's {self.num_layers} layers; "
-                f"use ids in [0, {self.num_layers - 1}] (default {self.default_aux_layer_ids()})"
-            )
-        return ids
+        try:
+            return validate_aux_layer_ids(aux_layer_ids, self.num_layers, source="model.aux_layer_ids")
+        except ValueError as err:
+            raise ConfigError(f"{err} (default {self.default_aux_layer_ids()})") from None
 
     # --- weights the draft needs ----------------------------------------------------------------
 
