@@ -126,3 +126,18 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(assets, reference_ru
     reference_dir, _ = reference_run
     with pytest.raises(ConfigError, match="already holds checkpoints; set training.resume=auto"):
         run(assets, reference_dir)
+
+
+@pytest.mark.parametrize("draft_vocab_size", [None, 300])
+def test_speculative_evaluation_at_the_end_of_training(assets, tmp_path, draft_vocab_size):
+    """The gathered draft decodes held-out prompts for real: output identical to the target's own
+    greedy decoding, acceptance reported with the bonus token, a JSON record in output_dir."""
+    extra = {"training.speculative_eval_prompts": 2, "training.max_steps": 2}
+    if draft_vocab_size:
+        extra["model.draft_vocab_size"] = draft_vocab_size
+    result = run(assets, tmp_path, **extra)
+    record = result.speculative_eval
+    assert record is not None and record["num_prompts"] == 2
+    assert record["identical_to_target"] is True
+    assert 1.0 <= record["acceptance_length"] <= 1 + record["num_draft_tokens"]
+    assert json.loads((tmp_path / "speculative_eval.json").read_text())["step"] == 2

@@ -88,6 +88,7 @@ def small_overrides(assets: dict, output_dir: Path, **extra) -> list[str]:
         "training.log_interval": 4,
         "training.progress_bar": False,
         "training.keep_last": None,
+        "training.speculative_eval_prompts": 0,
     }
     values.update(extra)
     return [f"{key}={'null' if value is None else value}" for key, value in values.items()]

@@ -115,6 +115,8 @@ class TrainingConfig:
     # Steps between evaluations (0 = only at the end).
     eval_interval: int = 40
     log_interval: int = 10
+    # After training, real speculative decoding of this many held-out prompts (0 = off).
+    speculative_eval_prompts: int = 8
     # null, "auto" (latest complete checkpoint in output_dir) or a checkpoint folder.
     resume: str | None = None
     # A checkpoint whose draft weights start a new run (optimizer, schedule and data start fresh).
@@ -331,7 +333,7 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
         positive("training", name, getattr(t, name))
     for name in ("max_steps", "keep_last"):
         positive("training", name, getattr(t, name))
-    for name in ("save_interval", "eval_interval", "weight_decay", "warmup_steps"):
+    for name in ("save_interval", "eval_interval", "weight_decay", "warmup_steps", "speculative_eval_prompts"):
         positive("training", name, getattr(t, name), allow_zero=True)
     positive("training", "learning_rate", t.learning_rate)
     positive("training", "max_grad_norm", t.max_grad_norm)

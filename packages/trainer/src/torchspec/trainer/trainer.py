@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class TrainResult:
     steps: int
     train_history: list[dict[str, Any]] = field(default_factory=list)  # this process's step records
     eval_metrics: dict[str, Any] | None = None
+    speculative_eval: dict[str, Any] | None = None  # real decoding of held-out prompts (main rank)
 
 
 def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
@@ -92,6 +93,7 @@ class Trainer:
         tokenizer = _load_tokenizer(m.tokenizer_path or target_path, m.trust_remote_code)
         data = load_training_data(config.data, tokenizer, t.seed, ctx.is_main)
         _log(ctx, f"data: {data.summary}")
+        self.eval_dataset, self.eos_token_id = data.eval, tokenizer.eos_token_id
 
         # The draft, checked against the target, wrapped for TTT and sharded.
         self.draft_config = resolve_draft_config(m, self.target.config)
@@ -214,9 +216,37 @@ class Trainer:
         if sink is not None:
             sink.close()
         checkpoint = checkpoint or find_latest(self.output_dir)
+        speculative = self.speculative_evaluation() if t.speculative_eval_prompts else None
         _log(ctx, f"checkpoint: {checkpoint}")
         _log(ctx, f"export it for SGLang/vLLM: hatch run converter:export --input {self.output_dir}")
-        return TrainResult(self.output_dir, checkpoint, self.step, history, eval_metrics)
+        return TrainResult(self.output_dir, checkpoint, self.step, history, eval_metrics, speculative)
+
+    def speculative_evaluation(self) -> dict[str, Any] | None:
+        """Real speculative decoding of held-out prompts with the trained draft (main rank; the
+        full draft weights are gathered from every rank first)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from torchspec.draft_models import AutoEagle3DraftModel
+        from torchspec.trainer.evaluate import evaluate_prompts, prompts_from_tokenized
+
+        t, ctx = self.config.training, self.ctx
+        if self.eval_dataset is None or len(self.eval_dataset) == 0 or t.shard_target:
+            _log(ctx, "speculative eval skipped: it needs a held-out split and an unsharded target")
+            return None
+        state = get_model_state_dict(self.draft, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not ctx.is_main:
+            return None
+        draft = AutoEagle3DraftModel.from_config(self.draft_config)
+        draft.load_state_dict(state)
+        target = self.target.model
+        draft = draft.to(device=ctx.device, dtype=next(target.parameters()).dtype)
+        prompts = prompts_from_tokenized(self.eval_dataset, t.speculative_eval_prompts)
+        result = evaluate_prompts(draft, target, prompts, eos_token_id=self.eos_token_id,
+                                  draft_name=str(self.output_dir), target_name=self.config.model.target_model_path)
+        _log(ctx, "speculative decoding on held-out prompts (acceptance length counts the bonus token)\n" + result.table())
+        record = {**asdict(result), "speedup": result.speedup, "step": self.step}
+        (self.output_dir / "speculative_eval.json").write_text(json.dumps(record, indent=2) + "\n")
+        return record
 
     def _target_pass(self, batch: MicroBatch):
         """The target's outputs for ``batch``, the step-0 loss mask, and (pruned vocab) which
