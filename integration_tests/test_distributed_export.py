@@ -1,4 +1,5 @@
-"""Two-process FSDP2 training (torchrun, gloo on CPU) feeds the same export path as one process."""
+"""Two-process FSDP2 training (torchrun, gloo on CPU) feeds the same export path as one process:
+the exported weights equal the one-process run's (which vLLM serves, test_engine.py)."""
 
 import os
 import subprocess
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from e2e_helpers import CONFIGS, FAST, export, load_weights, train_default
-from torchspec.converter import check_serving_folder
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,6 @@ def test_two_process_training_exports_the_one_process_weights(tmp_path):
 
     two = export(tmp_path / "two", tmp_path / "two_hf")
     one = export(tmp_path / "one", tmp_path / "one_hf")
-    assert check_serving_folder(two) == []
     a, b = load_weights(one), load_weights(two)
     assert a.keys() == b.keys()
     for key in a:

@@ -8,22 +8,19 @@ length is 1.0 (only the bonus token is ever accepted). Acceptance length counts 
 import pytest
 import torch
 
-from e2e_helpers import SAMPLES, export, load_weights, read_config, train_default, untrained_draft
-from torchspec.converter import check_serving_folder
+from e2e_helpers import PRUNED_ALT_AUX, SAMPLES, export, load_weights, read_config, train_default, untrained_draft
 from torchspec.converter.cli import main as converter_main
 from torchspec.draft_models import AutoEagle3DraftModel
-from torchspec.trainer.default_assets import ensure_default_target
 from torchspec.trainer.evaluate import evaluate_draft
 
 pytestmark = pytest.mark.slow
 
-STEPS = 120
 PROMPTS, NEW_TOKENS = 6, 48
 
 
 @pytest.fixture(scope="module")
-def target():
-    return ensure_default_target()
+def target(default_target):
+    return default_target
 
 
 def _evaluate(draft_dir, target):
@@ -31,16 +28,16 @@ def _evaluate(draft_dir, target):
 
 
 @pytest.fixture(scope="module", params=["llama", "mla"])
-def trained(request, target, tmp_path_factory):
+def trained(request, target, trained_run, tmp_path_factory):
     arch = request.param
+    run = trained_run(arch)
     root = tmp_path_factory.mktemp(f"e2e-{arch}")
-    result = train_default(arch, root / "run", STEPS)
-    return dict(arch=arch, root=root, run=root / "run", result=result,
-                untrained=untrained_draft(arch, target, root / "untrained_hf"), exported=export(root / "run", root / "run_hf"))
+    return dict(arch=arch, root=root, run=run,
+                untrained=untrained_draft(arch, target, root / "untrained_hf"), exported=export(run, root / "run_hf"))
 
 
 def test_trained_draft_is_accepted_far_more_than_an_untrained_one(trained, target):
-    assert check_serving_folder(trained["exported"]) == []
+    # That vLLM loads and serves these exports is tested in test_engine.py, by vLLM.
     draft = AutoEagle3DraftModel.from_pretrained(trained["exported"])
     assert draft.config.architectures[0] == ("LlamaForCausalLMEagle3" if trained["arch"] == "llama" else "Eagle3DeepseekV2ForCausalLM")
     before, after = _evaluate(trained["untrained"], target), _evaluate(trained["exported"], target)
@@ -67,9 +64,8 @@ def test_post_training_pruning_keeps_acceptance(trained, target, tmp_path):
     assert pruned.acceptance_length > full.acceptance_length - 0.2, (full.acceptance_length, pruned.acceptance_length)
 
 
-def test_train_time_vocab_pruning(target, tmp_path):
-    run = train_default("llama", tmp_path / "run", STEPS, "model.draft_vocab_size=600")
-    exported = export(run.output_dir, tmp_path / "hf")
+def test_train_time_vocab_pruning(target, trained_run, tmp_path):
+    exported = export(trained_run("llama", *PRUNED_ALT_AUX), tmp_path / "hf")
     config, weights = read_config(exported), load_weights(exported)
     assert config["draft_vocab_size"] == 600 and weights["d2t"].dtype == torch.int64
     assert weights["lm_head.weight"].shape[0] == 600

@@ -37,7 +37,7 @@ def test_round_trip_gives_the_trained_outputs(tmp_path, kind, draft_vocab):
     if kind == "llama":
         assert config["head_dim"] == 12
     else:
-        assert config["kv_lora_rank"] == 8 and config["q_lora_rank"] is None
+        assert config["kv_lora_rank"] == 8 and config["q_lora_rank"] == 16
     keys = _keys(result.output)
     assert ("d2t" in keys) == (draft_vocab < VOCAB)
     assert "lm_head.weight" in keys and not any(k.startswith("model.") for k in keys)

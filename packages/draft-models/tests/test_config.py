@@ -29,7 +29,7 @@ BASE = dict(hidden_size=32, vocab_size=100, num_attention_heads=4, intermediate_
     ],
 )
 def test_architecture_names_dispatch_to_their_draft(architecture, config_class, model_class):
-    extra = {} if config_class is LlamaEagle3Config else dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, q_lora_rank=None)
+    extra = {} if config_class is LlamaEagle3Config else dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, q_lora_rank=16)
     config = AutoDraftModelConfig.from_dict({"architectures": [architecture], **BASE, **extra})
     assert type(config) is config_class
     assert type(AutoEagle3DraftModel.from_config(config)) is model_class
@@ -123,3 +123,64 @@ def test_qwen3_8b_llama_parameter_count_matches_its_formula():
     attention = 2 * h * (32 * 128) + 2 * (2 * h * 8 * 128) + 32 * 128 * h
     expected = 3 * h * h + attention + 3 * h * i + 4 * h + v * h + dv * h
     assert _count(config) == expected
+
+
+LLAMA = {"architectures": ["LlamaForCausalLMEagle3"], **BASE}
+MLA = {"architectures": ["Eagle3DeepseekV2ForCausalLM"], **BASE, "q_lora_rank": 16, "kv_lora_rank": 8,
+       "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        # q/k/v biases: SGLang's EAGLE-3 layer has none, vLLM's adds an o_proj bias.
+        ({**LLAMA, "attention_bias": True}, ["attention_bias", "SGLang", "vLLM", "set attention_bias to false"]),
+        # Llama YaRN: vLLM applies mscale/mscale_all_dim and attention_factor, SGLang does not.
+        ({**LLAMA, "rope_scaling": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}, ["rope_scaling.mscale:", "SGLang", "vLLM", "remove it"]),
+        ({**LLAMA, "rope_scaling": {**YARN, "mscale_all_dim": 1.0}}, ["rope_scaling.mscale_all_dim:", "SGLang", "remove it"]),
+        ({**LLAMA, "rope_scaling": {**YARN, "attention_factor": 1.2}}, ["rope_scaling.attention_factor:", "SGLang", "remove it"]),
+        ({**LLAMA, "rope_scaling": {**YARN, "attn_factor": 1.2}}, ["rope_scaling.attn_factor:", "vLLM", "remove it"]),
+        ({**LLAMA, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, ["'dynamic'", "vLLM", "SGLang", "use one of: linear, llama3, yarn"]),
+        ({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ["low_freq_factor", "vLLM", "add it"]),
+        ({**LLAMA, "rope_scaling": {**YARN, "partial_rotary_factor": 0.5}}, ["rope_scaling.partial_rotary_factor:", "vLLM", "remove it"]),
+        ({**LLAMA, "partial_rotary_factor": 0.5}, ["partial_rotary_factor:", "vLLM", "remove it"]),
+        ({**LLAMA, "rope_scaling": {**YARN, "rope_theta": 5e5}, "rope_theta": 1e4}, ["rope_scaling.rope_theta", "keep one"]),
+        ({**LLAMA, "bias": True}, ["bias: True", "SGLang", "remove it"]),
+        ({**LLAMA, "norm_before_residual": True}, ["norm_before_residual", "vLLM", "remove it"]),
+        # MLA: both engines run any rope_scaling as DeepSeek YaRN.
+        ({**MLA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["'linear'", "DeepSeek YaRN", "use one of: yarn"]),
+        ({**MLA, "rope_scaling": LLAMA3}, ["'llama3'", "DeepSeek YaRN", "use one of: yarn"]),
+        ({**MLA, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, ["'dynamic'", "DeepSeek YaRN", "use one of: yarn"]),
+        ({**MLA, "rope_scaling": {**YARN, "attention_factor": 1.0}}, ["rope_scaling.attention_factor:", "vLLM", "remove it"]),
+        ({**MLA, "rope_scaling": {**YARN, "attn_factor": 2.0}}, ["rope_scaling.attn_factor:", "SGLang", "remove it"]),
+        ({**MLA, "rope_scaling": {**YARN, "truncate": False}}, ["rope_scaling.truncate:", "always truncates", "remove it"]),
+        ({**MLA, "fc_norm": True}, ["fc_norm", "vLLM", "remove it"]),
+        # MLA without query compression: both engines fuse q_a_proj with kv_a_proj_with_mqa.
+        ({**MLA, "q_lora_rank": None}, ["q_lora_rank: null", "vLLM", "SGLang", "set q_lora_rank"]),
+        ({**LLAMA, "eagle_config": {"use_aux_hidden_state": True, "norm_before_fc": True}}, ["norm_before_fc", "vLLM", "remove it"]),
+    ],
+)
+def test_configs_the_engines_would_serve_differently_are_refused(values, expected):
+    with pytest.raises(DraftConfigError) as err:
+        AutoDraftModelConfig.from_dict(values)
+    message = str(err.value)
+    assert "\n" not in message
+    for part in expected:
+        assert part in message, (part, message)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {**LLAMA, "rope_scaling": {**YARN, "truncate": False}},
+        {**LLAMA, "rope_scaling": {**LLAMA3, "original_max_position_embeddings": 8192}},
+        {**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 1.0}},
+        {**LLAMA, "rope_parameters": {**YARN, "rope_theta": 5e5}},
+        {**LLAMA, "attention_bias": False, "bias": False},
+        {**MLA, "rope_scaling": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0, "truncate": True}},
+    ],
+)
+def test_configs_both_engines_serve_alike_load(values):
+    AutoEagle3DraftModel.from_config(AutoDraftModelConfig.from_dict(values))

@@ -137,19 +137,6 @@ def test_gradients_reach_every_trainable_parameter_and_not_the_frozen_embedding(
             assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-def test_mla_without_q_lora_uses_a_single_q_proj():
-    draft = build_draft("mla", q_lora_rank=None)
-    attn = draft.midlayer.self_attn
-    assert hasattr(attn, "q_proj") and not hasattr(attn, "q_a_proj")
-    assert attn.q_proj.weight.shape == (4 * (8 + 4), 2 * 32)
-    batch = make_batch()
-    out = Eagle3Model(draft, length=2)(batch["input_ids"], batch["hidden_states"], step0_loss_mask(batch["token_loss_mask"]),
-                                       batch["attention_mask"], target_hidden=batch["target_hidden"],
-                                       target_head_weight=batch["target_head_weight"])
-    out.total_loss().backward()
-    assert attn.q_proj.weight.grad.abs().sum() > 0
-
-
 def test_gradient_checkpointing_gives_identical_gradients(draft_kind):
     batch = make_batch()
     grads = []

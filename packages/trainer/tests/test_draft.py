@@ -1,10 +1,11 @@
 import json
+import math
 
 import pytest
 import torch
 
 from torchspec.data import VocabMapping
-from torchspec.draft_models import DeepseekEagle3Config, Eagle3Model, LlamaEagle3Config
+from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, Eagle3Model, LlamaEagle3Config
 from torchspec.trainer.config import ConfigError, ModelConfig
 from torchspec.trainer.draft import (
     build_draft,
@@ -91,3 +92,23 @@ def test_mismatches_with_the_target_are_one_line_errors(target):
     with pytest.raises(ConfigError, match=f"tokenizer has {VOCAB + 5} tokens but the target's vocabulary has {VOCAB}"):
         check_draft_against_target(good, target, FakeTokenizer(VOCAB + 5), "d.json")
     check_draft_against_target(good, target, FakeTokenizer(VOCAB - 10), "d.json")  # padded target vocab: fine
+
+
+def test_llama_draft_of_a_deepseek_target_drops_the_mscale_pair():
+    """SGLang's Llama YaRN ignores mscale/mscale_all_dim (vLLM's applies them): the generated Llama draft
+    leaves them out and so trains what both engines serve, cos/sin scaled by 0.1 * ln(factor) + 1."""
+    from transformers import DeepseekV3Config
+
+    yarn = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    target_config = DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                     num_key_value_heads=4, num_hidden_layers=4, max_position_embeddings=2560,
+                                     rope_scaling=dict(yarn))
+    config = resolve_draft_config(ModelConfig(), target_config)
+    assert isinstance(config, LlamaEagle3Config)
+    assert config.rope_scaling["factor"] == 40.0 and not {"mscale", "mscale_all_dim"} & set(config.rope_scaling)
+    rotary = AutoEagle3DraftModel.from_config(config).midlayer.self_attn.rotary
+    assert rotary.attention_factor == pytest.approx(0.1 * math.log(40.0) + 1.0)
+    # An MLA draft keeps DeepSeek's YaRN: both engines read the pair for it.
+    mla = resolve_draft_config(ModelConfig(draft_architecture="mla"), target_config)
+    assert mla.rope_scaling["mscale"] == mla.rope_scaling["mscale_all_dim"] == 1.0

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from torchspec.converter.errors import ConverterError
+from torchspec.draft_models.run_pointer import last_run, serving_folder
 
-DEFAULT_TRAINING_OUTPUT = Path("outputs/default_llama")
 COVERAGE_SIZES = (1000, 2000, 4000, 8000, 16000, 32000, 64000)
 
 
@@ -42,7 +42,7 @@ def _export(args) -> int:
     from torchspec.converter.export import export_checkpoint
     from torchspec.converter.vocab_pruning import restrict_counts_to_draft_vocab
 
-    source = args.input or DEFAULT_TRAINING_OUTPUT
+    source = args.input or last_run()
     checkpoint = TrainingCheckpoint.open(source)
     config = checkpoint.config
     if args.analyze_vocab:
@@ -73,7 +73,8 @@ def _export(args) -> int:
     elif args.draft_vocab_size is not None:
         raise ConverterError("--draft-vocab-size only applies with --prune-vocab")
     result = export_checkpoint(
-        checkpoint.path if args.input is None else args.input, args.output, args.dtype, args.include_embeddings,
+        checkpoint.path if args.input is None else args.input,
+        args.output or (serving_folder(source) if args.input is None else None), args.dtype, args.include_embeddings,
         args.target_model_path, args.force, new_ids,
     )
     for finding in result.findings:
@@ -86,6 +87,7 @@ def _export(args) -> int:
 def _check(args) -> int:
     from torchspec.converter.serving_contract import check_serving_folder
 
+    args.folder = args.folder or str(serving_folder(last_run()))
     findings = check_serving_folder(args.folder)
     for finding in findings:
         print(finding)
@@ -98,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchspec-converter")
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="checkpoint -> serving folder")
-    export.add_argument("--input", help=f"iter_XXXXXXX folder or training output_dir (default {DEFAULT_TRAINING_OUTPUT})")
-    export.add_argument("--output", help="output folder (default <input>_hf)")
-    export.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
+    export.add_argument("--input", help="iter_XXXXXXX folder or training output_dir (default: the last training run "
+                                        "started in this directory, else outputs/default_llama)")
+    export.add_argument("--output", help="output folder (default <input>_hf; without --input, <run>_hf)")
+    export.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                        help="weights dtype (default: the draft config's torch_dtype, i.e. the target's)")
     export.add_argument("--include-embeddings", action="store_true")
     export.add_argument("--target-model-path")
     export.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -113,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-seq-length", type=int, default=2048)
     export.set_defaults(run=_export)
     check = sub.add_parser("check", help="validate a serving folder")
-    check.add_argument("folder")
+    check.add_argument("folder", nargs="?", help="serving folder (default: the last training run's <output_dir>_hf)")
     check.set_defaults(run=_check)
     return parser
 

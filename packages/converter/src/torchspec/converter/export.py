@@ -20,7 +20,7 @@ import torch
 from torchspec.converter.checkpoint import TrainingCheckpoint
 from torchspec.converter.errors import ConverterError
 from torchspec.converter.safetensors_stream import TensorSpec, write_safetensors
-from torchspec.converter.serving_contract import Finding, check_serving_folder
+from torchspec.converter.serving_contract import Finding, check_serving_folder, unregistered_by
 from torchspec.converter.vocab_pruning import head_rows_for
 from torchspec.draft_models import LlamaEagle3Config, default_aux_layer_ids
 
@@ -70,6 +70,8 @@ def _serving_config(checkpoint: TrainingCheckpoint, draft_vocab_size: int, dtype
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if key in target and key not in config:
             config[key] = target[key]
+    if unregistered_by(config["architectures"][0]):  # an alias older versions wrote
+        config["architectures"] = [type(checkpoint.config).architecture]
     config.update(
         num_hidden_layers=1,
         draft_vocab_size=draft_vocab_size,
@@ -127,8 +129,9 @@ def export_checkpoint(
         head_rows = head_rows_for(new_draft_target_ids, config.vocab_size, old_d2t)
         draft_vocab_size = int(new_draft_target_ids.numel())
 
-    float_dtypes = [checkpoint.tensor_info(n)[1] for n in names if checkpoint.tensor_info(n)[1].is_floating_point]
-    out_dtype = DTYPES[dtype] if dtype else (float_dtypes[0] if float_dtypes else torch.float32)
+    # By default the dtype the draft config names: the serving dtype (the trainer writes the target's,
+    # which is what vLLM and SGLang run the draft in), not the float32 master weights.
+    out_dtype = DTYPES[dtype] if dtype else DTYPES.get(str(config.torch_dtype), torch.bfloat16)
 
     def from_checkpoint(name, rows=None):
         def produce():

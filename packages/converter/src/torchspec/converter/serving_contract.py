@@ -12,7 +12,12 @@ A serving folder holds ``config.json`` and ``model.safetensors``:
   vLLM reads top-level ``eagle_aux_hidden_state_layer_ids`` as "input to layer j". Both are absent
   when training used the default layers (the engines' defaults agree), else both are present and
   differ by one;
-* MLA drafts use ``model_type: deepseek_v2``: vLLM turns ``deepseek_v3`` configs into its MTP draft.
+* MLA drafts use ``model_type: deepseek_v2``: vLLM turns ``deepseek_v3`` configs into its MTP draft;
+* ``architectures`` is a name both engines register (``ENGINE_ARCHITECTURES``);
+* ``embed_tokens.weight`` is present when ``hidden_size != target_hidden_size``: both engines then keep
+  the draft's own table (and never the target's, whose width differs);
+* RoPE, biases and other keys the engines would serve differently from training are refused by the
+  draft config itself (``DraftConfigError``), so they show up here as config errors.
 """
 
 from __future__ import annotations
@@ -26,7 +31,19 @@ from safetensors import safe_open
 
 from torchspec.draft_models import AutoDraftModelConfig, AutoEagle3DraftModel, DraftConfigError, LlamaEagle3Config
 
-__all__ = ["Finding", "check_serving_folder"]
+__all__ = ["ENGINE_ARCHITECTURES", "Finding", "check_serving_folder", "unregistered_by"]
+
+# Draft architecture names each engine registers: vLLM 0.32 models/registry.py (EAGLEConfig keeps
+# names that end in Eagle3), SGLang's EntryClass in models/llama_eagle3.py and deepseek_eagle3.py.
+ENGINE_ARCHITECTURES = {
+    "SGLang": frozenset({"LlamaForCausalLMEagle3", "Eagle3DeepseekV2ForCausalLM", "Eagle3DeepseekV3ForCausalLM"}),
+    "vLLM": frozenset({"LlamaForCausalLMEagle3", "Eagle3DeepseekV2ForCausalLM", "Eagle3DeepseekV3ForCausalLM"}),
+}
+
+
+def unregistered_by(architecture: str) -> list[str]:
+    """The engines that cannot load a draft folder naming ``architecture``."""
+    return [engine for engine, names in ENGINE_ARCHITECTURES.items() if architecture not in names]
 
 
 @dataclass
@@ -68,6 +85,12 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
         error(f"{weights_path} is missing")
         return findings
 
+    missing_in = unregistered_by(config.architectures[0])
+    if missing_in:
+        error(
+            f"architectures {config.architectures} is not registered by {' or '.join(missing_in)}; set it to "
+            f"[{type(config).architecture!r}] (converter export writes that name)"
+        )
     for key in ("draft_vocab_size", "vocab_size", "torch_dtype"):
         if key not in raw:
             error(f"config.json lacks {key!r}")
@@ -102,6 +125,12 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
             error(f"keys carry a 'model.' prefix ({prefixed[0]}, ...); engines expect fc.weight, midlayer.*")
         if "lm_head.weight" not in keys:
             error("lm_head.weight is missing (engines need it, also for a full vocabulary)")
+        if "embed_tokens.weight" not in keys and config.hidden_size != config.target_hidden_size:
+            error(
+                f"embed_tokens.weight is missing but hidden_size ({config.hidden_size}) differs from target_hidden_size "
+                f"({config.target_hidden_size}): SGLang and vLLM cannot use the target's table and keep an "
+                "uninitialised one; export the draft's own embedding"
+            )
         optional = {"embed_tokens.weight", "t2d"}
         for key in sorted(set(expected) - keys - optional):
             if key != "lm_head.weight":

@@ -29,6 +29,26 @@ class DraftConfigError(ValueError):
     """A draft config that cannot describe a model; the message names the key and the fix."""
 
 
+# Keys that change what an engine serves but that the drafts here do not train, so a folder carrying
+# them would be served as another model than the one trained.
+_UNTRAINED_FLAGS = {
+    "bias": "SGLang and vLLM give o_proj (SGLang also fc) a bias",
+    "mlp_bias": "vLLM gives the MLP biases",
+    "norm_before_residual": "vLLM normalises the hidden state before the residual",
+    "norm_before_fc": "vLLM normalises the aux hidden states before fc",
+    "fc_norm": "vLLM normalises each aux hidden state before fc",
+    "norm_output": "vLLM feeds the normed hidden state back",
+}
+
+# rope_scaling keys any draft may carry when they hold the value every engine assumes anyway.
+_NEUTRAL_ROPE_VALUES = {"partial_rotary_factor": 1.0, "truncate": True}
+_PARTIAL_ROTARY = "vLLM rotates only that share of each head, SGLang and TorchSpec rotate all of it"
+_LLAMA_MSCALE_PAIR = (
+    "vLLM's Llama YaRN scales cos/sin by mscale/mscale_all_dim, SGLang's get_rope drops the pair in some releases "
+    "(0.1*ln(factor)+1), so no training matches both (a Llama draft generated from a DeepSeek-style target drops it)"
+)
+
+
 @dataclass
 class Eagle3DraftConfig:
     """Fields every EAGLE-3 draft has."""
@@ -52,6 +72,11 @@ class Eagle3DraftConfig:
 
     architecture: ClassVar[str] = ""
     default_model_type: ClassVar[str] = ""
+    # rope_scaling type -> the keys this draft's RoPE, vLLM's and SGLang's read the same way.
+    servable_rope_keys: ClassVar[dict[str, frozenset[str]]] = {}
+    # Why a type or key the engines serve differently is refused (type or key -> reason).
+    unservable_rope_types: ClassVar[dict[str, str]] = {}
+    unservable_rope_keys: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self):
         if self.draft_vocab_size is None:
@@ -79,6 +104,54 @@ class Eagle3DraftConfig:
             )
         if self.num_hidden_layers != 1:
             raise DraftConfigError(f"num_hidden_layers must be 1 for an EAGLE-3 draft, got {self.num_hidden_layers}")
+        eagle_config = self.extra.get("eagle_config") or {}
+        for key, served_as in _UNTRAINED_FLAGS.items():
+            value = self.extra.get(key) or eagle_config.get(key)  # vLLM reads eagle_config.norm_before_fc first
+            if value:
+                raise DraftConfigError(
+                    f"{key}: {value!r} is served ({served_as}) but TorchSpec trains without it; remove it"
+                )
+        if self.extra.get("partial_rotary_factor", 1.0) != 1.0:
+            raise DraftConfigError(f"partial_rotary_factor: {_PARTIAL_ROTARY}; remove it")
+        self._validate_rope_scaling()
+
+    @classmethod
+    def servable_rope_scaling(cls, rope_scaling: dict | None) -> dict | None:
+        """``rope_scaling`` (or transformers-5 ``rope_parameters``) without the keys this draft refuses
+        because the engines read them differently, for a draft generated from a target's RoPE (a
+        Llama draft of a DeepSeek target drops the mscale pair). Refused types stay refused."""
+        if not rope_scaling:
+            return rope_scaling
+        dropped = set(cls.unservable_rope_keys) | {"partial_rotary_factor"}
+        return {key: value for key, value in rope_scaling.items() if key not in dropped}
+
+    def _validate_rope_scaling(self) -> None:
+        """Refuse RoPE the engines would serve differently from training (or from each other)."""
+        if self.rope_scaling is None:
+            return
+        rope_type = self.rope_scaling["rope_type"]
+        if rope_type not in self.servable_rope_keys:
+            servable = ", ".join(self.servable_rope_keys) or "none"
+            raise DraftConfigError(
+                f"rope_scaling type {rope_type!r}: {self.unservable_rope_types.get(rope_type, 'not served alike')}; "
+                f"use one of: {servable}, or no rope_scaling"
+            )
+        for key, value in self.rope_scaling.items():
+            if key == "rope_type" or key in self.servable_rope_keys[rope_type]:
+                continue
+            if key in _NEUTRAL_ROPE_VALUES and value == _NEUTRAL_ROPE_VALUES[key]:
+                continue
+            if key == "rope_theta":
+                if float(value) != float(self.rope_theta):
+                    raise DraftConfigError(
+                        f"rope_scaling.rope_theta ({value}) differs from rope_theta ({self.rope_theta}): the engines "
+                        "use the former, TorchSpec the latter; keep one"
+                    )
+                continue
+            reason = _PARTIAL_ROTARY if key == "partial_rotary_factor" else self.unservable_rope_keys.get(
+                key, "TorchSpec, SGLang and vLLM do not all read it the same way"
+            )
+            raise DraftConfigError(f"rope_scaling.{key}: {reason}; remove it")
 
     @property
     def is_vocab_pruned(self) -> bool:
@@ -129,6 +202,21 @@ class LlamaEagle3Config(Eagle3DraftConfig):
 
     architecture: ClassVar[str] = "LlamaForCausalLMEagle3"
     default_model_type: ClassVar[str] = "llama"
+    servable_rope_keys: ClassVar[dict[str, frozenset[str]]] = {
+        "linear": frozenset({"factor"}),
+        "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
+        "yarn": frozenset({"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate"}),
+    }
+    unservable_rope_types: ClassVar[dict[str, str]] = {
+        "dynamic": "vLLM serves it as plain RoPE below max_position_embeddings, SGLang with a fixed NTK-scaled base",
+    }
+    unservable_rope_keys: ClassVar[dict[str, str]] = {
+        "mscale": _LLAMA_MSCALE_PAIR,
+        "mscale_all_dim": _LLAMA_MSCALE_PAIR,
+        "attention_factor": "vLLM's Llama YaRN scales cos/sin by it, SGLang's ignores it",
+        "attn_factor": "SGLang's YaRN scales cos/sin by it, vLLM's ignores it",
+        "extrapolation_factor": "SGLang's YaRN applies it, vLLM's ignores it",
+    }
 
     def _validate(self) -> None:
         if self.num_key_value_heads is None:
@@ -136,6 +224,18 @@ class LlamaEagle3Config(Eagle3DraftConfig):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super()._validate()
+        if self.attention_bias:
+            raise DraftConfigError(
+                "attention_bias: true cannot be served: SGLang's EAGLE-3 layer builds q/k/v without biases (it drops "
+                "them) and vLLM's adds an o_proj.bias this draft does not have; set attention_bias to false"
+            )
+        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "llama3":
+            for key in ("low_freq_factor", "high_freq_factor"):
+                if key not in self.rope_scaling:
+                    raise DraftConfigError(
+                        f"rope_scaling llama3 lacks {key} (vLLM reads it without a default); add it "
+                        "(Llama 3.1: low_freq_factor 1.0, high_freq_factor 4.0)"
+                    )
         if self.num_attention_heads % self.num_key_value_heads:
             raise DraftConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -149,7 +249,7 @@ class LlamaEagle3Config(Eagle3DraftConfig):
 class DeepseekEagle3Config(Eagle3DraftConfig):
     """DeepSeek multi-head latent attention (MLA) draft; fields as in transformers' DeepseekV3Config."""
 
-    q_lora_rank: int | None = 1536
+    q_lora_rank: int = 1536  # query compression; both engines require it (they fuse q_a_proj with kv_a_proj_with_mqa)
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
@@ -159,6 +259,23 @@ class DeepseekEagle3Config(Eagle3DraftConfig):
     architecture: ClassVar[str] = "Eagle3DeepseekV2ForCausalLM"
     # vLLM rewrites `deepseek_v3` configs into its MTP draft; `deepseek_v2` is left alone by both engines.
     default_model_type: ClassVar[str] = "deepseek_v2"
+    # Both engines turn any MLA rope_scaling into DeepSeek YaRN (`deepseek_yarn`).
+    servable_rope_keys: ClassVar[dict[str, frozenset[str]]] = {
+        "yarn": frozenset(
+            {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
+        ),
+    }
+    unservable_rope_types: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("linear", "dynamic", "llama3"),
+        "SGLang and vLLM run every MLA draft's rope_scaling as DeepSeek YaRN, so it would be served with other "
+        "frequencies than trained",
+    )
+    unservable_rope_keys: ClassVar[dict[str, str]] = {
+        "attention_factor": "the engines' DeepSeek YaRN ignores it (and vLLM drops the softmax mscale when it is 1.0)",
+        "attn_factor": "SGLang's DeepSeek YaRN scales cos/sin by it, vLLM's ignores it",
+        "extrapolation_factor": "SGLang's DeepSeek YaRN applies it, vLLM's ignores it",
+        "truncate": "the engines' DeepSeek YaRN always truncates the correction range",
+    }
 
     @property
     def qk_head_dim(self) -> int:
@@ -171,8 +288,13 @@ class DeepseekEagle3Config(Eagle3DraftConfig):
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise DraftConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise DraftConfigError(f"q_lora_rank must be positive or null, got {self.q_lora_rank!r}")
+        if self.q_lora_rank is None:
+            raise DraftConfigError(
+                "q_lora_rank: null cannot be served: vLLM's and SGLang's DeepSeek EAGLE-3 layers fuse q_a_proj with "
+                "kv_a_proj_with_mqa and have no uncompressed q_proj; set q_lora_rank (DeepSeek-V3: 1536 = 3 x kv_lora_rank)"
+            )
+        if not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0:
+            raise DraftConfigError(f"q_lora_rank must be a positive integer, got {self.q_lora_rank!r}")
         if self.qk_rope_head_dim % 2:
             raise DraftConfigError(f"qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
 
@@ -181,6 +303,8 @@ _CONFIG_CLASSES: dict[str, type[Eagle3DraftConfig]] = {
     "LlamaForCausalLMEagle3": LlamaEagle3Config,
     "Eagle3DeepseekV2ForCausalLM": DeepseekEagle3Config,
     "Eagle3DeepseekV3ForCausalLM": DeepseekEagle3Config,
+    # Written by older TorchSpec versions; neither engine registers it. Such folders still load here,
+    # `converter export` writes the class's own name and `converter check` reports it.
     "DeepSeekForCausalLMEagle3": DeepseekEagle3Config,
 }
 

@@ -1,12 +1,14 @@
 """DeepSeek MLA EAGLE-3 draft: multi-head latent attention as in DeepSeek-V2/V3.
 
-    q           = q_b_proj(q_a_layernorm(q_a_proj(x)))       (or q_proj(x) without q_lora_rank)
+    q           = q_b_proj(q_a_layernorm(q_a_proj(x)))
     latent, k_pe = split(kv_a_proj_with_mqa(x))              one rope key shared by all heads
     k_nope, v   = split(kv_b_proj(kv_a_layernorm(latent)))
     scores      = [q_nope, rope(q_pe)] . [k_nope, rope(k_pe)] * softmax_scale
 
-RoPE rotates interleaved pairs of the ``qk_rope_head_dim`` slice only. With YaRN the softmax scale
-is multiplied by ``mscale**2``, ``mscale = 0.1 * mscale_all_dim * ln(factor) + 1``.
+RoPE rotates interleaved pairs of the ``qk_rope_head_dim`` slice only. YaRN is DeepSeek's, as both
+engines run it for MLA drafts (``deepseek_yarn``): cos/sin carry ``m(mscale) / m(mscale_all_dim)``
+and the softmax scale ``m(mscale_all_dim)**2``, where ``m(x) = 0.1 * x * ln(factor) + 1`` and the
+keys default to ``mscale = 1``, ``mscale_all_dim = 0``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = ["DeepseekMLAttention", "Eagle3DeepseekV2ForCausalLM", "mla_softmax_sc
 
 
 def mla_softmax_scale(config: DeepseekEagle3Config) -> float:
+    """``qk_head_dim**-0.5``, times ``m(mscale_all_dim)**2`` under YaRN (vLLM's and SGLang's MLA scale)."""
     scale = config.qk_head_dim**-0.5
     scaling = config.rope_scaling
     if scaling is not None and scaling["rope_type"] == "yarn":
@@ -42,12 +45,9 @@ class DeepseekMLAttention(nn.Module):
         self.v_head_dim = config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         qk_head_dim = config.qk_head_dim
-        if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(in_features, self.num_heads * qk_head_dim, bias=False)
-        else:
-            self.q_a_proj = nn.Linear(in_features, config.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
+        self.q_a_proj = nn.Linear(in_features, config.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+        self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(in_features, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(
@@ -60,21 +60,17 @@ class DeepseekMLAttention(nn.Module):
             config.rope_scaling,
             config.max_position_embeddings,
             interleaved=True,
+            deepseek_yarn=True,
         )
         self.scale = mla_softmax_scale(config)
 
     def reset_rotary_buffers(self) -> None:
         self.rotary.reset_inv_freq()
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "q_proj"):
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-
     def forward(self, x, mask, position_ids, cache_keys, cache_values, use_cache):
         batch, seq_len, _ = x.shape
         heads = self.num_heads
-        query = self._query(x).view(batch, seq_len, heads, -1).transpose(1, 2)
+        query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(batch, seq_len, heads, -1).transpose(1, 2)
         q_nope, q_pe = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -94,6 +90,8 @@ class DeepseekMLAttention(nn.Module):
         return self.o_proj(out), cache_keys, cache_values
 
 
+# DeepSeekForCausalLMEagle3 (written by older TorchSpec versions, registered by neither engine) only
+# loads; the converter exports the engines' name.
 @register_draft_architecture("Eagle3DeepseekV2ForCausalLM", "Eagle3DeepseekV3ForCausalLM", "DeepSeekForCausalLMEagle3")
 class Eagle3DeepseekV2ForCausalLM(Eagle3DraftModel):
     config_class = DeepseekEagle3Config

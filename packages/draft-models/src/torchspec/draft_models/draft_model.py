@@ -52,6 +52,9 @@ class Eagle3DraftModel(nn.Module):
             self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
         else:
             self.d2t = self.t2d = None
+        # True once loaded from a folder that holds embed_tokens.weight; vLLM then serves the draft
+        # with that table (``has_own_embed_tokens``), otherwise with the target's.
+        self.has_own_embedding = False
 
     def _build_attention(self, config: Eagle3DraftConfig) -> nn.Module:
         raise NotImplementedError
@@ -178,6 +181,7 @@ class Eagle3DraftModel(nn.Module):
                     f"{source}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}"
                 )
         self.to_empty(device=device)
+        self.has_own_embedding = "embed_tokens.weight" in state
         with torch.no_grad():
             for key, value in self.state_dict().items():
                 if key in state:

@@ -20,10 +20,10 @@ class LlamaEagle3Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         in_features = 2 * config.hidden_size  # normed embedding and normed hidden state side by side
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(in_features, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=bias)
+        # No biases: LlamaEagle3Config refuses attention_bias, which SGLang and vLLM serve differently.
+        self.q_proj = nn.Linear(in_features, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rotary = RotaryEmbedding(
             self.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, interleaved=False

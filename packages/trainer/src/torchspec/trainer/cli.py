@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. training.learning_rate=5e-5")
     commands.add_parser("evaluate", help="real speculative decoding of an exported draft (see evaluate --help)",
                         add_help=False)
+    commands.add_parser("verify", help="serve the draft in vLLM beside the evaluator (see verify --help)",
+                        add_help=False)
     return parser
 
 
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from torchspec.trainer.evaluate import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if argv[:1] == ["verify"]:
+        from torchspec.trainer.verify import main as verify_main
+
+        return verify_main(argv[1:])
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -65,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         from torchspec.trainer.trainer import train
+
+        if os.environ.get("RANK", "0") == "0":  # `converter:export` etc. without a path then use this run
+            from torchspec.draft_models.run_pointer import record_last_run
+
+            record_last_run(config.training.output_dir)
 
         train(config)
     except (ConfigError, DataError, DraftConfigError) as err:

@@ -16,18 +16,31 @@ __all__ = ["build_draft", "check_draft_against_target", "draft_config_from_targe
 _ARCHITECTURES = {"llama": "LlamaForCausalLMEagle3", "mla": "Eagle3DeepseekV2ForCausalLM"}
 
 
-def _rope_fields(target_config) -> dict[str, Any]:
+def _rope_fields(target_config, architecture: str) -> dict[str, Any]:
+    """The target's RoPE, less the keys the engines would serve differently for this draft (a Llama
+    draft of a DeepSeek/Kimi target drops ``mscale``/``mscale_all_dim``, which SGLang's Llama YaRN ignores)."""
+    servable = AutoDraftModelConfig.config_class_for(_ARCHITECTURES[architecture]).servable_rope_scaling
     rope_parameters = getattr(target_config, "rope_parameters", None)
     if rope_parameters:  # transformers 5: theta and scaling in one dict
-        return {"rope_parameters": dict(rope_parameters)}
-    return {"rope_theta": getattr(target_config, "rope_theta", 10000.0), "rope_scaling": getattr(target_config, "rope_scaling", None)}
+        return {"rope_parameters": servable(dict(rope_parameters))}
+    rope_scaling = getattr(target_config, "rope_scaling", None)
+    return {"rope_theta": getattr(target_config, "rope_theta", 10000.0),
+            "rope_scaling": servable(dict(rope_scaling)) if rope_scaling else None}
+
+
+def _dtype_name(target_config) -> str:
+    """The target's weight dtype as config.json spells it (transformers 5 ``dtype``, 4 ``torch_dtype``)."""
+    dtype = getattr(target_config, "dtype", None) or getattr(target_config, "torch_dtype", None) or "bfloat16"
+    return str(dtype).removeprefix("torch.")
 
 
 def draft_config_from_target(target_config, architecture: str = "llama") -> dict[str, Any]:
     """A one-layer draft shaped like the target: same hidden size, heads, head_dim, vocab and RoPE.
 
-    The MLA draft has no query compression, ``kv_lora_rank = 4 * head_dim`` (DeepSeek-V3's 512 for
-    128-wide heads), ``qk_nope_head_dim = v_head_dim = head_dim`` and ``qk_rope_head_dim = head_dim / 2``.
+    The MLA draft has ``kv_lora_rank = 4 * head_dim`` and ``q_lora_rank = 3 * kv_lora_rank`` (DeepSeek-V3's
+    512 and 1536 for 128-wide heads; the query rank at most hidden_size), ``qk_nope_head_dim = v_head_dim =
+    head_dim`` and ``qk_rope_head_dim = head_dim / 2``. ``torch_dtype`` is the target's: engines run the
+    draft in the target's dtype, so that is the dtype the converter exports by default.
     """
     hidden = int(target_config.hidden_size)
     heads = int(target_config.num_attention_heads)
@@ -42,15 +55,15 @@ def draft_config_from_target(target_config, architecture: str = "llama") -> dict
         "max_position_embeddings": int(getattr(target_config, "max_position_embeddings", 2048)),
         "rms_norm_eps": float(getattr(target_config, "rms_norm_eps", 1e-6)),
         "num_hidden_layers": 1,
-        "torch_dtype": "bfloat16",
-        **_rope_fields(target_config),
+        "torch_dtype": _dtype_name(target_config),
+        **_rope_fields(target_config, architecture),
     }
     if architecture == "llama":
         values["num_key_value_heads"] = int(getattr(target_config, "num_key_value_heads", None) or heads)
         values["head_dim"] = head_dim
     else:
         values.update(
-            q_lora_rank=None,
+            q_lora_rank=min(3 * 4 * head_dim, hidden),
             kv_lora_rank=4 * head_dim,
             qk_nope_head_dim=head_dim,
             qk_rope_head_dim=max(2, head_dim // 2 // 2 * 2),

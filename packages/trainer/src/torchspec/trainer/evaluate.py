@@ -19,7 +19,16 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["EvaluationResult", "evaluate_draft", "main"]
+__all__ = [
+    "EvaluationResult",
+    "apply_defaults",
+    "evaluate_draft",
+    "evaluate_prompts",
+    "load_for_evaluation",
+    "main",
+    "prompts_from_conversations",
+    "prompts_from_tokenized",
+]
 
 
 @dataclass
@@ -35,6 +44,9 @@ class EvaluationResult:
     target_only_seconds: float
     identical_to_target: bool
     per_prompt_acceptance: list[float] = field(default_factory=list)
+    num_rounds: int = 0  # target verification rounds that carried a draft (vLLM: spec_decode_num_drafts)
+    num_accepted_tokens: int = 0  # accepted draft tokens, bonus tokens excluded
+    target_outputs: list[list[int]] = field(default_factory=list, repr=False)  # the target's own greedy tokens
 
     @property
     def speedup(self) -> float:
@@ -54,7 +66,8 @@ class EvaluationResult:
         return "\n".join(lines)
 
 
-def _prompts(data_path: str, tokenizer, prompt_key: str, limit: int) -> list[list[int]]:
+def prompts_from_conversations(data_path: str, tokenizer, prompt_key: str, limit: int) -> list[list[int]]:
+    """Token ids of each conversation up to its last assistant turn, with the generation prompt."""
     from torchspec.data import load_conversation_dataset
 
     dataset = load_conversation_dataset(data_path, prompt_key)
@@ -85,28 +98,63 @@ def evaluate_draft(
     num_draft_tokens: int = 4,
     prompt_key: str = "conversations",
 ) -> EvaluationResult:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from torchspec.draft_models import AutoEagle3DraftModel, SpeculativeGenerator, target_greedy_generate
+    draft, target = load_for_evaluation(draft_path, target_path)
+    tokenizer = AutoTokenizer.from_pretrained(target_path)
+    prompts = prompts_from_conversations(data_path, tokenizer, prompt_key, num_prompts)
+    return evaluate_prompts(draft, target, prompts, max_new_tokens, num_draft_tokens, tokenizer.eos_token_id,
+                            draft_name=str(draft_path), target_name=str(target_path))
+
+
+def load_for_evaluation(draft_path: str, target_path: str):
+    """``(draft, target)`` in float32, the draft with the embedding table a serving engine gives it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from torchspec.draft_models import AutoEagle3DraftModel
 
     for label, path in (("--draft", draft_path), ("--target", target_path)):
         if not (Path(path) / "config.json").is_file():
             raise ValueError(f"{label} {path}: no config.json there")
-    tokenizer = AutoTokenizer.from_pretrained(target_path)
     target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     draft = AutoEagle3DraftModel.from_pretrained(draft_path, dtype=torch.float32)
-    with torch.no_grad():  # serving engines take the embedding table from the target too
-        draft.load_embedding(target.get_input_embeddings().weight)
+    # vLLM serves a draft with the embed_tokens.weight its folder holds (SGLang too when the hidden
+    # sizes differ, the only case the converter exports one by default), else with the target's table.
+    if not draft.has_own_embedding:
+        target_embedding = target.get_input_embeddings().weight
+        if target_embedding.shape != draft.embed_tokens.weight.shape:
+            raise ValueError(
+                f"--draft {draft_path}: model.safetensors has no embed_tokens.weight and the target's table "
+                f"{tuple(target_embedding.shape)} does not fit the draft's {tuple(draft.embed_tokens.weight.shape)}; "
+                "export the draft with its own embedding"
+            )
+        with torch.no_grad():
+            draft.load_embedding(target_embedding)
+    return draft, target
+
+
+def evaluate_prompts(
+    draft,
+    target,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    num_draft_tokens: int = 4,
+    eos_token_id: int | None = None,
+    draft_name: str = "draft",
+    target_name: str = "target",
+) -> EvaluationResult:
+    """Speculative vs plain greedy decoding of ``prompts`` with models already in memory."""
+    from torchspec.draft_models import SpeculativeGenerator, target_greedy_generate
+
     generator = SpeculativeGenerator(draft, target, num_draft_tokens=num_draft_tokens)
-    eos = tokenizer.eos_token_id
-    accepted, produced, identical, per_prompt = [], 0, True, []
+    accepted, produced, identical, per_prompt, target_outputs = [], 0, True, [], []
     spec_seconds = plain_seconds = 0.0
-    prompts = _prompts(data_path, tokenizer, prompt_key, num_prompts)
     for prompt in prompts:
-        expected, seconds = target_greedy_generate(target, prompt, max_new_tokens, eos)
+        expected, seconds = target_greedy_generate(target, prompt, max_new_tokens, eos_token_id)
         plain_seconds += seconds
-        result = generator.generate(prompt, max_new_tokens, eos)
+        target_outputs.append(expected)
+        result = generator.generate(prompt, max_new_tokens, eos_token_id)
         spec_seconds += result.wall_time_s
         identical &= result.tokens == expected
         accepted += result.accepted_per_round
@@ -114,20 +162,34 @@ def evaluate_draft(
         produced += len(result.tokens)
     rounds = max(len(accepted), 1)
     return EvaluationResult(
-        draft=str(draft_path), target=str(target_path), num_prompts=len(prompts), num_draft_tokens=num_draft_tokens,
+        draft=draft_name, target=target_name, num_prompts=len(prompts), num_draft_tokens=num_draft_tokens,
         acceptance_length=sum(a + 1 for a in accepted) / rounds,
         position_acceptance=[sum(a >= i for a in accepted) / rounds for i in range(1, num_draft_tokens + 1)],
         generated_tokens=produced, speculative_seconds=spec_seconds, target_only_seconds=plain_seconds,
         identical_to_target=identical, per_prompt_acceptance=per_prompt,
+        num_rounds=len(accepted), num_accepted_tokens=sum(accepted), target_outputs=target_outputs,
     )
+
+
+def prompts_from_tokenized(dataset, limit: int) -> list[list[int]]:
+    """Prompts from tokenized samples: each sample up to its first supervised token, i.e. the
+    context the target saw before it started to answer (works with any chat template)."""
+    prompts = []
+    for sample in dataset:
+        mask = list(sample["loss_mask"])
+        if 1 in mask and mask.index(1) > 0:
+            prompts.append(list(sample["input_ids"][: mask.index(1)]))
+        if len(prompts) >= limit:
+            break
+    return prompts
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchspec-evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--draft", help="exported draft folder (default: the default training run's export)")
-    parser.add_argument("--target", help="Hugging Face target folder (default: the embedded tiny target)")
-    parser.add_argument("--data", help="conversations (.jsonl/.json/.parquet; default: the bundled samples)")
+    parser.add_argument("--draft", help="exported draft folder (default: the last training run's <output_dir>_hf)")
+    parser.add_argument("--target", help="Hugging Face target folder (default: the last training run's target)")
+    parser.add_argument("--data", help="conversations (.jsonl/.json/.parquet; default: the last run's training data)")
     parser.add_argument("--prompt-key", default="conversations")
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -136,23 +198,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _defaults(args) -> None:
-    if args.data is None:
-        from torchspec.data import sample_conversations_path
+def apply_defaults(args) -> None:
+    """Fill --draft, --target and --data left unset from the last training run started in this
+    directory (its export, its target and its data), else the default run's."""
+    from torchspec.draft_models.run_pointer import last_run, serving_folder
+    from torchspec.trainer.config import BUILTIN_SAMPLE_CONVERSATIONS, BUILTIN_TINY_TARGET
 
-        args.data = str(sample_conversations_path())
+    run = last_run()
+    recorded = _recorded_model_and_data(run)
+    if args.draft is None:
+        args.draft = str(serving_folder(run))
     if args.target is None:
+        args.target = recorded.get("target_model_path") or BUILTIN_TINY_TARGET
+    if args.target == BUILTIN_TINY_TARGET:
         from torchspec.trainer.default_assets import ensure_default_target
 
         args.target = str(ensure_default_target())
-    if args.draft is None:
-        args.draft = "outputs/default_llama_hf"
+    if args.data is None:
+        args.data = recorded.get("train_path") or BUILTIN_SAMPLE_CONVERSATIONS
+    if args.data == BUILTIN_SAMPLE_CONVERSATIONS:
+        from torchspec.data import sample_conversations_path
+
+        args.data = str(sample_conversations_path())
+
+
+def _recorded_model_and_data(run_dir: Path) -> dict:
+    """``target_model_path`` and ``train_path`` from the run's training_config.yaml, if it has one."""
+    import yaml
+
+    path = Path(run_dir) / "training_config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    return {"target_model_path": (saved.get("model") or {}).get("target_model_path"),
+            "train_path": (saved.get("data") or {}).get("train_path")}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _defaults(args)
+        apply_defaults(args)
         result = evaluate_draft(args.draft, args.target, args.data, args.num_prompts, args.max_new_tokens,
                                 args.num_draft_tokens, args.prompt_key)
     except ValueError as err:  # user mistakes: torchspec errors are ValueErrors with one-line messages
