@@ -16,7 +16,7 @@ def tiny_draft(kind: str, draft_vocab: int = VOCAB, seed: int = 0):
     if kind == "llama":
         config = LlamaEagle3Config(num_key_value_heads=2, head_dim=12, **common)
     else:
-        config = DeepseekEagle3Config(q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        config = DeepseekEagle3Config(q_lora_rank=16, kv_lora_rank=448, qk_nope_head_dim=8, qk_rope_head_dim=64,
                                       v_head_dim=6, **common)
     torch.manual_seed(seed)
     draft = AutoEagle3DraftModel.from_config(config)

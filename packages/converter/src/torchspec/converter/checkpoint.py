@@ -11,7 +11,8 @@ Layout written by torchspec-trainer, one folder per saved step::
         COMPLETE                  marker written once every rank finished, before the rename
 
 Only folders with the marker (and DCP's ``.metadata``) are read; ``.tmp_*`` folders of interrupted
-saves never are.
+saves never are. The metadata and data go through ``torchspec.draft_models.safe_checkpoint``: a file
+that would run code is refused (``UnsafeCheckpointError``, one line) before anything of it is built.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from torchspec.converter.errors import ConverterError
-from torchspec.draft_models import AutoDraftModelConfig, DraftConfigError, Eagle3DraftConfig
+from torchspec.draft_models import AutoDraftModelConfig, DraftConfigError, Eagle3DraftConfig, load_dcp, read_dcp_metadata
 
 __all__ = ["TrainingCheckpoint", "resolve_checkpoint"]
 
@@ -84,9 +85,7 @@ class TrainingCheckpoint:
         return cls(path, config, aux.get("aux_layer_ids"), aux.get("num_target_layers"))
 
     def _metadata(self):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        return FileSystemReader(str(self.path)).read_metadata().state_dict_metadata
+        return read_dcp_metadata(self.path).state_dict_metadata
 
     def weight_names(self) -> list[str]:
         """Names of the draft's tensors (without the ``model.`` prefix), in checkpoint order."""
@@ -100,11 +99,9 @@ class TrainingCheckpoint:
 
     def load_tensor(self, name: str) -> torch.Tensor:
         """One tensor, read alone (peak memory stays at one tensor beyond what the caller keeps)."""
-        import torch.distributed.checkpoint as dcp
-
         shape, dtype = self.tensor_info(name)
         tensor = torch.empty(shape, dtype=dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-            dcp.load({MODEL_PREFIX + name: tensor}, checkpoint_id=str(self.path))
+            load_dcp({MODEL_PREFIX + name: tensor}, self.path)
         return tensor

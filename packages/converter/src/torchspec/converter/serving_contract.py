@@ -85,6 +85,8 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
         error(f"{weights_path} is missing")
         return findings
 
+    for refusal in config.engine_refusals():
+        error(refusal)
     missing_in = unregistered_by(config.architectures[0])
     if missing_in:
         error(

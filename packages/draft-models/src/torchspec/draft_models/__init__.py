@@ -13,6 +13,7 @@ from torchspec.draft_models.deepseek import Eagle3DeepseekV2ForCausalLM
 from torchspec.draft_models.draft_model import DraftCheckpointError, Eagle3DraftModel
 from torchspec.draft_models.eagle3 import Eagle3Model, Eagle3Output, step0_loss_mask
 from torchspec.draft_models.llama import LlamaForCausalLMEagle3
+from torchspec.draft_models.safe_checkpoint import UnsafeCheckpointError, load_dcp, load_torch, read_dcp_metadata
 from torchspec.draft_models.speculative import SpeculativeGenerator, SpeculativeResult, target_greedy_generate
 from torchspec.draft_models.aux_layers import default_aux_layer_ids
 
@@ -31,8 +32,12 @@ __all__ = [
     "LlamaForCausalLMEagle3",
     "SpeculativeGenerator",
     "SpeculativeResult",
+    "UnsafeCheckpointError",
     "__version__",
     "default_aux_layer_ids",
+    "load_dcp",
+    "load_torch",
+    "read_dcp_metadata",
     "step0_loss_mask",
     "target_greedy_generate",
 ]

@@ -29,6 +29,9 @@ class DraftConfigError(ValueError):
     """A draft config that cannot describe a model; the message names the key and the fix."""
 
 
+# `kv_lora_rank + qk_rope_head_dim` that vLLM's MLA attention backends accept (its MLACommonBackend).
+MLA_SERVED_LATENT_WIDTHS = (320, 512, 576)
+
 # Keys that change what an engine serves but that the drafts here do not train, so a folder carrying
 # them would be served as another model than the one trained.
 _UNTRAINED_FLAGS = {
@@ -152,6 +155,11 @@ class Eagle3DraftConfig:
                 key, "TorchSpec, SGLang and vLLM do not all read it the same way"
             )
             raise DraftConfigError(f"rope_scaling.{key}: {reason}; remove it")
+
+    def engine_refusals(self) -> list[str]:
+        """Why a serving engine would refuse this config although the model here can run it (empty
+        when none). Training refuses such a config up front, ``converter check`` reports it."""
+        return []
 
     @property
     def is_vocab_pruned(self) -> bool:
@@ -280,6 +288,21 @@ class DeepseekEagle3Config(Eagle3DraftConfig):
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_width(self) -> int:
+        """Width of the cached latent per token (``kv_lora_rank + qk_rope_head_dim``): what vLLM's MLA
+        attention calls its head size."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def engine_refusals(self) -> list[str]:
+        if self.latent_width not in MLA_SERVED_LATENT_WIDTHS:
+            return [
+                f"kv_lora_rank + qk_rope_head_dim = {self.latent_width}: vLLM's MLA attention serves latent widths "
+                f"{', '.join(map(str, MLA_SERVED_LATENT_WIDTHS))} only (its CPU kernel and FlashMLA 576 only); "
+                "use kv_lora_rank 512 and qk_rope_head_dim 64 as DeepSeek-V3 does"
+            ]
+        return []
 
     def _validate(self) -> None:
         if self.num_key_value_heads is None:

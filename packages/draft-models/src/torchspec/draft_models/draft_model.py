@@ -139,6 +139,8 @@ class Eagle3DraftModel(nn.Module):
         config = self.config.to_dict()
         if dtype is not None:
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        # Both engines read the aux-hidden-state input of an EAGLE-3 draft from this flag.
+        config["eagle_config"] = {**(config.get("eagle_config") or {}), "use_aux_hidden_state": True}
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return directory
 

@@ -28,6 +28,16 @@ def _rope_fields(target_config, architecture: str) -> dict[str, Any]:
             "rope_scaling": servable(dict(rope_scaling)) if rope_scaling else None}
 
 
+def _mla_dimensions(target_config, hidden: int, head_dim: int) -> dict[str, int]:
+    if getattr(target_config, "kv_lora_rank", None):  # an MLA target (DeepSeek, Kimi)
+        names = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        dims = {name: int(getattr(target_config, name)) for name in names}
+        dims["q_lora_rank"] = int(getattr(target_config, "q_lora_rank", None) or min(3 * dims["kv_lora_rank"], hidden))
+        return dims
+    return dict(q_lora_rank=min(1536, hidden), kv_lora_rank=512, qk_nope_head_dim=head_dim, qk_rope_head_dim=64,
+                v_head_dim=head_dim)
+
+
 def _dtype_name(target_config) -> str:
     """The target's weight dtype as config.json spells it (transformers 5 ``dtype``, 4 ``torch_dtype``)."""
     dtype = getattr(target_config, "dtype", None) or getattr(target_config, "torch_dtype", None) or "bfloat16"
@@ -37,10 +47,11 @@ def _dtype_name(target_config) -> str:
 def draft_config_from_target(target_config, architecture: str = "llama") -> dict[str, Any]:
     """A one-layer draft shaped like the target: same hidden size, heads, head_dim, vocab and RoPE.
 
-    The MLA draft has ``kv_lora_rank = 4 * head_dim`` and ``q_lora_rank = 3 * kv_lora_rank`` (DeepSeek-V3's
-    512 and 1536 for 128-wide heads; the query rank at most hidden_size), ``qk_nope_head_dim = v_head_dim =
-    head_dim`` and ``qk_rope_head_dim = head_dim / 2``. ``torch_dtype`` is the target's: engines run the
-    draft in the target's dtype, so that is the dtype the converter exports by default.
+    The MLA draft copies an MLA target's latent dimensions; for other targets it takes DeepSeek-V3's
+    (``kv_lora_rank`` 512, ``qk_rope_head_dim`` 64, ``q_lora_rank`` 1536 but at most hidden_size) with
+    ``qk_nope_head_dim = v_head_dim = head_dim``: vLLM's MLA attention serves only latent widths
+    ``kv_lora_rank + qk_rope_head_dim`` of 320, 512 or 576. ``torch_dtype`` is the target's: engines run
+    the draft in the target's dtype, so that is the dtype the converter exports by default.
     """
     hidden = int(target_config.hidden_size)
     heads = int(target_config.num_attention_heads)
@@ -62,13 +73,7 @@ def draft_config_from_target(target_config, architecture: str = "llama") -> dict
         values["num_key_value_heads"] = int(getattr(target_config, "num_key_value_heads", None) or heads)
         values["head_dim"] = head_dim
     else:
-        values.update(
-            q_lora_rank=min(3 * 4 * head_dim, hidden),
-            kv_lora_rank=4 * head_dim,
-            qk_nope_head_dim=head_dim,
-            qk_rope_head_dim=max(2, head_dim // 2 // 2 * 2),
-            v_head_dim=head_dim,
-        )
+        values.update(_mla_dimensions(target_config, hidden, head_dim))
     return values
 
 
@@ -91,9 +96,13 @@ def resolve_draft_config(model: ModelConfig, target_config) -> Eagle3DraftConfig
     elif "draft_vocab_size" not in values:
         values["draft_vocab_size"] = values.get("vocab_size")
     try:
-        return AutoDraftModelConfig.from_dict(values, source=source)
+        config = AutoDraftModelConfig.from_dict(values, source=source)
     except DraftConfigError as err:
         raise ConfigError(str(err)) from None
+    refusals = config.engine_refusals()
+    if refusals:  # the run would train a draft no engine serves
+        raise ConfigError(f"{source}: {refusals[0]}")
+    return config
 
 
 def check_draft_against_target(draft_config: Eagle3DraftConfig, target, tokenizer, source: str) -> None:

@@ -1,0 +1,341 @@
+"""Reading checkpoints someone else wrote without running code from them.
+
+Drafts, training checkpoints and dumps travel between teams, and pickle runs whatever callable a
+file names. Every pickle TorchSpec reads goes through one of these loaders:
+
+* ``read_dcp_metadata`` / ``load_dcp``: a ``torch.distributed.checkpoint`` folder. Its ``.metadata``
+  (``FileSystemReader.read_metadata`` would ``pickle.load`` it) is read by an unpickler that resolves
+  only ``DCP_METADATA_ALLOWED_GLOBALS`` and torch's dtype/layout/memory-format constants; its
+  ``_StorageInfo`` entries must name plain files inside the folder. Tensors in ``*.distcp`` are read
+  by DCP itself with ``torch.load(weights_only=True)``; non-tensor items (``BytesIO`` entries such
+  as optimizer hyperparameters), which DCP's default planner reads with ``weights_only=False``, are
+  read here with ``weights_only=True``.
+* ``load_torch``: a ``torch.save`` file, always ``weights_only=True`` (tensors, numbers, strings and
+  containers of them).
+
+Anything else is refused before it is built: ``UnsafeCheckpointError``, one line naming the file and
+the global it tried to load. ``safetensors``, JSON and YAML (``SafeLoader``) files carry no code.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import pathlib
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "DCP_METADATA_ALLOWED_GLOBALS",
+    "UnsafeCheckpointError",
+    "load_dcp",
+    "load_torch",
+    "read_dcp_metadata",
+    "safe_dcp_planner",
+    "safe_dcp_reader",
+]
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that would run code when loaded (or points outside its folder); nothing of
+    it was built. One line naming the file."""
+
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_DCP_FILESYSTEM = "torch.distributed.checkpoint.filesystem"
+
+#: What a DCP ``.metadata`` pickle may name (``module.name``), besides ``torch.<dtype>``,
+#: ``torch.<layout>`` and ``torch.<memory_format>`` constants. All are dataclasses, an enum, or
+#: constructors of plain values; none reads, writes or runs anything.
+DCP_METADATA_ALLOWED_GLOBALS = frozenset({
+    f"{_DCP_METADATA}.Metadata",
+    f"{_DCP_METADATA}.TensorStorageMetadata",
+    f"{_DCP_METADATA}.BytesStorageMetadata",
+    f"{_DCP_METADATA}.ChunkStorageMetadata",
+    f"{_DCP_METADATA}.TensorProperties",
+    f"{_DCP_METADATA}.StorageMeta",
+    f"{_DCP_METADATA}.MetadataIndex",
+    f"{_DCP_METADATA}._MEM_FORMAT_ENCODING",  # TensorProperties' memory format, an Enum
+    f"{_DCP_FILESYSTEM}._StorageInfo",  # storage_data: file name, offset, length
+    "torch.Size",
+    "torch.serialization._get_layout",  # looks a torch.layout up by name
+    "pathlib.PosixPath",  # StorageMeta.checkpoint_id
+    "pathlib.PurePosixPath",
+    "pathlib._local.PosixPath",  # Python >= 3.13 spells the module so
+    "pathlib._local.PurePosixPath",
+})
+
+_TORCH_CONSTANTS = (torch.dtype, torch.layout, torch.memory_format)
+
+
+def _refusal(file: str | os.PathLike, global_name: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{file} contains a pickled object outside the allow-list ({global_name}); the checkpoint is refused "
+        "because loading it could run code"
+    )
+
+
+def _resolve_allowed(module: str, name: str) -> Any | None:
+    """The object ``module.name`` stands for if the allow-list admits it, else None (never imports)."""
+    full = f"{module}.{name}"
+    if module == "torch" and isinstance(vars(torch).get(name), _TORCH_CONSTANTS):  # vars: no lazy imports
+        return vars(torch)[name]
+    if full not in DCP_METADATA_ALLOWED_GLOBALS:
+        return None
+    if module.startswith("pathlib"):
+        return getattr(pathlib, name)
+    if full == "torch.Size":
+        return torch.Size
+    if full == "torch.serialization._get_layout":
+        from torch.serialization import _get_layout
+
+        return _get_layout
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+    import torch.distributed.checkpoint.metadata as dcp_metadata
+
+    return getattr(dcp_metadata if module == _DCP_METADATA else dcp_filesystem, name)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, source: str | os.PathLike):
+        super().__init__(file)
+        self._source = source
+
+    def find_class(self, module: str, name: str) -> Any:  # every GLOBAL/STACK_GLOBAL/EXT comes here
+        found = _resolve_allowed(module, name)
+        if found is None:
+            raise _refusal(self._source, f"{module}.{name}")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _refusal(self._source, f"persistent id {pid!r}")
+
+
+def _plain_file_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+
+
+def _validated(metadata: Any, source: str | os.PathLike):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+
+    def malformed(what: str) -> UnsafeCheckpointError:
+        return UnsafeCheckpointError(f"{source} is not well-formed DCP metadata ({what}); the checkpoint is refused")
+
+    if not isinstance(metadata, Metadata):
+        raise malformed(f"it holds a {type(metadata).__name__}, not a Metadata")
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(entries, dict) or not all(
+        isinstance(k, str) and isinstance(v, (TensorStorageMetadata, BytesStorageMetadata)) for k, v in entries.items()
+    ):
+        raise malformed("state_dict_metadata is not a dict of tensor/bytes entries")
+    storage = getattr(metadata, "storage_data", None)
+    if storage is not None:
+        if not isinstance(storage, dict):
+            raise malformed("storage_data is not a dict")
+        for info in storage.values():
+            if not isinstance(info, _StorageInfo):
+                raise malformed(f"a storage_data entry is a {type(info).__name__}")
+            if not _plain_file_name(getattr(info, "relative_path", None)):
+                raise UnsafeCheckpointError(
+                    f"{source} points at data outside its checkpoint folder ({getattr(info, 'relative_path', None)!r}); "
+                    "the checkpoint is refused"
+                )
+    return metadata
+
+
+def _load_metadata_stream(stream, source: str | os.PathLike):
+    try:
+        metadata = _MetadataUnpickler(stream, source).load()
+    except UnsafeCheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as err:
+        raise UnsafeCheckpointError(
+            f"{source} is not readable DCP metadata ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "the checkpoint is refused"
+        ) from None
+    return _validated(metadata, source)
+
+
+def read_dcp_metadata(checkpoint: str | os.PathLike, rank: int | None = None):
+    """The ``Metadata`` of the DCP folder ``checkpoint`` (``__{rank}.metadata`` with ``rank``), read
+    through the allow-list; raises ``UnsafeCheckpointError``, ``FileNotFoundError``."""
+    path = Path(checkpoint) / (".metadata" if rank is None else f"__{rank}.metadata")
+    with open(path, "rb") as stream:
+        return _load_metadata_stream(stream, path)
+
+
+# --- torch.load -------------------------------------------------------------------------------------
+
+_WEIGHTS_ONLY = "Weights only load failed"
+_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """``module.name`` of every GLOBAL/STACK_GLOBAL in the pickle(s) in ``data``, read statically."""
+    found: list[str] = []
+    offset = 0
+    while offset < len(data):
+        stream = io.BytesIO(data[offset:])
+        memo: dict[int, Any] = {}
+        pushed: list[Any] = []
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(pushed) >= 2:
+                    found.append(f"{pushed[-2]}.{pushed[-1]}")
+                elif op.name == "MEMOIZE" and pushed:
+                    memo[len(memo)] = pushed[-1]
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and pushed:
+                    memo[int(arg)] = pushed[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    pushed.append(memo.get(int(arg)))
+                elif isinstance(arg, str):
+                    pushed.append(arg)
+                elif op.name not in ("FRAME", "PROTO"):
+                    pushed.append(None)
+        except Exception:
+            break
+        if stream.tell() == 0:
+            break
+        offset += stream.tell()
+    return found
+
+
+def _disallowed_global(data: bytes, message: str) -> str:
+    payloads = [data]
+    if data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                payloads = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+        except zipfile.BadZipFile:
+            pass
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except Exception:  # private API; only the message depends on it
+        allowed = set()
+    names = [name for payload in payloads for name in _pickle_globals(payload)]
+    unsafe = [name for name in names if name not in allowed and (allowed or not name.startswith(("torch.", "collections.")))]
+    match = _GLOBAL_IN_MESSAGE.search(message)  # the one torch stopped at comes first
+    unsafe = list(dict.fromkeys(([match.group(1)] if match else []) + unsafe))
+    if unsafe:
+        return ", ".join(unsafe[:4]) + (", ..." if len(unsafe) > 4 else "")
+    first = message.split("WeightsUnpickler error:")[-1].strip().splitlines()
+    detail = next((line.strip() for line in first if line.strip()), "")
+    return f"a construct weights-only loading refuses: {detail}" if detail else "a construct weights-only loading refuses"
+
+
+def _load_weights_only(source: str | os.PathLike, file: str | os.PathLike | io.BytesIO, **kwargs: Any) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*weights_only Unpickler.*")
+            return torch.load(file, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as err:
+        if _WEIGHTS_ONLY not in str(err):
+            raise
+        if isinstance(file, io.BytesIO):
+            data = file.getvalue()
+        else:
+            with open(file, "rb") as handle:
+                data = handle.read()
+        raise _refusal(source, _disallowed_global(data, str(err))) from None
+
+
+def load_torch(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True, **kwargs)``; a file naming anything else raises
+    ``UnsafeCheckpointError`` (one line: the file and the global)."""
+    return _load_weights_only(path, path, **kwargs)
+
+
+# --- torch.distributed.checkpoint -------------------------------------------------------------------
+
+
+@functools.cache
+def _dcp_classes():
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        """``FileSystemReader`` whose ``read_metadata`` goes through the allow-list."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as stream:
+                metadata = _load_metadata_stream(stream, path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        """``DefaultLoadPlanner`` reading non-tensor (``BytesIO``) items with ``weights_only=True``."""
+
+        def __init__(self, checkpoint: str | os.PathLike, **kwargs: Any):
+            super().__init__(**kwargs)
+            self._checkpoint = checkpoint
+
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            value.seek(0)
+            loaded = _load_weights_only(f"{self._checkpoint} (.distcp entry {fqn!r})", value)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], loaded)
+            else:
+                self.state_dict[fqn] = loaded
+
+    return SafeFileSystemReader, SafeLoadPlanner
+
+
+def safe_dcp_reader(checkpoint: str | os.PathLike):
+    """A ``FileSystemReader`` for ``checkpoint`` whose metadata goes through the allow-list."""
+    return _dcp_classes()[0](str(checkpoint))
+
+
+def safe_dcp_planner(checkpoint: str | os.PathLike, **kwargs: Any):
+    """A ``DefaultLoadPlanner`` (same keyword arguments) that reads non-tensor items weights-only."""
+    return _dcp_classes()[1](checkpoint, **kwargs)
+
+
+def _unwrap(err: BaseException, checkpoint: str | os.PathLike) -> BaseException | None:
+    """The refusal inside DCP's ``CheckpointException`` (it wraps every rank's failure), if any."""
+    for failure in getattr(err, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, UnsafeCheckpointError):
+            return inner
+        if isinstance(inner, pickle.UnpicklingError) and _WEIGHTS_ONLY in str(inner):  # a tensor item
+            name = _GLOBAL_IN_MESSAGE.search(str(inner))
+            return _refusal(f"{checkpoint} (.distcp data)", name.group(1) if name else "a construct weights-only "
+                                                                                          "loading refuses")
+    return None
+
+
+def load_dcp(state_dict: dict[str, Any], checkpoint: str | os.PathLike, **planner_kwargs: Any) -> None:
+    """``dcp.load(state_dict, checkpoint_id=checkpoint)`` through the safe reader and planner.
+
+    The metadata is checked before DCP starts, so a refusal is raised here as
+    ``UnsafeCheckpointError`` rather than wrapped per rank; so is one found in the data files."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_dcp_metadata(checkpoint)
+    try:
+        dcp.load(state_dict, storage_reader=safe_dcp_reader(checkpoint),
+                 planner=safe_dcp_planner(checkpoint, **planner_kwargs))
+    except CheckpointException as err:
+        refusal = _unwrap(err, checkpoint)
+        if refusal is not None:
+            raise refusal from None
+        raise
