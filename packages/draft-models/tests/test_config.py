@@ -103,6 +103,15 @@ def test_unknown_keys_survive_a_round_trip(tmp_path):
 def test_reference_configs_load(name):
     config = AutoDraftModelConfig.from_file(CONFIGS / name)
     assert config.num_hidden_layers == 1 and config.draft_vocab_size == 32000
+    # nothing an engine refuses (for MLA: q_lora_rank set, 512 + 64 = 576-wide latent, which vLLM serves)
+    assert config.engine_refusals() == []
+
+
+def test_an_mla_latent_width_vllm_lacks_is_an_engine_refusal():
+    values = {**MLA, "kv_lora_rank": 128, "qk_rope_head_dim": 16}
+    refusals = AutoDraftModelConfig.from_dict(values).engine_refusals()
+    assert len(refusals) == 1 and "= 144" in refusals[0] and "vLLM" in refusals[0] and "512" in refusals[0]
+    assert AutoDraftModelConfig.from_dict({**MLA, "kv_lora_rank": 512, "qk_rope_head_dim": 64}).engine_refusals() == []
 
 
 def _count(config) -> int:

@@ -57,6 +57,41 @@ def test_generated_mla_draft_trains_a_step(target):
     assert draft.fc.weight.grad is not None and draft.embed_tokens.weight.grad is None
 
 
+def test_generated_mla_draft_is_one_vllm_serves(target):
+    """q_lora_rank set (both engines fuse it with kv_a_proj_with_mqa) and DeepSeek-V3's 512 + 64 latent,
+    the width vLLM's MLA kernels serve (integration_tests/test_engine.py has vLLM serve it)."""
+    config = resolve_draft_config(ModelConfig(draft_architecture="mla"), target.config)
+    assert config.q_lora_rank == min(1536, target.config.hidden_size)
+    assert (config.kv_lora_rank, config.qk_rope_head_dim, config.qk_nope_head_dim) == (512, 64, target.config.head_dim)
+    assert config.engine_refusals() == []
+
+
+def test_an_mla_target_gives_its_latent_dimensions_to_the_draft():
+    from transformers import DeepseekV3Config
+
+    deepseek = DeepseekV3Config(hidden_size=64, num_attention_heads=4, intermediate_size=96, vocab_size=VOCAB,
+                                q_lora_rank=48, kv_lora_rank=448, qk_nope_head_dim=16, qk_rope_head_dim=64,
+                                v_head_dim=24, num_hidden_layers=4, rope_scaling=None, dtype="float16")
+    values = draft_config_from_target(deepseek, "mla")
+    assert values["torch_dtype"] == "float16"  # the engines run the draft in the target's dtype
+    assert {k: values[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                    "v_head_dim")} == dict(q_lora_rank=48, kv_lora_rank=448, qk_nope_head_dim=16,
+                                                           qk_rope_head_dim=64, v_head_dim=24)
+
+
+def test_a_draft_config_an_engine_refuses_stops_the_run_before_step_one(tmp_path, target):
+    values = draft_config_from_target(target.config, "mla")
+    values.update(kv_lora_rank=128, qk_rope_head_dim=16)
+    path = tmp_path / "narrow.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match=r"narrow.json: kv_lora_rank \+ qk_rope_head_dim = 144: vLLM"):
+        resolve_draft_config(ModelConfig(draft_config=str(path)), target.config)
+    values.update(kv_lora_rank=512, qk_rope_head_dim=64, q_lora_rank=None)
+    path.write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match="q_lora_rank: null cannot be served"):
+        resolve_draft_config(ModelConfig(draft_config=str(path)), target.config)
+
+
 def test_draft_config_file_and_vocab_override(tmp_path, target):
     values = draft_config_from_target(target.config)
     path = tmp_path / "draft.json"
