@@ -145,10 +145,10 @@ def _validated(metadata: Any, source: str | os.PathLike):
         for info in storage.values():
             if not isinstance(info, _StorageInfo):
                 raise malformed(f"a storage_data entry is a {type(info).__name__}")
-            if not _plain_file_name(getattr(info, "relative_path", None)):
+            relative_path = getattr(info, "relative_path", None)
+            if not _plain_file_name(relative_path):
                 raise UnsafeCheckpointError(
-                    f"{source} points at data outside its checkpoint folder ({getattr(info, 'relative_path', None)!r}); "
-                    "the checkpoint is refused"
+                    f"{source} points at data outside its checkpoint folder ({relative_path!r}); the checkpoint is refused"
                 )
     return metadata
 
@@ -158,10 +158,10 @@ def _load_metadata_stream(stream, source: str | os.PathLike):
         metadata = _MetadataUnpickler(stream, source).load()
     except UnsafeCheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as err:
+    except Exception as err:  # truncated or corrupt; an allowed constructor refusing its arguments
+        detail = (str(err).splitlines() or [""])[0]
         raise UnsafeCheckpointError(
-            f"{source} is not readable DCP metadata ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "the checkpoint is refused"
+            f"{source} is not readable DCP metadata ({type(err).__name__}: {detail}); the checkpoint is refused"
         ) from None
     return _validated(metadata, source)
 
@@ -227,14 +227,14 @@ def _disallowed_global(data: bytes, message: str) -> str:
     except Exception:  # private API; only the message depends on it
         allowed = set()
     names = [name for payload in payloads for name in _pickle_globals(payload)]
-    unsafe = [name for name in names if name not in allowed and (allowed or not name.startswith(("torch.", "collections.")))]
+    unsafe = [n for n in names if n not in allowed and (allowed or not n.startswith(("torch.", "collections.")))]
     match = _GLOBAL_IN_MESSAGE.search(message)  # the one torch stopped at comes first
     unsafe = list(dict.fromkeys(([match.group(1)] if match else []) + unsafe))
     if unsafe:
         return ", ".join(unsafe[:4]) + (", ..." if len(unsafe) > 4 else "")
-    first = message.split("WeightsUnpickler error:")[-1].strip().splitlines()
-    detail = next((line.strip() for line in first if line.strip()), "")
-    return f"a construct weights-only loading refuses: {detail}" if detail else "a construct weights-only loading refuses"
+    after = message.split("WeightsUnpickler error:")[1] if "WeightsUnpickler error:" in message else ""
+    detail = next((line.strip() for line in after.splitlines() if line.strip()), "")
+    return "a construct weights-only loading refuses" + (f": {detail}" if detail else "")
 
 
 def _load_weights_only(source: str | os.PathLike, file: str | os.PathLike | io.BytesIO, **kwargs: Any) -> Any:
@@ -317,8 +317,8 @@ def _unwrap(err: BaseException, checkpoint: str | os.PathLike) -> BaseException 
             return inner
         if isinstance(inner, pickle.UnpicklingError) and _WEIGHTS_ONLY in str(inner):  # a tensor item
             name = _GLOBAL_IN_MESSAGE.search(str(inner))
-            return _refusal(f"{checkpoint} (.distcp data)", name.group(1) if name else "a construct weights-only "
-                                                                                          "loading refuses")
+            return _refusal(f"{checkpoint} (.distcp data)",
+                            name.group(1) if name else "a construct weights-only loading refuses")
     return None
 
 

@@ -25,6 +25,11 @@ DCP stores each tensor by name with its global shape, so a checkpoint written by
 M ranks (each reads the slices of its own shards). Model and optimizer state go through
 ``get_state_dict``/``set_state_dict``, which handle FSDP2's sharded DTensors and plain modules alike;
 without a process group DCP saves and loads in-process.
+
+Loading never runs code from the files (they may come from another team): DCP metadata and data go
+through ``torchspec.draft_models.load_dcp`` (an allow-list unpickler for ``.metadata``, weights-only
+for every pickled item) and the RNG files through ``load_torch`` (``weights_only=True``); anything
+else raises ``UnsafeCheckpointError`` naming the file.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from torchspec.draft_models.safe_checkpoint import load_dcp, load_torch
 from torchspec.trainer.distributed import barrier
 
 __all__ = [
@@ -92,6 +98,7 @@ def find_latest(output_dir: str | os.PathLike) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
+    # Tensors, ints and tuples only: the file is read back with weights_only=True.
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -257,14 +264,14 @@ class Checkpointer:
             if optimizer is not None:
                 model_state, optimizer_state = get_state_dict(model, optimizer)
                 state = {"model": model_state, "optimizer": optimizer_state}
-                dcp.load(state, checkpoint_id=str(path))
+                load_dcp(state, path)
                 set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
             else:
                 state = {"model": get_model_state_dict(model)}
-                dcp.load(state, checkpoint_id=str(path))
+                load_dcp(state, path)
                 set_model_state_dict(model, state["model"])
         rng_file = path / f"rng_state_rank{self.rank}.pt"
         if restore_rng and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_torch(rng_file))
         trainer_state = path / TRAINER_STATE
         return json.loads(trainer_state.read_text()) if trainer_state.is_file() else {}

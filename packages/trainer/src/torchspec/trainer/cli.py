@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
     from torchspec.data import DataError
-    from torchspec.draft_models import DraftConfigError
+    from torchspec.draft_models import DraftConfigError, UnsafeCheckpointError
     from torchspec.trainer.config import ConfigError, load_config
 
     _setup_logging()
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             record_last_run(config.training.output_dir)
 
         train(config)
-    except (ConfigError, DataError, DraftConfigError) as err:
+    except (ConfigError, DataError, DraftConfigError, UnsafeCheckpointError) as err:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {err}", file=sys.stderr)

@@ -184,16 +184,31 @@ def prompts_from_tokenized(dataset, limit: int) -> list[list[int]]:
     return prompts
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchspec-evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The draft, target, prompts and decoding options shared by ``evaluate`` and ``verify``."""
     parser.add_argument("--draft", help="exported draft folder (default: the last training run's <output_dir>_hf)")
     parser.add_argument("--target", help="Hugging Face target folder (default: the last training run's target)")
     parser.add_argument("--data", help="conversations (.jsonl/.json/.parquet; default: the last run's training data)")
-    parser.add_argument("--prompt-key", default="conversations")
-    parser.add_argument("--num-prompts", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-draft-tokens", type=int, default=4)
+    parser.add_argument("--prompt-key", default="conversations", help="the conversation column of --data")
+    parser.add_argument("--num-prompts", type=_at_least_one, default=8)
+    parser.add_argument("--max-new-tokens", type=_at_least_one, default=max_new_tokens)
+    parser.add_argument("--num-draft-tokens", type=_at_least_one, default=4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchspec-evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_decoding_arguments(parser, max_new_tokens=64)
     parser.add_argument("--output", help="JSON result file (default: <draft>/speculative_eval.json)")
     return parser
 

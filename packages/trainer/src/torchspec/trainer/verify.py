@@ -119,15 +119,11 @@ def verify_draft(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from torchspec.trainer.evaluate import add_decoding_arguments
+
     parser = argparse.ArgumentParser(prog="torchspec-verify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--draft", help="exported draft folder (default: the last training run's <output_dir>_hf)")
-    parser.add_argument("--target", help="Hugging Face target folder (default: the last training run's target)")
-    parser.add_argument("--data", help="conversations for the prompts (default: the last run's training data)")
-    parser.add_argument("--prompt-key", default="conversations")
-    parser.add_argument("--num-prompts", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--num-draft-tokens", type=int, default=4)
+    add_decoding_arguments(parser, max_new_tokens=48)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="engine dtype (the evaluator runs float32; counts agree exactly only in float32)")
     parser.add_argument("--output", help="JSON report (default: <draft>/engine_verify.json)")
@@ -139,10 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     from torchspec.trainer.evaluate import apply_defaults
 
     args = build_parser().parse_args(argv)
-    for name in ("num_prompts", "max_new_tokens", "num_draft_tokens"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
     try:
         apply_defaults(args)
         report = verify_draft(args.draft, args.target, args.data, args.num_prompts, args.max_new_tokens,

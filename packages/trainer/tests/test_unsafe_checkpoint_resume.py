@@ -1,0 +1,109 @@
+"""Resume and continual training from a crafted checkpoint: refused in one line, the payload never runs."""
+
+import os
+import pickle
+import random
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from torchspec.draft_models import UnsafeCheckpointError
+from torchspec.trainer.checkpoint import Checkpointer
+
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+
+
+def trained(seed=0):
+    torch.manual_seed(seed)
+    model = Small()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.head(model.fc(torch.randn(2, 4))).pow(2).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def save(checkpointer, step, model, optimizer):
+    return checkpointer.save(step, model, optimizer, {"data": {"epoch": 0, "step_in_epoch": step}})
+
+
+class Payload:
+    """Unpickling this runs ``touch marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _refused(err, file_part, marker):
+    message = str(err.value)
+    assert "\n" not in message, message
+    assert file_part in message and "outside the allow-list (posix.system)" in message and "refused" in message, message
+    assert isinstance(err.value, ValueError)
+    assert not marker.exists(), "the payload ran"
+
+
+def _crafted_metadata(tmp_path):
+    model, optimizer = trained(seed=0)
+    path = save(Checkpointer(tmp_path / "run"), 5, model, optimizer)
+    metadata = pickle.loads((path / ".metadata").read_bytes())  # the genuine file just written
+    metadata.planner_data = {"model.fc.weight": Payload(tmp_path / "MARKER")}
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["resume", "continual_training"])
+def test_crafted_metadata_is_refused(tmp_path, mode):
+    path = _crafted_metadata(tmp_path)
+    fresh, fresh_optimizer = trained(seed=1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(UnsafeCheckpointError) as err:
+        if mode == "resume":
+            Checkpointer(tmp_path / "run").load(path, fresh, fresh_optimizer)
+        else:
+            Checkpointer(tmp_path / "run").load(path, fresh, None, restore_rng=False)
+    _refused(err, str(path / ".metadata"), tmp_path / "MARKER")
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_crafted_optimizer_item_is_refused(tmp_path):
+    model, optimizer = trained(seed=0)
+    path = save(Checkpointer(tmp_path / "run"), 5, model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    optimizer_state["param_groups"][0]["lr"] = Payload(tmp_path / "MARKER")  # a BytesIO item in the .distcp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path))
+    fresh, fresh_optimizer = trained(seed=1)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        Checkpointer(tmp_path / "run").load(path, fresh, fresh_optimizer)
+    _refused(err, f"{path} (.distcp entry 'optimizer.param_groups.0.lr')", tmp_path / "MARKER")
+
+
+def test_crafted_rng_state_is_refused(tmp_path):
+    model, optimizer = trained(seed=0)
+    path = save(Checkpointer(tmp_path / "run"), 5, model, optimizer)
+    rng_file = path / "rng_state_rank0.pt"
+    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(), "x": Payload(tmp_path / "MARKER")},
+               rng_file)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        Checkpointer(tmp_path / "run").load(path, Small(), None)
+    _refused(err, str(rng_file), tmp_path / "MARKER")
+
+
+def test_the_saved_rng_state_loads_weights_only(tmp_path):
+    model, optimizer = trained(seed=0)
+    path = save(Checkpointer(tmp_path / "run"), 5, model, optimizer)
+    state = torch.load(path / "rng_state_rank0.pt", weights_only=True)
+    assert set(state) >= {"python", "torch"}
