@@ -164,3 +164,22 @@ def test_check_command_reports_contract_violations(tmp_path, capsys):
     for expected in ("tie_word_embeddings must be false", "explicit head_dim", "only one engine", "lm_head.weight is missing",
                      "d2t has dtype torch.int32", "'model.' prefix"):
         assert expected in printed, expected
+
+
+def test_export_removes_what_killed_exports_left_behind(tmp_path):
+    import subprocess
+    import sys
+
+    draft = tiny_draft("llama")
+    write_training_checkpoint(draft, tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    abandoned = [tmp_path / f".run_hf.tmp-{dead_pid}-abc123", tmp_path / f".run_hf.old-{dead_pid}"]
+    in_progress = tmp_path / f".run_hf.tmp-{os.getpid()}-live01"  # a live process's staging stays
+    for folder in (*abandoned, in_progress):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    export_checkpoint(tmp_path / "run")
+    assert not any(folder.exists() for folder in abandoned)
+    assert in_progress.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [in_progress.name, "run", "run_hf"]

@@ -165,7 +165,8 @@ def export_checkpoint(
     serving_config = _serving_config(checkpoint, draft_vocab_size, out_dtype, target)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    _remove_abandoned_staging(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
         write_safetensors(staging / "model.safetensors", specs, metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(serving_config, indent=2, sort_keys=True) + "\n")
@@ -179,6 +180,26 @@ def export_checkpoint(
         raise
     num_parameters = sum(s.nbytes // out_dtype.itemsize for s in specs if s.dtype.is_floating_point)
     return ExportResult(output, checkpoint.path, num_parameters, draft_vocab_size, findings)
+
+
+def _remove_abandoned_staging(output: Path) -> None:
+    """Delete the staging (``.NAME.tmp-PID-*``) and set-aside (``.NAME.old-PID``) folders of exports
+    to ``output`` whose process no longer runs on this host: what a killed export leaves behind."""
+    for leftover in output.parent.glob(f".{output.name}.*-*"):
+        kind, _, rest = leftover.name.removeprefix(f".{output.name}.").partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def _replace(staging: Path, output: Path) -> None:
