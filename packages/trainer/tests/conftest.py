@@ -14,3 +14,10 @@ def assets(tmp_path_factory):
     from trainer_test_helpers import build_small_assets
 
     return build_small_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(autouse=True)
+def _run_in_a_temporary_directory(tmp_path, monkeypatch):
+    """Every test runs in its own working directory: the CLI records its last run in ./outputs
+    (and the default output_dir is relative), which must never land in the repository."""
+    monkeypatch.chdir(tmp_path)

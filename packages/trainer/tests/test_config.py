@@ -115,6 +115,14 @@ def test_cross_field_checks():
         load_config(None, ["data.eval_split=1.5"])
 
 
+def test_resume_auto_is_the_default_and_goes_with_continual_training():
+    """A relaunched continual run resumes its own checkpoints; an explicit resume path still conflicts."""
+    assert load_config(None).training.resume == "auto" and load_config(None).training.save_interval == 20
+    assert load_config(None, ["training.continual_training=/ckpt"]).training.resume == "auto"
+    with pytest.raises(ConfigError, match="training.resume and training.continual_training are both set"):
+        load_config(None, ["training.continual_training=/ckpt", "training.resume=/other/iter_0000010"])
+
+
 def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):
     path = write(tmp_path, "training:\n  seed: [1,\n")
     with pytest.raises(ConfigError) as err:

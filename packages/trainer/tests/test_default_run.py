@@ -34,7 +34,8 @@ def test_no_argument_run_trains_and_points_to_the_export(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     output_dir = Path("outputs/default_llama")
     assert f"checkpoint: {output_dir / 'iter_0000020'}" in result.stdout
-    assert f"hatch run converter:export --input {output_dir}" in result.stdout
+    assert f"next: hatch run converter:export  (exports this run to {output_dir}_hf)" in result.stdout
+    assert (tmp_path / "outputs" / ".last_run").read_text().strip() == str(tmp_path / output_dir)
     records = [json.loads(line) for line in (tmp_path / output_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert train[-1]["loss"] < 0.8 * train[0]["loss"] and train[-1]["acc"] > train[0]["acc"] + 0.2

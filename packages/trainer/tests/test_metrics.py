@@ -129,9 +129,30 @@ def test_progress_bar_draws_only_on_a_terminal():
     assert plain.getvalue() == ""
 
     tty = FakeTTY()
-    bar = ProgressBar(10, stream=tty, width=10)
+    bar = ProgressBar(10, stream=tty)
     bar.update(5, "loss 1.0")
-    assert tty.getvalue().startswith("\r[#####.....] 5/10") and "loss 1.0" in tty.getvalue()
-    bar.close()
+    bar.close()  # tqdm redraws at most every 0.1 s, and always on close
+    assert tty.getvalue().startswith("\r") and " 5/10 " in tty.getvalue() and "loss 1.0" in tty.getvalue()
     assert tty.getvalue().endswith("\n")
     assert ProgressBar(10, enabled=False, stream=FakeTTY()).enabled is False
+
+
+def test_progress_bar_starts_at_a_resumed_step_and_logs_above_itself(monkeypatch):
+    import logging
+    import sys
+
+    tty = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    bar = ProgressBar(10, initial=6)
+    console = logging.StreamHandler(sys.stderr)  # what the CLI's logging.basicConfig installs (on stdout)
+    logging.root.addHandler(console)
+    try:
+        with bar.redirect_logging():
+            logging.getLogger("torchspec.trainer").warning("step 7 | loss 0.500")
+        assert console in logging.root.handlers  # restored afterwards
+    finally:
+        logging.root.removeHandler(console)
+    bar.close()
+    before, after = tty.getvalue().split("step 7 | loss 0.500\n")
+    assert " 6/10 " in before and before.endswith("\r")  # the bar was erased before the line
+    assert " 6/10 " in after  # and drawn again below it

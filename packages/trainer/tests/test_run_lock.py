@@ -53,3 +53,28 @@ def test_released_on_exit_and_reacquirable_in_process(tmp_path):
     lock = OutputDirLock(tmp_path / "run")
     lock.acquire()
     lock.release()
+
+
+def test_training_refuses_a_folder_held_by_another_run_before_loading_anything(tmp_path, assets):
+    from torchspec.trainer.config import load_config
+    from torchspec.trainer.trainer import train
+
+    from trainer_test_helpers import small_overrides
+
+    holder = _holder(tmp_path / "run")
+    try:
+        config = load_config(None, small_overrides(assets, tmp_path / "run"))
+        with pytest.raises(ConfigError, match=f"in use by another training run \\(pid {holder.pid}"):
+            train(config)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, inside):
+    (tmp_path / "taken").write_text("not a folder")
+    output_dir = tmp_path / "taken" / "run" if inside else tmp_path / "taken"
+    with pytest.raises(ConfigError, match=f"training.output_dir {output_dir} cannot be written"):
+        OutputDirLock(output_dir).acquire()

@@ -88,6 +88,55 @@ def test_interrupted_and_resumed_run_repeats_the_losses_bitwise(assets, referenc
         assert torch.equal(a.load_tensor(name), b.load_tensor(name)), name
 
 
+def test_a_resumed_run_says_where_it_continues_from(assets, reference_run, tmp_path, caplog):
+    """One line names the folder, the step and the setting, and how to start over instead."""
+    import shutil
+
+    reference_dir, _ = reference_run
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference_dir, output_dir)
+    with caplog.at_level("INFO", logger="torchspec.trainer"):
+        result = run(assets, output_dir, **{"training.save_interval": 2, "training.resume": "auto",
+                                            "training.max_steps": 10})
+    assert [r["step"] for r in result.train_history] == [9, 10] and not result.already_complete
+    hints = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming ")]
+    assert hints == [f"resuming {output_dir} from step 8 of 10 (training.resume=auto); "
+                     f"to start over instead, delete {output_dir} or set training.output_dir to another folder"]
+
+
+def test_rerunning_a_completed_run_says_so_and_trains_nothing(assets, reference_run, tmp_path, monkeypatch, caplog):
+    """`hatch run trainer:train` twice: the second one (resume: auto) finds the finished run, says in
+    one line that it is complete and how to start over, exits 0 and touches nothing."""
+    import shutil
+
+    from torchspec.trainer.cli import main
+
+    reference_dir, _ = reference_run
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference_dir, output_dir)
+    before = {path.relative_to(output_dir): path.stat().st_mtime_ns for path in output_dir.rglob("*")}
+    monkeypatch.chdir(tmp_path)  # the CLI records the run in ./outputs/.last_run
+    overrides = small_overrides(assets, output_dir, **{"training.save_interval": 2, "training.resume": "auto"})
+    with caplog.at_level("INFO"):
+        code = main(["train", *overrides])
+    assert code == 0
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("torchspec")]
+    assert lines == [f"the run in {output_dir} is already complete at step 8 ({output_dir / 'iter_0000008'}, "
+                     f"training.resume=auto); to start over, delete {output_dir} or set training.output_dir to "
+                     f"another folder; to train longer, raise training.max_steps or training.num_epochs"]
+    assert {path.relative_to(output_dir): path.stat().st_mtime_ns for path in output_dir.rglob("*")} == before
+
+    # Through the API: the result says so, and a changed config is pointed out on the same line.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="torchspec.trainer"):
+        result = run(assets, output_dir, **{"training.save_interval": 2, "training.resume": "auto",
+                                            "model.draft_architecture": "mla"})
+    assert result.already_complete and result.steps == 8 and result.train_history == []
+    assert result.checkpoint == output_dir / "iter_0000008"
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "already complete at step 8" in line and "differs from this one in model.draft_architecture" in line
+
+
 def test_continual_training_takes_weights_only(assets, reference_run, tmp_path):
     reference_dir, _ = reference_run
     fresh = read_metrics(reference_dir)[1]

@@ -89,6 +89,7 @@ def small_overrides(assets: dict, output_dir: Path, **extra) -> list[str]:
         "training.progress_bar": False,
         "training.keep_last": None,
         "training.speculative_eval_prompts": 0,
+        "training.resume": None,  # a fresh run unless a test asks to resume (the shipped default is auto)
     }
     values.update(extra)
     return [f"{key}={'null' if value is None else value}" for key, value in values.items()]

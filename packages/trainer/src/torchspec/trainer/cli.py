@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; resume with training.resume=auto", file=sys.stderr)
+        print("interrupted; run the same command again to resume from the last checkpoint (training.resume=auto)",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -108,8 +108,8 @@ class TrainingConfig:
     loss_decay: float = 0.8
     attention_backend: Literal["sdpa", "flex_attention"] = "sdpa"
     gradient_checkpointing: bool = False
-    # Steps between checkpoints (0 = only at the end).
-    save_interval: int = 0
+    # Steps between checkpoints (0 = only at the end); the default run saves every 20 of its 108 steps.
+    save_interval: int = 20
     # Checkpoints kept (the best one is always kept); null = all.
     keep_last: int | None = 3
     # Steps between evaluations (0 = only at the end).
@@ -117,8 +117,9 @@ class TrainingConfig:
     log_interval: int = 10
     # After training, real speculative decoding of this many held-out prompts (0 = off).
     speculative_eval_prompts: int = 8
-    # null, "auto" (latest complete checkpoint in output_dir) or a checkpoint folder.
-    resume: str | None = None
+    # "auto" (continue from the latest complete checkpoint in output_dir, if any), null (a fresh run;
+    # refuses an output_dir holding checkpoints) or a checkpoint folder.
+    resume: str | None = "auto"
     # A checkpoint whose draft weights start a new run (optimizer, schedule and data start fresh).
     continual_training: str | None = None
     tensorboard: bool = False
@@ -359,7 +360,9 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
         raise ConfigError(f"data.eval_split{where} must be in [0, 1), got {d.eval_split}")
     if m.aux_layer_ids is not None and len(m.aux_layer_ids) != 3:
         raise ConfigError(f"model.aux_layer_ids{where} must list 3 layer ids (low, mid, high), got {m.aux_layer_ids}")
-    if t.resume is not None and t.continual_training is not None:
+    # resume: auto goes with continual_training (the default is auto): the first launch starts from
+    # continual_training's weights, a relaunch resumes its own checkpoints. An explicit resume path does not.
+    if t.resume not in (None, "auto") and t.continual_training is not None:
         raise ConfigError(
             f"training.resume and training.continual_training are both set{where}; resume continues a run, "
             "continual_training starts a new one from its weights: keep one"

@@ -1,4 +1,4 @@
-"""Per-step TTT metrics, and where they go (JSON lines, TensorBoard, a progress bar).
+"""Per-step TTT metrics, and where they go (JSON lines, TensorBoard, a tqdm progress bar).
 
 Counts first, ratios last: every metric is a ratio of sums over counted positions, so counts from
 several micro-batches and ranks are added (``TTTCounts.add``, one all-reduce of ``as_tensor()``)
@@ -22,11 +22,10 @@ of the chain that row starts):
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -220,40 +219,50 @@ def format_metrics(record: dict[str, Any], positions: int = 3) -> str:
 
 
 class ProgressBar:
-    """A single self-rewriting line on a terminal; silent when ``stream`` is not a TTY."""
+    """The training loop's progress: a tqdm bar on ``stream`` (stderr), with its own rate and ETA.
 
-    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None, width: int = 24):
+    Nothing at all is drawn when ``enabled`` is false (``training.progress_bar: false``, or not the
+    main rank) or when ``stream`` is not a terminal, so logs and CI output stay as they were. While
+    ``redirect_logging()`` is active, console log lines go through ``tqdm.write`` and are printed
+    above the bar instead of through it.
+    """
+
+    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None, initial: int = 0,
+                 desc: str = "train", unit: str = "step"):
+        from tqdm import tqdm
+
         self.stream = stream or sys.stderr
-        self.enabled = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.total = max(int(total), 1)
-        self.width = width
-        self._start = time.monotonic()
-        self._start_step: int | None = None
-        self._shown = False
+        self.enabled = bool(enabled) and _is_terminal(self.stream)
+        self._bar = tqdm(total=max(int(total), 1), initial=initial, desc=desc, unit=unit, file=self.stream,
+                         disable=not self.enabled, dynamic_ncols=True, leave=True)
 
     def update(self, step: int, message: str = "") -> None:
+        """Move the bar to ``step`` (absolute), showing ``message`` after the rate and ETA."""
         if not self.enabled:
             return
-        if self._start_step is None:
-            self._start_step = step - 1
-        filled = math.floor(self.width * step / self.total)
-        elapsed = time.monotonic() - self._start
-        done = step - self._start_step
-        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r[{bar}] {step}/{self.total} eta {eta:4.0f}s {message}\x1b[K")
-        self.stream.flush()
-        self._shown = True
+        if message:
+            self._bar.set_postfix_str(message, refresh=False)
+        self._bar.update(step - self._bar.n)
 
     def clear(self) -> None:
-        """Erase the bar so a log line can be printed cleanly."""
-        if self.enabled and self._shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._shown = False
+        """Erase the bar (it is redrawn by the next ``update``); ``tqdm.write`` does this by itself."""
+        if self.enabled:
+            self._bar.clear()
+
+    def redirect_logging(self):
+        """A context manager sending console log lines through ``tqdm.write`` while the bar is shown."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm()
 
     def close(self) -> None:
-        if self.enabled and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._shown = False
+        self._bar.close()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

@@ -32,9 +32,15 @@ class OutputDirLock:
         self._file = None
 
     def acquire(self) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / _LOCK_NAME
-        handle = open(path, "a+")
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as err:
+            raise ConfigError(
+                f"training.output_dir {self.output_dir} cannot be written ({err.strerror or err}); "
+                "choose a folder this user can create and write"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

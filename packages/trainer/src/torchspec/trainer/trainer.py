@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,15 @@ import torch
 import torch.distributed as dist
 
 from torchspec.draft_models import Eagle3Model, step0_loss_mask
-from torchspec.trainer.checkpoint import Checkpointer, checkpoint_name, find_latest, is_complete, list_checkpoints
+from torchspec.draft_models.run_pointer import serving_folder
+from torchspec.trainer.checkpoint import (
+    TRAINER_STATE,
+    Checkpointer,
+    checkpoint_name,
+    find_latest,
+    is_complete,
+    list_checkpoints,
+)
 from torchspec.trainer.config import BUILTIN_TINY_TARGET, ConfigError, TrainConfig, dump_config
 from torchspec.trainer.data_loader import DistributedBatchLoader, EvalBatches, MicroBatch
 from torchspec.trainer.distributed import (
@@ -41,10 +50,11 @@ from torchspec.trainer.distributed import (
 from torchspec.trainer.draft import build_draft, check_draft_against_target, resolve_draft_config
 from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
 from torchspec.trainer.metrics import MetricsSink, ProgressBar, TTTCounts, format_metrics, summarize, ttt_counts
+from torchspec.trainer.run_lock import OutputDirLock
 from torchspec.trainer.target import TargetModel
 from torchspec.trainer.training_data import load_training_data, vocab_mapping_from_data
 
-__all__ = ["TrainResult", "Trainer", "train"]
+__all__ = ["TrainResult", "Trainer", "completed_run", "train"]
 
 logger = logging.getLogger("torchspec.trainer")
 
@@ -60,17 +70,32 @@ class TrainResult:
     train_history: list[dict[str, Any]] = field(default_factory=list)  # this process's step records
     eval_metrics: dict[str, Any] | None = None
     speculative_eval: dict[str, Any] | None = None  # real decoding of held-out prompts (main rank)
+    already_complete: bool = False  # resumed a run with nothing left to train: nothing was done
 
 
 def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run training as configured. ``step_callback(step, record)`` is called after every step."""
+    """Run training as configured. ``step_callback(step, record)`` is called after every step.
+
+    A run resumed (``training.resume``) from a checkpoint that already reached this config's last
+    step trains nothing: one line says so and how to start over, and the result has
+    ``already_complete=True``.
+    """
+    completed = completed_run(config)
+    if completed is not None:
+        return completed
     created_group = not dist.is_initialized()
     ctx = init_distributed(config.training.device)
+    # Before the target loads: a second run on this folder, or one that cannot be written, stops here.
+    lock = OutputDirLock(config.training.output_dir) if ctx.is_main else None
     try:
+        if lock is not None:
+            lock.acquire()
         trainer = Trainer(config, ctx)
         trainer.restore()
         return trainer.fit(step_callback)
     finally:
+        if lock is not None:
+            lock.release()
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -146,7 +171,7 @@ class Trainer:
             except ValueError as err:
                 raise ConfigError(f"training.resume {self.resume_from}: {err}") from None
             self.step, self.best = int(state["step"]), state.get("best")
-            _log(self.ctx, f"resumed from {self.resume_from} at step {self.step}")
+            _log(self.ctx, _resume_hint(t.resume, self.output_dir, self.resume_from, self.step, self.total_steps))
         elif t.continual_training is not None:
             source = _complete_checkpoint(t.continual_training, "training.continual_training")
             _check_same_draft(source, self.draft_config, "training.continual_training")
@@ -175,11 +200,27 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.config, self.output_dir / "training_config.yaml")
         sink = MetricsSink(self.output_dir, t.tensorboard, append=self.resume_from is not None) if ctx.is_main else None
-        progress = ProgressBar(self.total_steps, enabled=t.progress_bar and ctx.is_main)
         _log(ctx, f"training {self.total_steps} steps ({self.loader.steps_per_epoch} per epoch, "
                   f"{self.loader.accumulation_steps} micro-batches of {t.micro_batch_size} per rank per step); "
                   f"metrics: {self.output_dir / 'metrics.jsonl'} (acceptance_length = 1 + sum_k prod_{{i<=k}} cond_acc_i)")
+        # A tqdm bar on a terminal (main rank, training.progress_bar); log lines are printed above it.
+        progress = ProgressBar(self.total_steps, enabled=t.progress_bar and ctx.is_main, initial=self.step)
+        try:
+            with progress.redirect_logging():
+                history, eval_metrics, checkpoint = self._loop(progress, sink, step_callback)
+        finally:
+            progress.close()
+            if sink is not None:
+                sink.close()
+        checkpoint = checkpoint or find_latest(self.output_dir)
+        speculative = self.speculative_evaluation() if t.speculative_eval_prompts else None
+        _log(ctx, f"checkpoint: {checkpoint}")
+        _log(ctx, f"next: hatch run converter:export  (exports this run to {serving_folder(self.output_dir)})")
+        return TrainResult(self.output_dir, checkpoint, self.step, history, eval_metrics, speculative)
 
+    def _loop(self, progress: ProgressBar, sink: MetricsSink | None,
+              step_callback: Callable[[int, dict], None] | None) -> tuple[list[dict], dict | None, Path | None]:
+        t, ctx = self.config.training, self.ctx
         history, eval_metrics, checkpoint = [], None, self.resume_from
         while self.step < self.total_steps:
             record = self.train_step([batch.to(ctx.device) for batch in self.loader.next_batches()])
@@ -191,7 +232,6 @@ class Trainer:
             progress.update(self.step, f"loss {record['loss']:.3f} acc {record['acc']:.3f}")
             last = self.step == self.total_steps
             if self.step % t.log_interval == 0 or last:
-                progress.clear()
                 _log(ctx, format_metrics(record))
 
             new_best = False
@@ -199,7 +239,6 @@ class Trainer:
                 eval_metrics = {"step": self.step, "split": "eval", **self.evaluate()}
                 if sink is not None:
                     sink.write(eval_metrics)
-                progress.clear()
                 _log(ctx, "eval " + format_metrics(eval_metrics))
                 new_best = self.best is None or eval_metrics["acceptance_length"] > self.best["acceptance_length"]
                 if new_best:
@@ -212,14 +251,7 @@ class Trainer:
                     self.checkpointer.mark_best(checkpoint, {k: v for k, v in self.best.items() if k != "checkpoint"})
             if step_callback is not None:
                 step_callback(self.step, record)
-        progress.close()
-        if sink is not None:
-            sink.close()
-        checkpoint = checkpoint or find_latest(self.output_dir)
-        speculative = self.speculative_evaluation() if t.speculative_eval_prompts else None
-        _log(ctx, f"checkpoint: {checkpoint}")
-        _log(ctx, f"export it for SGLang/vLLM: hatch run converter:export --input {self.output_dir}")
-        return TrainResult(self.output_dir, checkpoint, self.step, history, eval_metrics, speculative)
+        return history, eval_metrics, checkpoint
 
     def speculative_evaluation(self) -> dict[str, Any] | None:
         """Real speculative decoding of held-out prompts with the trained draft (main rank; the
@@ -393,6 +425,86 @@ def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
             "or choose another output_dir"
         )
     return None
+
+
+def _resume_hint(resume: str, output_dir: Path, checkpoint: Path, step: int, total_steps: int) -> str:
+    """The one line a resumed run starts with."""
+    if resume == "auto":
+        return (f"resuming {output_dir} from step {step} of {total_steps} (training.resume=auto); "
+                f"to start over instead, delete {output_dir} or set training.output_dir to another folder")
+    return f"resuming from {checkpoint} at step {step} of {total_steps} (training.resume={resume})"
+
+
+def completed_run(config: TrainConfig) -> TrainResult | None:
+    """The result of a run that ``training.resume`` would continue but that has already reached
+    this config's last step (after logging one line saying so and how to start over), else None.
+
+    Decided from the checkpoint's ``trainer_state.json`` alone (its step and the data size it was
+    trained with), before the target, the data or a process group are touched; every rank decides
+    the same. Anything unusual (a different global batch size, an unreadable state) is left to the
+    full resume, which explains it.
+    """
+    t = config.training
+    if t.resume is None:
+        return None
+    output_dir = Path(t.output_dir)
+    checkpoint = _resume_path(t.resume, output_dir)
+    if checkpoint is None:
+        return None
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        step, data = int(state["step"]), state.get("data") or {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    total = t.max_steps
+    if total is None:
+        if data.get("global_batch_size") != t.global_batch_size or not data.get("num_samples"):
+            return None
+        total = t.num_epochs * (int(data["num_samples"]) // t.global_batch_size)
+    if step < total:
+        return None
+    where = output_dir if t.resume == "auto" else checkpoint
+    message = (f"the run in {where} is already complete at step {step} ({checkpoint}, training.resume={t.resume}); "
+               f"to start over, delete {output_dir} or set training.output_dir to another folder; "
+               f"to train longer, raise training.max_steps or training.num_epochs")
+    differing = _config_differences(checkpoint / "training_config.yaml", config)
+    if differing:
+        message += f" (note: that run's config differs from this one in {', '.join(differing[:3])}" + \
+                   (", ..." if len(differing) > 3 else "") + ")"
+    if _is_main_process():
+        logger.info(message)
+    return TrainResult(output_dir, checkpoint, step, already_complete=True)
+
+
+def _config_differences(saved_file: Path, config: TrainConfig) -> list[str]:
+    """Key paths whose values differ between a checkpoint's resolved config and ``config``."""
+    import yaml
+
+    from torchspec.trainer.config import config_to_dict
+
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    current = config_to_dict(config)
+    # How and where a run is launched (a run folder may be moved), not what it trains.
+    ignored = {"training.resume", "training.progress_bar", "training.output_dir"}
+    differing = []
+    for section, values in current.items():
+        saved_values = saved.get(section) or {}
+        for key, value in values.items():
+            path = f"{section}.{key}"
+            if path not in ignored and key in saved_values and saved_values[key] != value:
+                differing.append(path)
+    return differing
+
+
+def _is_main_process() -> bool:
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _check_same_draft(path: Path, draft_config, key: str) -> None:
