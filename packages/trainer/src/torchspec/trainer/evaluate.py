@@ -150,7 +150,12 @@ def evaluate_prompts(
     generator = SpeculativeGenerator(draft, target, num_draft_tokens=num_draft_tokens)
     accepted, produced, identical, per_prompt, target_outputs = [], 0, True, [], []
     spec_seconds = plain_seconds = 0.0
-    for prompt in prompts:
+    import sys
+
+    from tqdm.auto import tqdm
+
+    for prompt in tqdm(prompts, desc="speculative decoding", unit="prompt", leave=False,
+                       disable=not sys.stderr.isatty()):
         expected, seconds = target_greedy_generate(target, prompt, max_new_tokens, eos_token_id)
         plain_seconds += seconds
         target_outputs.append(expected)
