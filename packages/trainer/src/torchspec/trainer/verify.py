@@ -66,7 +66,8 @@ class VerifyReport:
         ]
         width = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"draft   {self.draft}", f"target  {self.target}",
-                 f"{self.num_prompts} prompts x {self.max_new_tokens} tokens, K={self.num_draft_tokens}, greedy", ""]
+                 f"{self.num_prompts} prompts x {self.max_new_tokens} tokens, K={self.num_draft_tokens}, greedy, "
+                 "EOS ignored (both sides verify the same rounds)", ""]
         lines += ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
         lines += [
             "",
