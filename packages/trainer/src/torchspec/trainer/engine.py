@@ -107,7 +107,8 @@ def run_vllm(
                     stdout=log_file, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, check=False,
                 ).returncode
             except subprocess.TimeoutExpired:
-                raise EngineError(f"vLLM did not finish within {timeout_s:.0f} s (log: {log})") from None
+                where = f" (log: {log})" if log_path else ""
+                raise EngineError(f"vLLM did not finish within {timeout_s:.0f} s{where}") from None
         if code != 0 or not result_path.is_file():
             what = f"vLLM refused the draft {draft}" if draft else f"vLLM could not serve the target {target}"
             raise EngineError(f"{what}: {_engine_reason(log.read_text(errors='replace'))}")
@@ -116,7 +117,8 @@ def run_vllm(
 
 def _engine_reason(log: str) -> str:
     """The engine's own one-line reason: the last exception line of its log."""
-    lines = [line.strip() for line in log.splitlines() if line.strip() and " WARNING " not in line]
+    lines = [line.strip().removeprefix("[rank0]:").strip() for line in log.splitlines()
+             if line.strip() and " WARNING " not in line]
     for line in reversed(lines):
         head = line.split(":", 1)[0]
         if head.endswith(("Error", "Exception")) and " " not in head:
