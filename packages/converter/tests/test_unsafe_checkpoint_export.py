@@ -1,32 +1,12 @@
 """`converter:export` of a crafted checkpoint: refused in one line, the payload never runs."""
 
-import io
-import os
-import pickle
-
-import torch
-
 from torchspec.converter.checkpoint import TrainingCheckpoint
 from torchspec.converter.cli import main
 from torchspec.draft_models import UnsafeCheckpointError
+from torchspec.draft_models.testing import CodeRunningPayload as Payload
+from torchspec.draft_models.testing import plant_pickled_tensor, rewrite_dcp_metadata
 
 from converter_helpers import tiny_draft, write_training_checkpoint
-
-
-class Payload:
-    """Unpickling this runs ``touch marker``."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def _rewrite_metadata(path, change):
-    metadata = pickle.loads((path / ".metadata").read_bytes())  # the genuine file just written
-    change(metadata)
-    (path / ".metadata").write_bytes(pickle.dumps(metadata))
 
 
 def _one_line_refusal(err: str, file_part: str) -> str:
@@ -40,7 +20,7 @@ def _one_line_refusal(err: str, file_part: str) -> str:
 def test_export_refuses_a_crafted_metadata_file(tmp_path, capsys):
     path = write_training_checkpoint(tiny_draft("llama"), tmp_path / "run")
     marker = tmp_path / "MARKER"
-    _rewrite_metadata(path, lambda m: setattr(m.storage_meta, "modules", [Payload(marker)]))
+    rewrite_dcp_metadata(path, lambda m: setattr(m.storage_meta, "modules", [Payload(marker)]))
 
     assert main(["export", "--input", str(path), "--output", str(tmp_path / "out")]) == 2
     _one_line_refusal(capsys.readouterr().err, str(path / ".metadata"))
@@ -51,19 +31,7 @@ def test_export_refuses_a_crafted_metadata_file(tmp_path, capsys):
 def test_export_refuses_a_crafted_tensor_in_the_data_file(tmp_path, capsys):
     path = write_training_checkpoint(tiny_draft("llama"), tmp_path / "run")
     marker = tmp_path / "MARKER"
-    data_file = next(path.glob("*.distcp"))
-    evil = io.BytesIO()
-    torch.save(Payload(marker), evil)
-    offset = data_file.stat().st_size
-    with open(data_file, "ab") as handle:
-        handle.write(evil.getvalue())
-
-    def point_fc_at_payload(metadata):
-        for index, info in metadata.storage_data.items():
-            if index.fqn == "model.fc.weight":
-                info.offset, info.length = offset, len(evil.getvalue())
-
-    _rewrite_metadata(path, point_fc_at_payload)
+    plant_pickled_tensor(path, "model.fc.weight", Payload(marker))
     assert main(["export", "--input", str(path), "--output", str(tmp_path / "out")]) == 2
     _one_line_refusal(capsys.readouterr().err, str(path))
     assert not marker.exists()
@@ -72,7 +40,7 @@ def test_export_refuses_a_crafted_tensor_in_the_data_file(tmp_path, capsys):
 def test_the_checkpoint_api_raises_a_value_error(tmp_path):
     path = write_training_checkpoint(tiny_draft("llama"), tmp_path / "run")
     marker = tmp_path / "MARKER"
-    _rewrite_metadata(path, lambda m: setattr(m, "planner_data", Payload(marker)))
+    rewrite_dcp_metadata(path, lambda m: setattr(m, "planner_data", Payload(marker)))
     checkpoint = TrainingCheckpoint.open(path)  # config.json is JSON; nothing pickled read yet
     try:
         checkpoint.weight_names()

@@ -1,7 +1,5 @@
 """Crafted checkpoints must be refused without running their payload; genuine ones still load."""
 
-import io
-import os
 import pickle
 import random
 import warnings
@@ -13,16 +11,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from torchspec.draft_models import UnsafeCheckpointError, load_dcp, load_torch, read_dcp_metadata
 from torchspec.draft_models.safe_checkpoint import DCP_METADATA_ALLOWED_GLOBALS
-
-
-class Payload:
-    """Unpickling this runs ``touch marker`` (what an attacker's file would do)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+from torchspec.draft_models.testing import CodeRunningPayload as Payload
+from torchspec.draft_models.testing import plant_pickled_tensor, rewrite_dcp_metadata
 
 
 def _save_dcp(state, path):
@@ -35,12 +25,6 @@ def _genuine(path):
     state = {"model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}, "step": 4}
     _save_dcp(state, path)
     return state
-
-
-def _rewrite_metadata(path, change):
-    metadata = pickle.loads((path / ".metadata").read_bytes())  # our own genuine file
-    change(metadata)
-    (path / ".metadata").write_bytes(pickle.dumps(metadata))
 
 
 def _assert_refused(err, file_part, global_name, marker):
@@ -66,7 +50,7 @@ def test_crafted_metadata_is_refused_where_plain_dcp_would_run_it(tmp_path):
     path = tmp_path / "ckpt"
     _genuine(path)
     marker = tmp_path / "MARKER"
-    _rewrite_metadata(path, lambda m: setattr(m, "planner_data", {"x": Payload(marker)}))
+    rewrite_dcp_metadata(path, lambda m: setattr(m, "planner_data", {"x": Payload(marker)}))
 
     # The threat is real: torch's own reader runs the payload.
     FileSystemReader(str(path)).read_metadata()
@@ -90,7 +74,7 @@ def test_metadata_pointing_outside_the_folder_is_refused(tmp_path):
         for info in metadata.storage_data.values():
             info.relative_path = "../../elsewhere.distcp"
 
-    _rewrite_metadata(path, escape)
+    rewrite_dcp_metadata(path, escape)
     with pytest.raises(UnsafeCheckpointError, match="outside its checkpoint folder"):
         read_dcp_metadata(path)
 
@@ -109,19 +93,7 @@ def test_crafted_bytes_item_in_distcp_is_refused(tmp_path):
 def test_crafted_tensor_item_in_distcp_is_refused(tmp_path):
     path, marker = tmp_path / "ckpt", tmp_path / "MARKER"
     _genuine(path)
-    data_file = next(path.glob("*.distcp"))
-    evil = io.BytesIO()
-    torch.save(Payload(marker), evil)
-    offset = data_file.stat().st_size
-    with open(data_file, "ab") as handle:
-        handle.write(evil.getvalue())
-
-    def point_w_at_payload(metadata):
-        for index, info in metadata.storage_data.items():
-            if index.fqn == "model.w":
-                info.offset, info.length = offset, len(evil.getvalue())
-
-    _rewrite_metadata(path, point_w_at_payload)
+    plant_pickled_tensor(path, "model.w", Payload(marker))
     with pytest.raises(UnsafeCheckpointError) as err:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -9,27 +9,9 @@ from torch import nn
 
 from torchspec.trainer.checkpoint import COMPLETE_MARKER, Checkpointer, find_latest, is_complete, list_checkpoints
 
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-        self.head = nn.Linear(3, 5, bias=False)
-        self.register_buffer("d2t", torch.zeros(5, dtype=torch.long))
-
-
-def trained(seed=0):
-    torch.manual_seed(seed)
-    model = Small()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model.head(model.fc(torch.randn(2, 4))).pow(2).sum().backward()
-    optimizer.step()
-    model.d2t.copy_(torch.arange(5) * (seed + 1))
-    return model, optimizer
-
-
-def save(checkpointer, step, model, optimizer, files=None):
-    return checkpointer.save(step, model, optimizer, {"data": {"epoch": 0, "step_in_epoch": step}}, files)
+from trainer_test_helpers import SmallCheckpointModel as Small
+from trainer_test_helpers import save_small_checkpoint as save
+from trainer_test_helpers import trained_small_model as trained
 
 
 def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):

@@ -1,49 +1,22 @@
 """Resume and continual training from a crafted checkpoint: refused in one line, the payload never runs."""
 
-import os
-import pickle
 import random
 import warnings
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from torchspec.draft_models import UnsafeCheckpointError
+from torchspec.draft_models.testing import CodeRunningPayload as Payload
+from torchspec.draft_models.testing import rewrite_dcp_metadata
 from torchspec.trainer.checkpoint import Checkpointer
 
+from trainer_test_helpers import SmallCheckpointModel as Small
+from trainer_test_helpers import save_small_checkpoint as save
+from trainer_test_helpers import trained_small_model as trained
 
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-        self.head = nn.Linear(3, 5, bias=False)
-
-
-def trained(seed=0):
-    torch.manual_seed(seed)
-    model = Small()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model.head(model.fc(torch.randn(2, 4))).pow(2).sum().backward()
-    optimizer.step()
-    return model, optimizer
-
-
-def save(checkpointer, step, model, optimizer):
-    return checkpointer.save(step, model, optimizer, {"data": {"epoch": 0, "step_in_epoch": step}})
-
-
-class Payload:
-    """Unpickling this runs ``touch marker``."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def _refused(err, file_part, marker):
@@ -57,9 +30,8 @@ def _refused(err, file_part, marker):
 def _crafted_metadata(tmp_path):
     model, optimizer = trained(seed=0)
     path = save(Checkpointer(tmp_path / "run"), 5, model, optimizer)
-    metadata = pickle.loads((path / ".metadata").read_bytes())  # the genuine file just written
-    metadata.planner_data = {"model.fc.weight": Payload(tmp_path / "MARKER")}
-    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    rewrite_dcp_metadata(path, lambda metadata: setattr(metadata, "planner_data",
+                                                        {"model.fc.weight": Payload(tmp_path / "MARKER")}))
     return path
 
 

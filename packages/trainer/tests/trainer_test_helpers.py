@@ -105,3 +105,28 @@ def read_metrics(output_dir: Path, split: str = "train") -> dict[int, dict]:
         if record["split"] == split:
             records[record["step"]] = record
     return records
+
+
+class SmallCheckpointModel(torch.nn.Module):
+    """A model with a parameter, a head and an integer buffer, for checkpoint round trips."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.register_buffer("d2t", torch.zeros(5, dtype=torch.long))
+
+
+def trained_small_model(seed=0):
+    """``(model, AdamW)`` after one step, so the optimizer has state to save."""
+    torch.manual_seed(seed)
+    model = SmallCheckpointModel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.head(model.fc(torch.randn(2, 4))).pow(2).sum().backward()
+    optimizer.step()
+    model.d2t.copy_(torch.arange(5) * (seed + 1))
+    return model, optimizer
+
+
+def save_small_checkpoint(checkpointer, step, model, optimizer, files=None):
+    return checkpointer.save(step, model, optimizer, {"data": {"epoch": 0, "step_in_epoch": step}}, files)
