@@ -109,8 +109,13 @@ def test_cross_field_checks():
     assert load_config(None, ["training.warmup_steps=10", "training.warmup_ratio=null"]).training.warmup_steps == 10
     with pytest.raises(ConfigError, match="model.aux_layer_ids .* 3 layer ids"):
         load_config(None, ["model.aux_layer_ids=[1, 2]"])
-    with pytest.raises(ConfigError, match="training.learning_rate must be > 0"):
+    with pytest.raises(ConfigError, match="training.learning_rate must be a finite number > 0, got 0"):
         load_config(None, ["training.learning_rate=0"])
+    for bad in (".nan", ".inf", "-.inf"):  # YAML spellings; NaN used to pass and fail inside AdamW
+        with pytest.raises(ConfigError, match="training.learning_rate must be a finite number > 0"):
+            load_config(None, [f"training.learning_rate={bad}"])
+    with pytest.raises(ConfigError, match="training.weight_decay must be a finite number >= 0, got nan"):
+        load_config(None, ["training.weight_decay=.nan"])
     with pytest.raises(ConfigError, match="data.eval_split must be in"):
         load_config(None, ["data.eval_split=1.5"])
 

@@ -326,9 +326,10 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
     t, d, m = config.training, config.data, config.model
 
     def positive(section: str, name: str, value: Any, allow_zero: bool = False) -> None:
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        # `not value >= 0` also catches NaN, which every comparison calls False (it would reach AdamW).
+        if value is not None and (not value >= 0 or value == float("inf") or (value == 0 and not allow_zero)):
             bound = ">= 0" if allow_zero else "> 0"
-            raise ConfigError(f"{section}.{name}{where} must be {bound}, got {value}")
+            raise ConfigError(f"{section}.{name}{where} must be a finite number {bound}, got {value}")
 
     for name in ("micro_batch_size", "global_batch_size", "num_epochs", "ttt_length", "log_interval"):
         positive("training", name, getattr(t, name))
