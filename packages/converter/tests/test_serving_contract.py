@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 
 from torchspec.converter import check_serving_folder, export_checkpoint
 from torchspec.converter.cli import main
-from torchspec.draft_models import AutoEagle3DraftModel, LlamaEagle3Config
+from torchspec.draft_models import AutoEagle3DraftModel
 
-from converter_helpers import VOCAB, draft_logits, tiny_draft, write_training_checkpoint
+from converter_helpers import draft_logits, tiny_draft, write_training_checkpoint
 
 YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
 

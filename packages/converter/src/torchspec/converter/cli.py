@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from torchspec.converter.errors import ConverterError
 from torchspec.draft_models.run_pointer import last_run, serving_folder

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DistributedBatchLoader", "EvalBatches", "MicroBatch", "collate"]
+__all__ = ["DistributedBatchLoader", "EvalBatches", "MicroBatch", "collate", "steps_per_epoch"]
 
 
 @dataclass
@@ -56,6 +56,11 @@ def _take(dataset, indices: list[int]) -> list[dict[str, Any]]:
         rows = dataset[indices]
         return [{"input_ids": ids, "loss_mask": mask} for ids, mask in zip(rows["input_ids"], rows["loss_mask"])]
     return [dataset[i] for i in indices]
+
+
+def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
+    """Optimizer steps in one epoch: the remainder of the epoch that fills no global batch is dropped."""
+    return num_samples // global_batch_size
 
 
 class DistributedBatchLoader:
@@ -96,7 +101,7 @@ class DistributedBatchLoader:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.dataset) // self.global_batch_size
+        return steps_per_epoch(len(self.dataset), self.global_batch_size)
 
     def epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + epoch)

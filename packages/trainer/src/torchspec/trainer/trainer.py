@@ -39,7 +39,7 @@ from torchspec.trainer.checkpoint import (
     list_checkpoints,
 )
 from torchspec.trainer.config import BUILTIN_TINY_TARGET, ConfigError, TrainConfig, dump_config
-from torchspec.trainer.data_loader import DistributedBatchLoader, EvalBatches, MicroBatch
+from torchspec.trainer.data_loader import DistributedBatchLoader, EvalBatches, MicroBatch, steps_per_epoch
 from torchspec.trainer.distributed import (
     DistributedContext,
     all_reduce_sum,
@@ -460,7 +460,7 @@ def completed_run(config: TrainConfig) -> TrainResult | None:
     if total is None:
         if data.get("global_batch_size") != t.global_batch_size or not data.get("num_samples"):
             return None
-        total = t.num_epochs * (int(data["num_samples"]) // t.global_batch_size)
+        total = t.num_epochs * steps_per_epoch(int(data["num_samples"]), t.global_batch_size)
     if step < total:
         return None
     where = output_dir if t.resume == "auto" else checkpoint
