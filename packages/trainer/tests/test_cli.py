@@ -43,6 +43,28 @@ def test_typo_in_a_config_file(capsys, tmp_path):
     assert_one_line_error(code, err, f"unknown key model.aux_layer_id in {path}", "did you mean model.aux_layer_ids?")
 
 
+def test_overrides_on_both_sides_of_config(capsys, tmp_path, monkeypatch):
+    """`train a.b=1 --config x.yaml c.d=2`: both overrides apply, in command-line order, over the file."""
+    import torchspec.trainer.trainer as trainer_module
+
+    path = tmp_path / "x.yaml"
+    path.write_text("training:\n  max_steps: 3\n  seed: 5\n")
+    seen = []
+    monkeypatch.setattr(trainer_module, "train", lambda config: seen.append(config))
+    args = ["training.learning_rate=1e-3", "training.max_steps=4", "--config", str(path), "training.max_steps=6",
+            "data.eval_split=0.2"]
+    assert main(["train", *args]) == 0, capsys.readouterr().err
+    (config,) = seen
+    assert config.training.learning_rate == 1e-3 and config.training.seed == 5
+    assert config.training.max_steps == 6 and config.data.eval_split == 0.2
+    # A mistake after --config is reported as an override, an unknown option still as one.
+    code, err = run_cli(capsys, ["--config", str(path), "training.learnig_rate=1"])
+    assert_one_line_error(code, err, "unknown key training.learnig_rate")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "training.seed=1", "--cofig", str(path)])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --cofig" in capsys.readouterr().err
+
+
 def with_assets(assets, tmp_path, **extra):
     return small_overrides(assets, tmp_path / "out", **extra)
 

@@ -104,9 +104,6 @@ def test_integers_are_accepted_for_floats():
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="global_batch_size .* multiple of training.micro_batch_size"):
         load_config(None, ["training.global_batch_size=10", "training.micro_batch_size=4"])
-    with pytest.raises(ConfigError, match="warmup_steps and training.warmup_ratio are both set"):
-        load_config(None, ["training.warmup_steps=10"])
-    assert load_config(None, ["training.warmup_steps=10", "training.warmup_ratio=null"]).training.warmup_steps == 10
     with pytest.raises(ConfigError, match="model.aux_layer_ids .* 3 layer ids"):
         load_config(None, ["model.aux_layer_ids=[1, 2]"])
     with pytest.raises(ConfigError, match="training.learning_rate must be a finite number > 0, got 0"):
@@ -118,6 +115,35 @@ def test_cross_field_checks():
         load_config(None, ["training.weight_decay=.nan"])
     with pytest.raises(ConfigError, match="data.eval_split must be in"):
         load_config(None, ["data.eval_split=1.5"])
+
+
+def test_warmup_steps_alone_replaces_the_default_ratio(tmp_path):
+    """The README says to set one of warmup_steps/warmup_ratio: setting warmup_steps is enough (the
+    default ratio 0.05 used to make it a "both set" error), and the steps are what the schedule uses."""
+    from torchspec.trainer.lr_schedule import warmup_steps_for
+
+    training = load_config(None, ["training.warmup_steps=10"]).training
+    assert (training.warmup_steps, training.warmup_ratio) == (10, None)
+    assert warmup_steps_for(1000, training.warmup_steps, training.warmup_ratio) == 10
+    # The shipped configs spell out warmup_steps: null, warmup_ratio: 0.05; the command line still wins.
+    training = load_config(REPO / "configs" / "default_llama.yaml", ["training.warmup_steps=10"]).training
+    assert (training.warmup_steps, training.warmup_ratio) == (10, None)
+    # A file's choice replaces the defaults, a command-line one the file's.
+    only_steps = write(tmp_path, "training:\n  warmup_steps: 7\n")
+    assert load_config(only_steps).training.warmup_ratio is None
+    training = load_config(only_steps, ["training.warmup_ratio=0.2"]).training
+    assert (training.warmup_steps, training.warmup_ratio) == (None, 0.2)
+    # null for one key chooses nothing: the other keeps its value.
+    assert load_config(None, ["training.warmup_steps=null"]).training.warmup_ratio == 0.05
+
+
+def test_warmup_steps_and_ratio_set_in_one_place_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="training.warmup_steps and training.warmup_ratio are both set in the "
+                                          "command-line overrides; keep one of them"):
+        load_config(None, ["training.warmup_steps=10", "training.warmup_ratio=0.1"])
+    both = write(tmp_path, "training:\n  warmup_steps: 10\n  warmup_ratio: 0.1\n")
+    with pytest.raises(ConfigError, match=f"both set in {both}; keep one of them"):
+        load_config(both)
 
 
 def test_resume_auto_is_the_default_and_goes_with_continual_training():

@@ -60,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         return verify_main(argv[1:])
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
+    # argparse fills the `overrides` positional from one run of arguments only, so overrides after
+    # `--config FILE` come back unrecognized; they are overrides too, in command-line order.
+    late_overrides = [arg for arg in unknown if not arg.startswith("-")]
+    unknown = [arg for arg in unknown if arg.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *late_overrides]
 
     from torchspec.data import DataError
     from torchspec.draft_models import DraftConfigError, UnsafeCheckpointError

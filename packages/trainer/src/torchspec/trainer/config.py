@@ -98,6 +98,8 @@ class TrainingConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     max_grad_norm: float = 1.0
     lr_schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    # Two spellings of the warmup length: the file or command line that sets one resets the other
+    # (so warmup_steps alone replaces the default ratio); one place setting both is an error.
     warmup_steps: int | None = None
     warmup_ratio: float | None = 0.05
     # WSD: share of the total steps spent decaying at the end.
@@ -168,6 +170,10 @@ def parse_yaml_scalar(text: str) -> Any:
 # --- dict <-> dataclasses, strictly ------------------------------------------------------------------
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+# Keys that say the same thing two ways. Each layer of a config (the defaults, the file, the
+# command line) may set one of a pair; it then resets the other, so a later layer's choice replaces
+# an earlier one's instead of conflicting with it. Both set in one layer is a ConfigError.
+_ALTERNATIVES = (("training", "warmup_steps", "warmup_ratio"),)
 _UNION_ORIGINS = (Union, types.UnionType)
 _NOT_A_MATCH = object()
 
@@ -255,6 +261,7 @@ def config_from_dict(values: dict, source: str | None = None, base: TrainConfig 
     if not isinstance(values, dict):
         raise ConfigError(f"{source or 'config'}: expected a mapping of sections (model, data, training), got {type(values).__name__}")
     sections = _section_classes()
+    layer = set()
     for section, section_values in values.items():
         if section not in sections:
             raise ConfigError(f"unknown key {section}{_where(source)}{_suggest(str(section))}")
@@ -265,8 +272,23 @@ def config_from_dict(values: dict, source: str | None = None, base: TrainConfig 
         current = dataclasses.replace(getattr(config, section))
         for key, value in section_values.items():
             _set_field(current, section, str(key), value, source)
+            layer.add((section, str(key)))
         setattr(config, section, current)
+    _settle_alternatives(config, layer, source)
     return config
+
+
+def _settle_alternatives(config: TrainConfig, layer: set[tuple[str, str]], source: str | None) -> None:
+    """Apply the ``_ALTERNATIVES`` rule to the keys one layer set (``(section, key)`` pairs)."""
+    for section, first, second in _ALTERNATIVES:
+        values = getattr(config, section)
+        chosen = [key for key in (first, second) if (section, key) in layer and getattr(values, key) is not None]
+        if len(chosen) == 2:
+            raise ConfigError(
+                f"{section}.{first} and {section}.{second} are both set{_where(source)}; keep one of them"
+            )
+        if chosen:
+            setattr(values, second if chosen[0] == first else first, None)
 
 
 def _set_field(section_obj: Any, section: str, key: str, value: Any, source: str | None) -> None:
@@ -285,6 +307,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     config = dataclasses.replace(
         config, **{name: dataclasses.replace(getattr(config, name)) for name in _SECTIONS}
     )
+    layer = set()
     for override in overrides:
         where = f"command-line override {override!r}"
         if "=" not in override:
@@ -298,6 +321,8 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         except yaml.YAMLError as err:
             raise ConfigError(f"{where}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
         _set_field(getattr(config, parts[0]), parts[0], parts[1], value, where)
+        layer.add((parts[0], parts[1]))
+    _settle_alternatives(config, layer, "the command-line overrides")
     return config
 
 
