@@ -111,8 +111,11 @@ def test_missing_paths_and_unreachable_hub_names(tmp_path, monkeypatch):
         load_conversation_dataset(tmp_path / "empty")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(DataError, match="neither a local file or directory nor a loadable hub dataset"):
+    # A hub name is tried only in its explicit form, and offline that is one line too.
+    with pytest.raises(DataError, match="no such file or directory: no-such-org/no-such-dataset; .* write hf://"):
         load_conversation_dataset("no-such-org/no-such-dataset", cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="^hf://datasets/no-such-org/no-such-dataset: cannot load this hub dataset"):
+        load_conversation_dataset("hf://datasets/no-such-org/no-such-dataset", cache_dir=tmp_path / "cache")
 
 
 def test_bundled_samples_are_valid_and_varied(tmp_path):

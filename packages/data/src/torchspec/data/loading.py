@@ -10,6 +10,10 @@ Invalid records are kept with their error so that callers can count them, skip t
 Local files are parsed here (so a broken line is reported by file and line) and written through
 ``Dataset.from_generator``, fingerprinted by the files' contents: a second load of unchanged files reads
 the cached Arrow table, an edited file is re-read.
+
+Nothing goes to the network unless asked for: a path that is not on disk is an error, and only the
+explicit ``hf://datasets/NAME`` form loads hub dataset ``NAME`` with ``datasets.load_dataset``. (A
+mistyped local path used to be tried as a hub name and wait on the network before failing.)
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +30,12 @@ import datasets
 from torchspec.data.conversation import normalize_conversation
 from torchspec.data.errors import DataError
 
-__all__ = ["SUPPORTED_SUFFIXES", "load_conversation_dataset", "read_conversation_records"]
+__all__ = ["HUB_PREFIX", "SUPPORTED_SUFFIXES", "load_conversation_dataset", "read_conversation_records"]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+# The one spelling that reaches the Hugging Face hub: hf://datasets/ORG/NAME.
+HUB_PREFIX = "hf://datasets/"
+_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Bump when normalization changes, so cached records are rebuilt.
 _NORMALIZATION_VERSION = 1
 _PROMPT_KEY_ALIASES = ("conversations", "messages")
@@ -58,16 +66,19 @@ def load_conversation_dataset(
     """Load conversations from ``path`` and normalize them to OpenAI role/content messages.
 
     ``path``: a ``.jsonl``/``.json``/``.parquet`` file, a directory of them (searched recursively), a
-    directory written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``, a hub dataset name, or a
-    ``datasets.Dataset``. ``prompt_key`` names the column holding the messages (``messages`` is accepted
-    when the default is not present). Returns columns ``conversations`` and ``source``; invalid records are
-    dropped, or raise ``DataError`` when ``skip_invalid=False``.
+    directory written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``, ``hf://datasets/NAME``
+    for a hub dataset, or a ``datasets.Dataset``. ``prompt_key`` names the column holding the messages
+    (``messages`` is accepted when the default is not present). Returns columns ``conversations`` and
+    ``source``; invalid records are dropped, or raise ``DataError`` when ``skip_invalid=False``. A
+    source whose records are all invalid (e.g. none has ``prompt_key``) raises ``DataError`` either way.
     """
     records = read_conversation_records(path, prompt_key, split=split, cache_dir=cache_dir)
     errors = records.data.column("error").to_pylist()
     invalid = [i for i, error in enumerate(errors) if error]
     if invalid and not skip_invalid:
         raise DataError(f"{errors[invalid[0]]} ({len(invalid)} invalid records; pass skip_invalid=True to skip them)")
+    if invalid and len(invalid) == len(errors):  # skipping them all would hide the cause behind "no data"
+        raise DataError(f"{errors[0]} (all {len(errors)} records are invalid)")
     if invalid:
         invalid_set = set(invalid)
         records = records.select([i for i in range(len(records)) if i not in invalid_set])
@@ -88,6 +99,8 @@ def read_conversation_records(
     if isinstance(path, datasets.DatasetDict):
         return _normalize_dataset(_pick_split(path, split, "the DatasetDict"), prompt_key, "dataset", cache_dir)
 
+    if str(path).startswith(HUB_PREFIX):
+        return _hub_records(str(path).removeprefix(HUB_PREFIX), prompt_key, split, cache_dir)
     local = Path(path).expanduser()
     if local.is_dir() and _is_saved_dataset(local):
         loaded = datasets.load_from_disk(str(local))
@@ -103,29 +116,42 @@ def read_conversation_records(
                 "version": _NORMALIZATION_VERSION,
             }
         )
+        gen_kwargs = {"files": [str(f) for f in files], "prompt_key": prompt_key}
         try:
             return datasets.Dataset.from_generator(
                 _generate_records,
                 features=_RECORD_FEATURES,
                 cache_dir=cache_dir,
-                gen_kwargs={"files": [str(f) for f in files], "prompt_key": prompt_key},
+                gen_kwargs=gen_kwargs,
                 fingerprint=fingerprint,
             )
         except datasets.exceptions.DatasetGenerationError as error:
             if isinstance(error.__cause__, DataError):  # a whole-file problem; datasets wraps it
                 raise error.__cause__ from None
             raise
-    if local.suffix in SUPPORTED_SUFFIXES or str(path).startswith((".", "/", "~")):
-        raise DataError(f"no such file or directory: {path}")
-    try:  # anything else may be a hub name such as "org/name"
-        loaded = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
+        except ValueError:
+            # datasets refuses to build a table of zero rows ('Instruction "train" corresponds to no data').
+            if next(_generate_records(**gen_kwargs), None) is None:
+                raise DataError(
+                    f"{path}: no records in {'the file' if local.is_file() else 'its files'} (empty); "
+                    f"add conversations, one JSON object per line with a '{prompt_key}' list of messages"
+                ) from None
+            raise
+    hint = f"; for the Hugging Face hub dataset {path}, write {HUB_PREFIX}{path}" if _HUB_NAME.match(str(path)) else ""
+    raise DataError(f"no such file or directory: {path}{hint}")
+
+
+def _hub_records(name: str, prompt_key: str, split: str, cache_dir: str | None) -> datasets.Dataset:
+    """The records of hub dataset ``name`` (asked for explicitly as ``hf://datasets/NAME``)."""
+    try:
+        loaded = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
     except Exception as error:  # offline, unknown name, missing split...: all mean "cannot load this"
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise DataError(
-            f"{path} is neither a local file or directory nor a loadable hub dataset "
-            f"({type(error).__name__}: {first_line}); pass a local .jsonl/.json/.parquet file or directory"
+            f"{HUB_PREFIX}{name}: cannot load this hub dataset ({type(error).__name__}: {first_line}); "
+            "check the name and the network, or pass a local .jsonl/.json/.parquet file or directory"
         ) from None
-    return _normalize_dataset(loaded, prompt_key, str(path), cache_dir)
+    return _normalize_dataset(loaded, prompt_key, f"{HUB_PREFIX}{name}", cache_dir)
 
 
 def _is_saved_dataset(directory: Path) -> bool:
