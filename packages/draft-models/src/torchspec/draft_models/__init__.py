@@ -13,13 +13,21 @@ from torchspec.draft_models.deepseek import Eagle3DeepseekV2ForCausalLM
 from torchspec.draft_models.draft_model import DraftCheckpointError, Eagle3DraftModel
 from torchspec.draft_models.eagle3 import Eagle3Model, Eagle3Output, step0_loss_mask
 from torchspec.draft_models.llama import LlamaForCausalLMEagle3
-from torchspec.draft_models.safe_checkpoint import UnsafeCheckpointError, load_dcp, load_torch, read_dcp_metadata
+from torchspec.draft_models.safe_checkpoint import (
+    DamagedCheckpointError,
+    UnsafeCheckpointError,
+    load_dcp,
+    load_torch,
+    open_safetensors,
+    read_dcp_metadata,
+)
 from torchspec.draft_models.speculative import SpeculativeGenerator, SpeculativeResult, target_greedy_generate
 from torchspec.draft_models.aux_layers import default_aux_layer_ids
 
 __all__ = [
     "AutoDraftModelConfig",
     "AutoEagle3DraftModel",
+    "DamagedCheckpointError",
     "DeepseekEagle3Config",
     "DraftCheckpointError",
     "DraftConfigError",
@@ -37,6 +45,7 @@ __all__ = [
     "default_aux_layer_ids",
     "load_dcp",
     "load_torch",
+    "open_safetensors",
     "read_dcp_metadata",
     "step0_loss_mask",
     "target_greedy_generate",

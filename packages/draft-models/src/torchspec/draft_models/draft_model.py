@@ -16,12 +16,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from torchspec.draft_models.config import AutoDraftModelConfig, Eagle3DraftConfig
 from torchspec.draft_models.layers import Eagle3DecoderLayer, RMSNorm
+from torchspec.draft_models.safe_checkpoint import open_safetensors
 from torchspec.draft_models.ttt_attention import DecodeMask, TTTMask
 
 __all__ = ["DraftCheckpointError", "Eagle3DraftModel"]
@@ -206,7 +206,7 @@ def _canonical_key(key: str) -> str:
 def read_serving_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DraftCheckpointError(f"{path} does not exist; a draft folder needs config.json and {WEIGHTS_NAME}")
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}
 
 

@@ -15,10 +15,16 @@ file names. Every pickle TorchSpec reads goes through one of these loaders:
 
 Anything else is refused before it is built: ``UnsafeCheckpointError``, one line naming the file and
 the global it tried to load. ``safetensors``, JSON and YAML (``SafeLoader``) files carry no code.
+
+A file cut short or corrupted (an interrupted copy, download or save) is a different problem with a
+different fix: ``DamagedCheckpointError``, one line naming the file. ``load_dcp`` checks that every
+``.distcp`` file the metadata points at is there and long enough before DCP reads anything, and
+``open_safetensors`` wraps ``safetensors.safe_open``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -35,9 +41,11 @@ import torch
 
 __all__ = [
     "DCP_METADATA_ALLOWED_GLOBALS",
+    "DamagedCheckpointError",
     "UnsafeCheckpointError",
     "load_dcp",
     "load_torch",
+    "open_safetensors",
     "read_dcp_metadata",
     "safe_dcp_planner",
     "safe_dcp_reader",
@@ -47,6 +55,19 @@ __all__ = [
 class UnsafeCheckpointError(ValueError):
     """A checkpoint file that would run code when loaded (or points outside its folder); nothing of
     it was built. One line naming the file."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that is missing, cut short or corrupt, so it cannot be read (nothing of it
+    was loaded). One line naming the file."""
+
+
+def _damaged(file: str | os.PathLike, detail: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(f"{file} is damaged or truncated ({detail}); copy, download or save it again")
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -150,6 +171,8 @@ def _validated(metadata: Any, source: str | os.PathLike):
                 raise UnsafeCheckpointError(
                     f"{source} points at data outside its checkpoint folder ({relative_path!r}); the checkpoint is refused"
                 )
+            if not all(type(getattr(info, key, None)) is int for key in ("offset", "length")):
+                raise malformed("a storage_data entry's offset or length is not an integer")
     return metadata
 
 
@@ -158,11 +181,8 @@ def _load_metadata_stream(stream, source: str | os.PathLike):
         metadata = _MetadataUnpickler(stream, source).load()
     except UnsafeCheckpointError:
         raise
-    except Exception as err:  # truncated or corrupt; an allowed constructor refusing its arguments
-        detail = (str(err).splitlines() or [""])[0]
-        raise UnsafeCheckpointError(
-            f"{source} is not readable DCP metadata ({type(err).__name__}: {detail}); the checkpoint is refused"
-        ) from None
+    except Exception as err:  # cut short or corrupt (nothing outside the allow-list was built)
+        raise _damaged(source, f"not readable as DCP metadata: {_first_line(err)}") from None
     return _validated(metadata, source)
 
 
@@ -253,6 +273,20 @@ def _load_weights_only(source: str | os.PathLike, file: str | os.PathLike | io.B
         raise _refusal(source, _disallowed_global(data, str(err))) from None
 
 
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike):
+    """``safetensors.safe_open(path, framework="pt")``; a file cut short or not in the format raises
+    ``DamagedCheckpointError`` naming it (safetensors checks the header against the file size)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as err:
+        raise _damaged(path, f"not a readable safetensors file: {_first_line(err)}") from None
+    with handle:
+        yield handle
+
+
 def load_torch(path: str | os.PathLike, **kwargs: Any) -> Any:
     """``torch.load(path, weights_only=True, **kwargs)``; a file naming anything else raises
     ``UnsafeCheckpointError`` (one line: the file and the global)."""
@@ -310,27 +344,47 @@ def safe_dcp_planner(checkpoint: str | os.PathLike, **kwargs: Any):
 
 
 def _unwrap(err: BaseException, checkpoint: str | os.PathLike) -> BaseException | None:
-    """The refusal inside DCP's ``CheckpointException`` (it wraps every rank's failure), if any."""
+    """The refusal or damage inside DCP's ``CheckpointException`` (it wraps every rank's failure), if any."""
     for failure in getattr(err, "failures", {}).values():
         inner = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(inner, UnsafeCheckpointError):
+        if isinstance(inner, (UnsafeCheckpointError, DamagedCheckpointError)):
             return inner
         if isinstance(inner, pickle.UnpicklingError) and _WEIGHTS_ONLY in str(inner):  # a tensor item
             name = _GLOBAL_IN_MESSAGE.search(str(inner))
             return _refusal(f"{checkpoint} (.distcp data)",
                             name.group(1) if name else "a construct weights-only loading refuses")
+        # torch.load's zip reader on an item whose bytes are cut or garbled (the sizes looked right).
+        if isinstance(inner, EOFError) or (isinstance(inner, RuntimeError) and "PytorchStreamReader" in str(inner)):
+            return _damaged(f"{checkpoint} (.distcp data)", _first_line(inner))
     return None
+
+
+def _check_data_files(checkpoint: str | os.PathLike, metadata: Any) -> None:
+    """Every ``.distcp`` file the metadata points at exists and reaches its last item's end: an
+    interrupted copy or save leaves files short, which DCP would report as a zip-reader traceback."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    for name, end in sorted(needed.items()):
+        file = Path(checkpoint) / name
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise _damaged(file, "the file is missing; .metadata lists data in it") from None
+        if size < end:
+            raise _damaged(file, f"{size} bytes, but .metadata places data up to byte {end}")
 
 
 def load_dcp(state_dict: dict[str, Any], checkpoint: str | os.PathLike, **planner_kwargs: Any) -> None:
     """``dcp.load(state_dict, checkpoint_id=checkpoint)`` through the safe reader and planner.
 
-    The metadata is checked before DCP starts, so a refusal is raised here as
-    ``UnsafeCheckpointError`` rather than wrapped per rank; so is one found in the data files."""
+    The metadata and the data files' sizes are checked before DCP starts, so a refusal is raised here
+    as ``UnsafeCheckpointError`` and a short file as ``DamagedCheckpointError`` rather than wrapped per
+    rank; so is a refusal or damage found while reading the data files."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    read_dcp_metadata(checkpoint)
+    _check_data_files(checkpoint, read_dcp_metadata(checkpoint))
     try:
         dcp.load(state_dict, storage_reader=safe_dcp_reader(checkpoint),
                  planner=safe_dcp_planner(checkpoint, **planner_kwargs))
