@@ -3,11 +3,14 @@
 The checkpoint is read one tensor at a time, cast and streamed into model.safetensors, so peak
 memory is about one tensor, not the model. The folder is written under a temporary name, checked against the
 serving contract, and only then renamed into place; a replaced folder is moved aside first and
-deleted last, so a crash leaves either the old or the new folder, never a mix.
+deleted last, so a crash leaves either the old or the new folder, never a mix. A destination that
+cannot be written (read-only, not a folder, a full disk) is one ``ConverterError`` naming it, after
+the staging folder is removed and any replaced folder is back in place.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,7 +25,7 @@ from torchspec.converter.errors import ConverterError
 from torchspec.converter.safetensors_stream import TensorSpec, write_safetensors
 from torchspec.converter.serving_contract import Finding, check_serving_folder, unregistered_by
 from torchspec.converter.vocab_pruning import head_rows_for
-from torchspec.draft_models import LlamaEagle3Config, default_aux_layer_ids
+from torchspec.draft_models import LlamaEagle3Config, default_aux_layer_ids, open_safetensors
 
 __all__ = ["ExportResult", "export_checkpoint"]
 
@@ -49,16 +52,14 @@ def _target_config(target_model_path: str | None) -> dict:
 
 def _target_embedding(target_model_path: str) -> tuple[tuple[int, ...], callable]:
     """Shape of the target's embedding table and a function that reads it."""
-    from safetensors import safe_open
-
     for file in sorted(Path(target_model_path).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
+        with open_safetensors(file) as handle:
             for key in handle.keys():
                 if key.endswith("embed_tokens.weight"):
                     shape = tuple(handle.get_slice(key).get_shape())
 
                     def read(file=file, key=key):
-                        with safe_open(str(file), framework="pt") as again:
+                        with open_safetensors(file) as again:
                             return again.get_tensor(key)
 
                     return shape, read
@@ -164,9 +165,12 @@ def export_checkpoint(
         specs.append(TensorSpec("t2d", (config.vocab_size,), torch.bool, lambda: t2d))
     serving_config = _serving_config(checkpoint, draft_vocab_size, out_dtype, target)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(output)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(output)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
+    except OSError as err:
+        raise _unwritable(output, err) from None
     try:
         write_safetensors(staging / "model.safetensors", specs, metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(serving_config, indent=2, sort_keys=True) + "\n")
@@ -175,8 +179,12 @@ def export_checkpoint(
         if errors:
             raise ConverterError(f"the exported folder breaks the serving contract: {errors[0].message}")
         _replace(staging, output)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        # Reads fail with the checkpoint's own errors (ConverterError, DamagedCheckpointError, ...),
+        # so an OSError here is the destination's: full, read-only, gone.
+        if isinstance(err, OSError):
+            raise _unwritable(output, err) from None
         raise
     num_parameters = sum(s.nbytes // out_dtype.itemsize for s in specs if s.dtype.is_floating_point)
     return ExportResult(output, checkpoint.path, num_parameters, draft_vocab_size, findings)
@@ -208,5 +216,22 @@ def _replace(staging: Path, output: Path) -> None:
         return
     aside = output.with_name(f".{output.name}.old-{os.getpid()}")
     os.replace(output, aside)
-    os.replace(staging, output)
+    try:
+        os.replace(staging, output)
+    except BaseException:
+        os.replace(aside, output)  # the previous export stays where it was
+        raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _unwritable(output: Path, err: OSError) -> ConverterError:
+    """The one line for a destination the export cannot write; nothing of the export is left there."""
+    reason = err.strerror or str(err)
+    existing = next((path for path in (output.parent, *output.parent.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        reason = f"{existing} is a file, not a folder"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space there or choose another --output"
+    else:
+        fix = "choose a folder this user can write with --output"
+    return ConverterError(f"cannot write the export {output} ({reason}); nothing was left in {output.parent}: {fix}")

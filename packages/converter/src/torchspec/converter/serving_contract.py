@@ -27,9 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from torchspec.draft_models import AutoDraftModelConfig, AutoEagle3DraftModel, DraftConfigError, LlamaEagle3Config
+from torchspec.draft_models import (
+    AutoDraftModelConfig,
+    AutoEagle3DraftModel,
+    DamagedCheckpointError,
+    DraftConfigError,
+    LlamaEagle3Config,
+    open_safetensors,
+)
 
 __all__ = ["ENGINE_ARCHITECTURES", "Finding", "check_serving_folder", "unregistered_by"]
 
@@ -76,11 +82,11 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
         error(f"{config_path} is missing")
         return findings
     try:
-        raw = json.loads(config_path.read_text())
-        config = AutoDraftModelConfig.from_dict(raw, source=str(config_path))
-    except (json.JSONDecodeError, DraftConfigError) as err:
+        config = AutoDraftModelConfig.from_file(config_path)  # names the file (and line) in its errors
+    except DraftConfigError as err:
         error(str(err))
         return findings
+    raw = json.loads(config_path.read_text())
     if not weights_path.is_file():
         error(f"{weights_path} is missing")
         return findings
@@ -119,46 +125,49 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
         )
 
     expected = _expected_shapes(config)
-    with safe_open(str(weights_path), framework="pt") as handle:
-        keys = set(handle.keys())
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
-        prefixed = sorted(k for k in keys if k.startswith("model."))
-        if prefixed:
-            error(f"keys carry a 'model.' prefix ({prefixed[0]}, ...); engines expect fc.weight, midlayer.*")
-        if "lm_head.weight" not in keys:
-            error("lm_head.weight is missing (engines need it, also for a full vocabulary)")
-        if "embed_tokens.weight" not in keys and config.hidden_size != config.target_hidden_size:
-            error(
-                f"embed_tokens.weight is missing but hidden_size ({config.hidden_size}) differs from target_hidden_size "
-                f"({config.target_hidden_size}): SGLang and vLLM cannot use the target's table and keep an "
-                "uninitialised one; export the draft's own embedding"
-            )
-        optional = {"embed_tokens.weight", "t2d"}
-        for key in sorted(set(expected) - keys - optional):
-            if key != "lm_head.weight":
-                error(f"missing key {key}")
-        for key in sorted(keys - set(expected)):
-            if not key.startswith("model."):
-                error(f"unexpected key {key}")
-        for key in sorted(keys & set(expected)):
-            if shapes[key] != expected[key]:
-                error(f"{key} has shape {shapes[key]}, config.json implies {expected[key]}")
-        if config.is_vocab_pruned:
-            if "d2t" in keys:
-                d2t = handle.get_tensor("d2t")
-                if d2t.dtype != torch.int64:
-                    error(f"d2t has dtype {d2t.dtype}; engines expect int64 offsets")
-                target_ids = torch.arange(d2t.numel()) + d2t.long()
-                if target_ids.min() < 0 or target_ids.max() >= config.vocab_size:
-                    error("d2t offsets map draft ids outside the target vocabulary (d2t must hold offsets, not ids)")
-                elif target_ids.unique().numel() != target_ids.numel():
-                    error("d2t maps two draft ids to the same target id")
-                elif "t2d" in keys:
-                    t2d = handle.get_tensor("t2d")
-                    if t2d.dtype != torch.bool:
-                        error(f"t2d has dtype {t2d.dtype}; expected bool")
-                    elif not (t2d[target_ids].all() and int(t2d.sum()) == d2t.numel()):
-                        error("t2d disagrees with d2t: t2d must be True exactly at arange(draft_vocab_size) + d2t")
-        elif "d2t" in keys or "t2d" in keys:
-            warning("d2t/t2d present although draft_vocab_size == vocab_size; engines ignore them")
+    try:
+        with open_safetensors(weights_path) as handle:
+            keys = set(handle.keys())
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+            prefixed = sorted(k for k in keys if k.startswith("model."))
+            if prefixed:
+                error(f"keys carry a 'model.' prefix ({prefixed[0]}, ...); engines expect fc.weight, midlayer.*")
+            if "lm_head.weight" not in keys:
+                error("lm_head.weight is missing (engines need it, also for a full vocabulary)")
+            if "embed_tokens.weight" not in keys and config.hidden_size != config.target_hidden_size:
+                error(
+                    f"embed_tokens.weight is missing but hidden_size ({config.hidden_size}) differs from target_hidden_size "
+                    f"({config.target_hidden_size}): SGLang and vLLM cannot use the target's table and keep an "
+                    "uninitialised one; export the draft's own embedding"
+                )
+            optional = {"embed_tokens.weight", "t2d"}
+            for key in sorted(set(expected) - keys - optional):
+                if key != "lm_head.weight":
+                    error(f"missing key {key}")
+            for key in sorted(keys - set(expected)):
+                if not key.startswith("model."):
+                    error(f"unexpected key {key}")
+            for key in sorted(keys & set(expected)):
+                if shapes[key] != expected[key]:
+                    error(f"{key} has shape {shapes[key]}, config.json implies {expected[key]}")
+            if config.is_vocab_pruned:
+                if "d2t" in keys:
+                    d2t = handle.get_tensor("d2t")
+                    if d2t.dtype != torch.int64:
+                        error(f"d2t has dtype {d2t.dtype}; engines expect int64 offsets")
+                    target_ids = torch.arange(d2t.numel()) + d2t.long()
+                    if target_ids.min() < 0 or target_ids.max() >= config.vocab_size:
+                        error("d2t offsets map draft ids outside the target vocabulary (d2t must hold offsets, not ids)")
+                    elif target_ids.unique().numel() != target_ids.numel():
+                        error("d2t maps two draft ids to the same target id")
+                    elif "t2d" in keys:
+                        t2d = handle.get_tensor("t2d")
+                        if t2d.dtype != torch.bool:
+                            error(f"t2d has dtype {t2d.dtype}; expected bool")
+                        elif not (t2d[target_ids].all() and int(t2d.sum()) == d2t.numel()):
+                            error("t2d disagrees with d2t: t2d must be True exactly at arange(draft_vocab_size) + d2t")
+            elif "d2t" in keys or "t2d" in keys:
+                warning("d2t/t2d present although draft_vocab_size == vocab_size; engines ignore them")
+    except DamagedCheckpointError as err:  # check reports, it does not crash
+        error(str(err))
     return findings
