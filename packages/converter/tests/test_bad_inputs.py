@@ -21,6 +21,7 @@ import pytest
 import torchspec.converter.export as export_module
 import torchspec.converter.safetensors_stream as stream_module
 from torchspec.converter.cli import main
+from torchspec.draft_models.testing import FullDiskFile
 
 from converter_helpers import tiny_draft, write_training_checkpoint
 
@@ -92,29 +93,13 @@ def _read_only(env: Env):
     return _export(env)
 
 
-class _FullDisk:
-    """A writable file that takes ``room`` bytes, then fails as a full disk does (ENOSPC)."""
-
-    def __init__(self, path, mode, room=4096):
-        self._file, self._room = open(path, mode), room
-
-    def write(self, data):
-        if len(data) > self._room:
-            self._file.write(bytes(data)[: self._room])
-            self._room = 0
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self._room -= len(data)
-        return self._file.write(data)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._file.close()
+def _open_on_a_full_disk(path, mode="r", *args, **kwargs):
+    return FullDiskFile(open(path, mode, *args, **kwargs))
 
 
 def _disk_full(env: Env, *extra: str, output: Path | None = None):
-    env.monkeypatch.setattr(stream_module, "open", _FullDisk, raising=False)  # the streaming writer's open()
+    # The streaming writer opens model.safetensors with the open() of its module.
+    env.monkeypatch.setattr(stream_module, "open", _open_on_a_full_disk, raising=False)
     return _export(env, *extra, output=output)
 
 
@@ -193,7 +178,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, env, capsys):
 def test_a_full_disk_keeps_the_previous_export_servable(env, capsys, monkeypatch):
     """After a failed --force export the previous folder is still the complete, checkable export."""
     config_before = json.loads((env.served / "config.json").read_text())
-    monkeypatch.setattr(stream_module, "open", _FullDisk, raising=False)
+    monkeypatch.setattr(stream_module, "open", _open_on_a_full_disk, raising=False)
     assert main(["export", "--input", str(env.checkpoint), "--output", str(env.served), "--force"]) == 2
     monkeypatch.undo()
     assert main(["check", str(env.served)]) == 0

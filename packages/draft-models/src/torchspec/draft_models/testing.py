@@ -1,11 +1,13 @@
-"""Crafted checkpoints for the tests of every package that loads checkpoints.
+"""Crafted checkpoints and failing disks for the tests of every package that reads or writes checkpoints.
 
-Each package's tests prove that its loaders refuse files that would run code; they build the same
-hostile files, so the recipes live here once. Nothing in the library imports this module.
+Each package's tests prove that its loaders refuse files that would run code, and that a write
+failing half-way leaves the previous result in place; they build the same hostile files and the same
+full disk, so the recipes live here once. Nothing in the library imports this module.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CodeRunningPayload", "plant_pickled_tensor", "rewrite_dcp_metadata"]
+__all__ = ["CodeRunningPayload", "FullDiskFile", "plant_pickled_tensor", "rewrite_dcp_metadata"]
 
 
 class CodeRunningPayload:
@@ -50,3 +52,29 @@ def plant_pickled_tensor(checkpoint: str | os.PathLike, fqn: str, payload: objec
                 info.offset, info.length = offset, len(buffer.getvalue())
 
     rewrite_dcp_metadata(checkpoint, point_at_payload)
+
+
+class FullDiskFile:
+    """Wraps a file opened for writing: it takes ``room`` more bytes (or characters), writes what
+    fits of the next write and then fails with ``ENOSPC``, as a full disk does. Everything else goes
+    to the wrapped file. Injected where a writer opens its files, it simulates a disk filling up."""
+
+    def __init__(self, file, room: int = 4096):
+        self._file, self._room = file, room
+
+    def write(self, data):
+        if len(data) > self._room:
+            self._file.write(data[: self._room])
+            self._room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
