@@ -102,6 +102,59 @@ def test_a_process_killed_during_save_leaves_the_previous_checkpoint_latest(tmp_
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["iter_0000001", "latest"]
 
 
+def _full_disk_for(monkeypatch, staging_name: str, where: str) -> None:
+    """Make the disk fill up while checkpoint ``staging_name`` is written: in DCP's data files, in a
+    file rank 0 writes, or in the COMPLETE marker."""
+    import contextlib
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    import torchspec.trainer.checkpoint as checkpoint_module
+    from torchspec.draft_models.testing import FullDiskFile
+
+    if where == "dcp-data":
+        real_create_stream = FileSystem.create_stream
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            with real_create_stream(self, path, mode) as stream:
+                yield FullDiskFile(stream, room=500) if staging_name in str(path) and "w" in mode else stream
+
+        monkeypatch.setattr(FileSystem, "create_stream", create_stream)
+    elif where == "complete-marker":
+        monkeypatch.setattr(checkpoint_module, "open", lambda path, mode: FullDiskFile(open(path, mode), room=0),
+                            raising=False)
+
+
+@pytest.mark.parametrize("where", ["dcp-data", "rank0-file", "complete-marker"])
+def test_a_full_disk_fails_the_save_in_one_line_and_the_previous_checkpoint_stays_latest(tmp_path, monkeypatch, where):
+    import errno
+
+    from torchspec.trainer.config import ConfigError
+
+    model, optimizer = trained()
+    checkpointer = Checkpointer(tmp_path)
+    good = save(checkpointer, 10, model, optimizer)
+    _full_disk_for(monkeypatch, ".tmp_iter_0000020", where)
+
+    def fill_up(path):
+        path.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    files = {"config.json": fill_up} if where == "rank0-file" else None
+    with pytest.raises(ConfigError) as raised:
+        save(checkpointer, 20, model, optimizer, files)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"training.output_dir {tmp_path}: saving checkpoint iter_0000020 failed "
+                              "(No space left on device); ")
+    assert f"{good} is still the latest complete checkpoint and training.resume=auto continues from it" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000010", "latest"]  # no partial folder left
+    assert find_latest(tmp_path) == good and (tmp_path / "latest").read_text().strip() == good.name
+    monkeypatch.undo()
+    assert save(checkpointer, 20, model, optimizer) == tmp_path / "iter_0000020"  # space again: saves work
+
+
 def test_find_latest_ignores_incomplete_folders(tmp_path):
     model, optimizer = trained()
     checkpointer = Checkpointer(tmp_path)

@@ -88,6 +88,50 @@ def test_interrupted_and_resumed_run_repeats_the_losses_bitwise(assets, referenc
         assert torch.equal(a.load_tensor(name), b.load_tensor(name)), name
 
 
+def test_a_full_disk_during_a_save_keeps_the_last_complete_checkpoint(assets, tmp_path, monkeypatch, capsys):
+    """The disk fills while iter_0000004 is written: one error line naming the checkpoint that is
+    still the latest complete one; resume and export take it, the partial save is never taken as
+    complete, and the resumed run's metrics hold each step once (steps 3 and 4 had been logged)."""
+    import contextlib
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    from torchspec.converter import export_checkpoint
+    from torchspec.draft_models.testing import FullDiskFile
+    from torchspec.trainer.cli import main
+
+    output_dir = tmp_path / "run"
+    overrides = small_overrides(assets, output_dir, **{"training.save_interval": 2, "training.eval_interval": 0,
+                                                       "training.resume": "auto"})
+    real_create_stream = FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def full_disk_at_step_4(self, path, mode):
+        with real_create_stream(self, path, mode) as stream:
+            yield FullDiskFile(stream, room=500) if ".tmp_iter_0000004" in str(path) else stream
+
+    monkeypatch.setattr(FileSystem, "create_stream", full_disk_at_step_4)
+    assert main(["train", *overrides]) == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith(f"error: training.output_dir {output_dir}: saving checkpoint iter_0000004 failed "
+                           "(No space left on device); ")
+    assert f"{output_dir / 'iter_0000002'} is still the latest complete checkpoint" in line
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2]
+    assert not list(output_dir.glob(".tmp_iter_*"))
+    assert sorted(read_metrics(output_dir)) == [1, 2, 3, 4]  # logged before the failed save
+    monkeypatch.undo()
+
+    exported = export_checkpoint(output_dir, tmp_path / "served")  # the converter picks the same one
+    assert exported.checkpoint == output_dir / "iter_0000002"
+    with (output_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 5, "split": "tr')  # and a kill in the middle of a line
+    monkeypatch.chdir(tmp_path)  # undo() also undid the autouse chdir; the CLI records its run in ./outputs
+    assert main(["train", *overrides]) == 0
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2, 4, 6, 8]
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, 9))
+
+
 def test_a_resumed_run_says_where_it_continues_from(assets, reference_run, tmp_path, caplog):
     """One line names the folder, the step and the setting, and how to start over instead."""
     import shutil

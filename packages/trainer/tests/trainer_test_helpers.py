@@ -95,8 +95,19 @@ def small_overrides(assets: dict, output_dir: Path, **extra) -> list[str]:
     return [f"{key}={'null' if value is None else value}" for key, value in values.items()]
 
 
+def assert_one_line_error(code, err, *fragments, expected_code=1):
+    """The CLI standard for a user mistake: exit ``expected_code``, exactly one non-empty stderr line,
+    starting with ``error: `` and holding every fragment, and no traceback."""
+    assert code == expected_code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 def read_metrics(output_dir: Path, split: str = "train") -> dict[int, dict]:
-    """Metrics records by step (a resumed run's later record of a step wins)."""
+    """Metrics records by step (each step is logged once, also across a resume)."""
     import json
 
     records = {}

@@ -21,6 +21,11 @@ any moment therefore leaves either no ``iter_*`` folder or a complete one: ``fin
 returns ``iter_*`` folders with the marker and never looks at ``.tmp_*``. Removing old checkpoints
 (retention) renames them to ``.deleting_*`` before deleting, for the same reason.
 
+A write that fails on any rank (a full disk, a quota, a file system gone read-only) fails the save
+on every rank alike, instead of leaving the others waiting at a barrier: the staging folder is
+removed and a ``ConfigError`` names the output folder, the reason, and the checkpoint that is still
+the latest complete one (the one ``training.resume=auto`` and the converter pick).
+
 DCP stores each tensor by name with its global shape, so a checkpoint written by N ranks loads on
 M ranks (each reads the slices of its own shards). Model and optimizer state go through
 ``get_state_dict``/``set_state_dict``, which handle FSDP2's sharded DTensors and plain modules alike;
@@ -49,8 +54,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from torchspec.draft_models.safe_checkpoint import load_dcp, load_torch
+from torchspec.trainer.config import ConfigError
 from torchspec.trainer.distributed import barrier
 
 __all__ = [
@@ -114,12 +121,53 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _write_atomic(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data.encode() if isinstance(data, str) else data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def _write_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind a failed write: ``err`` itself, or one inside DCP's
+    ``CheckpointException`` (per rank), where torch's zip writer may have replaced it by a
+    ``RuntimeError`` that keeps it as its context."""
+    pending = [err]
+    for failure in getattr(err, "failures", {}).values():
+        pending.append(failure[0] if isinstance(failure, tuple) else failure)
+    seen = set()
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def _on_every_rank(write: Callable[[], None]) -> str | None:
+    """Run ``write`` on this rank; the first rank's write failure (its ``OSError`` reason), the same
+    on every rank, or None. Other errors propagate. Every rank must call it (it synchronises)."""
+    failure = None
+    try:
+        write()
+    except (OSError, CheckpointException) as err:
+        cause = _write_error(err)
+        if cause is None:
+            raise
+        failure = cause.strerror or str(cause)
+    if not dist.is_initialized():
+        return failure
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    return next((f for f in failures if f), None)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -172,40 +220,59 @@ class Checkpointer:
         name = checkpoint_name(step)
         final = self.output_dir / name
         staging = self.output_dir / f".tmp_{name}"
-        if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if staging.exists():  # left by a run killed during this very save
-                shutil.rmtree(staging)
-            staging.mkdir()
-        barrier()
 
-        if optimizer is not None:
-            model_state, optimizer_state = get_state_dict(model, optimizer)
-            state = {"model": model_state, "optimizer": optimizer_state}
-        else:
-            state = {"model": get_model_state_dict(model)}
-        with _quiet_dcp():
-            dcp.save(state, checkpoint_id=str(staging))
-        torch.save(rng_state(), staging / f"rng_state_rank{self.rank}.pt")
-        if self.rank == 0:
-            (staging / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
-            for file_name, write in (files or {}).items():
-                write(staging / file_name)
-        barrier()
+        def prepare() -> None:
+            if self.rank == 0:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                if staging.exists():  # left by a run killed during this very save
+                    shutil.rmtree(staging)
+                staging.mkdir()
 
-        if self.rank == 0:
-            world_size = dist.get_world_size() if dist.is_initialized() else 1
-            _write_atomic(staging / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world_size}) + "\n")
-            if final.exists():  # an older save of the same step; replace it only now
-                aside = self.output_dir / f".deleting_{name}"
-                os.replace(final, aside)
-                shutil.rmtree(aside, ignore_errors=True)
-            os.replace(staging, final)
-            _fsync_dir(self.output_dir)
-            _write_atomic(self.output_dir / "latest", name + "\n")
-            self._apply_retention()
-        barrier()
+        def write() -> None:
+            if optimizer is not None:
+                model_state, optimizer_state = get_state_dict(model, optimizer)
+                state = {"model": model_state, "optimizer": optimizer_state}
+            else:
+                state = {"model": get_model_state_dict(model)}
+            with _quiet_dcp():
+                dcp.save(state, checkpoint_id=str(staging))
+            torch.save(rng_state(), staging / f"rng_state_rank{self.rank}.pt")
+            if self.rank == 0:
+                (staging / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+                for file_name, write_file in (files or {}).items():
+                    write_file(staging / file_name)
+
+        def publish() -> None:
+            if self.rank == 0:
+                world_size = dist.get_world_size() if dist.is_initialized() else 1
+                _write_atomic(staging / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world_size}) + "\n")
+                if final.exists():  # an older save of the same step; replace it only now
+                    aside = self.output_dir / f".deleting_{name}"
+                    os.replace(final, aside)
+                    shutil.rmtree(aside, ignore_errors=True)
+                os.replace(staging, final)
+                _fsync_dir(self.output_dir)
+                _write_atomic(self.output_dir / "latest", name + "\n")
+                self._apply_retention()
+
+        # Each phase ends with every rank knowing whether any rank failed (it doubles as the barrier).
+        for phase in (prepare, write, publish):
+            failure = _on_every_rank(phase)
+            if failure is not None:
+                raise self._save_failed(name, staging, failure)
         return final
+
+    def _save_failed(self, name: str, staging: Path, reason: str) -> ConfigError:
+        """Remove what the failed save left (rank 0) and say which checkpoint is still the latest."""
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        latest = find_latest(self.output_dir)
+        still = (f"{latest} is still the latest complete checkpoint and training.resume=auto continues from it"
+                 if latest is not None else "no complete checkpoint was saved yet")
+        return ConfigError(
+            f"training.output_dir {self.output_dir}: saving checkpoint {name} failed ({reason}); {still}; "
+            "free space there (or set training.output_dir to another folder) and run the same command again"
+        )
 
     def _protected(self) -> set[str]:
         best = self.output_dir / "best.json"

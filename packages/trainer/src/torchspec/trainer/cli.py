@@ -40,7 +40,12 @@ def _setup_logging() -> None:
     )
     for noisy in ("datasets", "transformers", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Their per-file bars would interleave with the training log.
+    _quiet_library_bars()
+
+
+def _quiet_library_bars() -> None:
+    """Per-file bars of datasets and transformers (on stderr even off a terminal) would interleave
+    with the training log and bury a command's one-line error."""
     import datasets.utils.logging
     import transformers.utils.logging
 
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["evaluate"]:
         from torchspec.trainer.evaluate import main as evaluate_main
 
+        _quiet_library_bars()
         return evaluate_main(argv[1:])
     if argv[:1] == ["verify"]:
         from torchspec.trainer.verify import main as verify_main
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*args.overrides, *late_overrides]
 
     from torchspec.data import DataError
-    from torchspec.draft_models import DraftConfigError, UnsafeCheckpointError
+    from torchspec.draft_models import DamagedCheckpointError, DraftConfigError, UnsafeCheckpointError
     from torchspec.trainer.config import ConfigError, load_config
 
     _setup_logging()
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             record_last_run(config.training.output_dir)
 
         train(config)
-    except (ConfigError, DataError, DraftConfigError, UnsafeCheckpointError) as err:
+    except (ConfigError, DataError, DraftConfigError, UnsafeCheckpointError, DamagedCheckpointError) as err:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {err}", file=sys.stderr)

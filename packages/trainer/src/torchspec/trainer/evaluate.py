@@ -68,9 +68,12 @@ class EvaluationResult:
 
 def prompts_from_conversations(data_path: str, tokenizer, prompt_key: str, limit: int) -> list[list[int]]:
     """Token ids of each conversation up to its last assistant turn, with the generation prompt."""
-    from torchspec.data import load_conversation_dataset
+    from torchspec.data import DataError, load_conversation_dataset
 
-    dataset = load_conversation_dataset(data_path, prompt_key)
+    try:
+        dataset = load_conversation_dataset(data_path, prompt_key)
+    except DataError as err:  # e.g. no record has prompt_key: the message lists the keys there are
+        raise DataError(f"--data {data_path} with --prompt-key {prompt_key}: {err}") from None
     prompts = []
     for record in dataset:
         messages = [{"role": m["role"], "content": m["content"] or ""} for m in record["conversations"]]
@@ -110,14 +113,14 @@ def evaluate_draft(
 def load_for_evaluation(draft_path: str, target_path: str):
     """``(draft, target)`` in float32, the draft with the embedding table a serving engine gives it."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from torchspec.draft_models import AutoEagle3DraftModel
+    from torchspec.trainer.target import load_causal_lm
 
     for label, path in (("--draft", draft_path), ("--target", target_path)):
         if not (Path(path) / "config.json").is_file():
             raise ValueError(f"{label} {path}: no config.json there")
-    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    target = load_causal_lm(target_path, "--target", torch.float32)
     draft = AutoEagle3DraftModel.from_pretrained(draft_path, dtype=torch.float32)
     # vLLM serves a draft with the embed_tokens.weight its folder holds (SGLang too when the hidden
     # sizes differ, the only case the converter exports one by default), else with the target's table.

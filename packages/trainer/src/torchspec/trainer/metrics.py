@@ -41,6 +41,7 @@ __all__ = [
     "acceptance_length",
     "format_metrics",
     "summarize",
+    "summary_writer_class",
     "ttt_counts",
 ]
 
@@ -128,11 +129,17 @@ def summarize(counts: TTTCounts, loss_decay: float) -> dict[str, Any]:
 
 
 class JsonlWriter:
-    """One JSON object per line, flushed per record so a killed run keeps what it logged."""
+    """One JSON object per line, flushed per record so a killed run keeps what it logged.
 
-    def __init__(self, path: str | os.PathLike, append: bool = False):
+    ``append`` with ``keep_through_step=S`` (a run resumed from step ``S``) first drops the records
+    of steps after ``S``: a killed run logged them after its last checkpoint, and the resumed run
+    logs those steps again. A line cut short by the kill is dropped too."""
+
+    def __init__(self, path: str | os.PathLike, append: bool = False, keep_through_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if append and keep_through_step is not None and self.path.is_file():
+            _keep_records_through(self.path, keep_through_step)
         self._file = self.path.open("a" if append else "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -143,26 +150,53 @@ class JsonlWriter:
         self._file.close()
 
 
+def _keep_records_through(path: Path, step: int) -> None:
+    """Rewrite the JSON-lines file ``path`` without records after ``step`` and without torn lines
+    (temporary file + ``os.replace``: a kill during the rewrite leaves the old file)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _whole_record_through(line, step)]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _whole_record_through(line: str, step: int) -> bool:
+    if not line.endswith("\n"):  # the last line of a run killed while writing it
+        return False
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+def summary_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``; a ``ConfigError`` when tensorboard is not installed
+    (``train`` asks before anything loads, so the run stops before it writes anything)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from torchspec.trainer.config import ConfigError
+
+        raise ConfigError(
+            "training.tensorboard is true but the tensorboard package is not installed; "
+            "pip install tensorboard, or set training.tensorboard=false"
+        ) from None
+    return SummaryWriter
+
+
 class TensorBoardWriter:
     """Scalars (lists become one scalar per position) via ``torch.utils.tensorboard``."""
 
     def __init__(self, log_dir: str | os.PathLike):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            from torchspec.trainer.config import ConfigError
-
-            raise ConfigError(
-                "training.tensorboard is true but the tensorboard package is not installed; "
-                "pip install tensorboard, or set training.tensorboard=false"
-            ) from None
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        self._writer = summary_writer_class()(log_dir=str(log_dir))
 
     def write(self, record: dict[str, Any]) -> None:
         step, split = record["step"], record.get("split", "train")
@@ -183,8 +217,9 @@ class TensorBoardWriter:
 class MetricsSink:
     """Fan-out of metric records to JSONL and, optionally, TensorBoard (rank 0 only)."""
 
-    def __init__(self, output_dir: str | os.PathLike, tensorboard: bool = False, append: bool = False):
-        self.writers: list[Any] = [JsonlWriter(Path(output_dir) / "metrics.jsonl", append=append)]
+    def __init__(self, output_dir: str | os.PathLike, tensorboard: bool = False, append: bool = False,
+                 keep_through_step: int | None = None):
+        self.writers: list[Any] = [JsonlWriter(Path(output_dir) / "metrics.jsonl", append, keep_through_step)]
         if tensorboard:
             self.writers.append(TensorBoardWriter(Path(output_dir) / "tensorboard"))
 

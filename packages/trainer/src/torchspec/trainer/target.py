@@ -25,7 +25,10 @@ from torchspec.draft_models import default_aux_layer_ids
 from torchspec.draft_models.aux_layers import validate_aux_layer_ids
 from torchspec.trainer.config import ConfigError
 
-__all__ = ["TargetModel", "TargetOutput"]
+__all__ = ["TargetModel", "TargetOutput", "load_causal_lm"]
+
+# What transformers loads weights from: single files, shards with their index.
+_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -45,6 +48,45 @@ def _decoder_layers(decoder: nn.Module, num_layers: int) -> nn.ModuleList:
         f"cannot find the {num_layers} decoder layers of {type(decoder).__name__}; "
         "the target must be a Hugging Face decoder-only causal LM"
     )
+
+
+def load_causal_lm(path: str | os.PathLike, setting: str, dtype: torch.dtype = torch.float32,
+                   trust_remote_code: bool = False) -> nn.Module:
+    """A local Hugging Face causal LM (``config.json`` + weights) in evaluation mode. A folder that is
+    not one, lacks its weights or holds a damaged weight file is a ``ConfigError`` (a
+    ``DamagedCheckpointError`` naming the file) that names ``setting``, the option that gave ``path``."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from torchspec.draft_models import open_safetensors
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{setting} {path} is not a Hugging Face model folder (no config.json there); "
+            "point it at a local folder written by save_pretrained"
+        )
+    if not any(next(path.glob(pattern), None) for pattern in _WEIGHT_FILES):
+        raise ConfigError(
+            f"{setting} {path} has a config.json but no weights (model.safetensors, pytorch_model.bin or a "
+            "sharded index); copy the weight files there or point it at the complete folder"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(
+                f"the target at {path} needs its own code; set model.trust_remote_code=true if you trust it"
+            ) from None
+        raise
+    except SafetensorError:
+        for file in sorted(path.glob("*.safetensors")):  # which one: the damaged file raises, naming itself
+            with open_safetensors(file):
+                pass
+        raise
+    except OSError as err:  # e.g. a shard the index names is missing
+        raise ConfigError(f"{setting} {path}: the weights cannot be loaded ({str(err).splitlines()[0]})") from None
+    return model.eval()
 
 
 class TargetModel:
@@ -72,22 +114,7 @@ class TargetModel:
         trust_remote_code: bool = False,
     ) -> TargetModel:
         """Load a local Hugging Face causal-LM folder (``config.json`` + weights)."""
-        from transformers import AutoModelForCausalLM
-
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"model.target_model_path {path} is not a Hugging Face model folder (no config.json there); "
-                "point it at a local folder written by save_pretrained"
-            )
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
-        except ValueError as err:
-            if "trust_remote_code" in str(err):
-                raise ConfigError(
-                    f"the target at {path} needs its own code; set model.trust_remote_code=true if you trust it"
-                ) from None
-            raise
+        model = load_causal_lm(path, "model.target_model_path", dtype, trust_remote_code)
         return cls(model.to(device), aux_layer_ids)
 
     # --- shape facts ----------------------------------------------------------------------------

@@ -49,7 +49,15 @@ from torchspec.trainer.distributed import (
 )
 from torchspec.trainer.draft import build_draft, check_draft_against_target, resolve_draft_config
 from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
-from torchspec.trainer.metrics import MetricsSink, ProgressBar, TTTCounts, format_metrics, summarize, ttt_counts
+from torchspec.trainer.metrics import (
+    MetricsSink,
+    ProgressBar,
+    TTTCounts,
+    format_metrics,
+    summarize,
+    summary_writer_class,
+    ttt_counts,
+)
 from torchspec.trainer.run_lock import OutputDirLock
 from torchspec.trainer.target import TargetModel
 from torchspec.trainer.training_data import load_training_data, vocab_mapping_from_data
@@ -83,6 +91,8 @@ def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None
     completed = completed_run(config)
     if completed is not None:
         return completed
+    if config.training.tensorboard:
+        summary_writer_class()  # a missing package stops the run before anything loads or is written
     created_group = not dist.is_initialized()
     ctx = init_distributed(config.training.device)
     # Before the target loads: a second run on this folder, or one that cannot be written, stops here.
@@ -199,7 +209,9 @@ class Trainer:
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.config, self.output_dir / "training_config.yaml")
-        sink = MetricsSink(self.output_dir, t.tensorboard, append=self.resume_from is not None) if ctx.is_main else None
+        resumed = self.resume_from is not None
+        sink = MetricsSink(self.output_dir, t.tensorboard, append=resumed,
+                           keep_through_step=self.step if resumed else None) if ctx.is_main else None
         _log(ctx, f"training {self.total_steps} steps ({self.loader.steps_per_epoch} per epoch, "
                   f"{self.loader.accumulation_steps} micro-batches of {t.micro_batch_size} per rank per step); "
                   f"metrics: {self.output_dir / 'metrics.jsonl'} (acceptance_length = 1 + sum_k prod_{{i<=k}} cond_acc_i)")
