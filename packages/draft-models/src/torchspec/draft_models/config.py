@@ -20,6 +20,7 @@ __all__ = [
     "AutoDraftModelConfig",
     "DeepseekEagle3Config",
     "DraftConfigError",
+    "EAGLE3_1_OPTIONS",
     "Eagle3DraftConfig",
     "LlamaEagle3Config",
 ]
