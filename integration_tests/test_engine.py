@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from e2e_helpers import PRUNED_ALT_AUX, SAMPLES, export, read_config
+from e2e_helpers import PRUNED_ALT_AUX, SAMPLES, export, load_weights, read_config, untrained_draft
 from torchspec.trainer.engine import EngineError, run_vllm, vllm_available
 from torchspec.trainer.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
 
@@ -43,11 +43,15 @@ def target_alone(default_target, prompts):
     return run_vllm(default_target, prompts, NEW_TOKENS)
 
 
-def _evaluator(draft_dir, target_dir, prompts, default_aux_layers=False):
+def _evaluator(draft_dir, target_dir, prompts, default_aux_layers=False, drop_option=None):
     draft, target = load_for_evaluation(str(draft_dir), str(target_dir))
     if default_aux_layers:  # forget the ids config.json records
         draft.config.extra.pop("eagle_aux_hidden_state_layer_ids")
         draft.config.extra["eagle_config"].pop("eagle_aux_hidden_state_layer_ids")
+    if drop_option is not None:  # evaluate as if an EAGLE-3.1 option were off (its weights unused)
+        setattr(draft.config, drop_option, False)
+        draft.input_norm = None if drop_option == "norm_before_fc" else draft.input_norm
+        draft.fc_norm = None if drop_option == "fc_norm" else draft.fc_norm
     return evaluate_prompts(draft, target, prompts, NEW_TOKENS, K, eos_token_id=None)
 
 
@@ -108,6 +112,30 @@ def test_bfloat16_export_served_next_to_a_float32_target(default_target, trained
     exported = export(trained_run("llama"), tmp_path / "bf16_hf", dtype="bfloat16")
     assert read_config(exported)["torch_dtype"] == "bfloat16"
     _assert_engine_agrees(exported, default_target, prompts, target_alone)
+
+
+@pytest.mark.parametrize(
+    "overrides, options",
+    [
+        (("model.eagle3_1=true",), ("fc_norm", "norm_output")),
+        (("model.norm_before_fc=true", "model.norm_output=true"), ("norm_before_fc", "norm_output")),
+    ],
+    ids=["eagle3_1", "norm_before_fc"],
+)
+def test_eagle3_1_llama_exports(default_target, trained_run, prompts, target_alone, tmp_path, overrides, options):
+    """EAGLE-3.1 drafts: vLLM computes the same chains as the evaluator (equal counts), and it does so
+    by reading each option, since the evaluator without any one of them counts differently.
+    (fc_norm after norm_before_fc would leave only input_norm's weight to tell them apart: RMSNorm
+    ignores the scale of its input. Each is therefore checked without the other.)"""
+    exported = export(trained_run("llama", *overrides), tmp_path / "e31_hf")
+    config = read_config(exported)
+    assert {option: config[option] for option in ("fc_norm", "norm_before_fc", "norm_output")} == {
+        option: option in options for option in ("fc_norm", "norm_before_fc", "norm_output")}
+    served, _ = _assert_engine_agrees(exported, default_target, prompts, target_alone)
+    assert served.acceptance_length > 1.3
+    for option in options:
+        without = _evaluator(exported, default_target, prompts, drop_option=option)
+        assert (without.num_rounds, without.num_accepted_tokens) != (served.num_drafts, served.num_accepted_tokens), option
 
 
 def test_verify_command(default_target, trained_run, tmp_path, capsys):
@@ -204,3 +232,28 @@ def test_an_mla_latent_width_vllm_refuses_is_a_check_error(mla_target, prompts, 
         run_vllm(mla_target, prompts[:1], 4, draft=folder)
     errors = [f.message for f in check_serving_folder(folder) if f.level == "error"]
     assert any("kv_lora_rank + qk_rope_head_dim = 144" in message for message in errors), errors
+
+
+def test_an_eagle3_1_mla_export_is_served_beside_an_mla_target(mla_target, prompts, tmp_path):
+    """fc_norm + norm_output (model.eagle3_1=true): vLLM's DeepSeek draft loads and serves them."""
+    folder = untrained_draft("mla", mla_target, tmp_path / "mla_e31_hf", "model.eagle3_1=true")
+    assert {"fc_norm.0.weight", "fc_norm.2.weight"} <= set(load_weights(folder))
+    served = run_vllm(mla_target, prompts[:2], 16, draft=folder, num_draft_tokens=K)
+    assert served.num_drafts > 0 and [len(tokens) for tokens in served.outputs] == [16, 16]
+
+
+def test_norm_before_fc_on_an_mla_draft_is_refused_by_vllm_and_by_check(mla_target, prompts, tmp_path):
+    from torchspec.converter import check_serving_folder
+    from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config
+
+    # The model runs it (only the engine lacks it), so the folder can be written for vLLM to judge.
+    config = DeepseekEagle3Config(hidden_size=read_config(mla_target)["hidden_size"], vocab_size=2048,
+                                  num_attention_heads=4, intermediate_size=256, q_lora_rank=64, kv_lora_rank=512,
+                                  qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, torch_dtype="float32",
+                                  norm_before_fc=True)
+    folder = AutoEagle3DraftModel.from_config(config).save_pretrained(tmp_path / "mla_input_norm",
+                                                                       include_embeddings=False)
+    with pytest.raises(EngineError, match="no module or parameter named 'input_norm' in DeepseekV2Eagle3Model"):
+        run_vllm(mla_target, prompts[:1], 4, draft=folder)
+    errors = [f.message for f in check_serving_folder(folder) if f.level == "error"]
+    assert any("norm_before_fc: true: vLLM's DeepSeek EAGLE-3 draft" in message for message in errors), errors

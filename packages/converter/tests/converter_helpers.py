@@ -10,9 +10,9 @@ from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, L
 VOCAB = 120
 
 
-def tiny_draft(kind: str, draft_vocab: int = VOCAB, seed: int = 0):
+def tiny_draft(kind: str, draft_vocab: int = VOCAB, seed: int = 0, **options):
     common = dict(hidden_size=32, vocab_size=VOCAB, draft_vocab_size=draft_vocab, num_attention_heads=4,
-                  intermediate_size=48, torch_dtype="float32")
+                  intermediate_size=48, torch_dtype="float32", **options)
     if kind == "llama":
         config = LlamaEagle3Config(num_key_value_heads=2, head_dim=12, **common)
     else:

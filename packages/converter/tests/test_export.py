@@ -44,6 +44,35 @@ def test_round_trip_gives_the_trained_outputs(tmp_path, kind, draft_vocab):
     assert "lm_head.weight" in keys and not any(k.startswith("model.") for k in keys)
 
 
+@pytest.mark.parametrize("kind", ["llama", "mla"])
+def test_eagle3_1_drafts_export_with_their_norms_and_flags(tmp_path, kind):
+    options = {"fc_norm": True, "norm_output": True, "norm_before_fc": kind == "llama"}
+    draft = tiny_draft(kind, 50, **options)
+    write_training_checkpoint(draft, tmp_path / "run")
+    result = export_checkpoint(tmp_path / "run", include_embeddings=True)
+    findings = check_serving_folder(result.output)
+    assert [f.level for f in findings] == (["warning"] if kind == "llama" else [])
+    if kind == "llama":  # SGLang would drop input_norm without a word
+        assert "norm_before_fc: only vLLM serves it; SGLang" in findings[0].message
+    config = json.loads((result.output / "config.json").read_text())
+    assert {key: config[key] for key in options} == options  # top level, where vLLM reads them
+    assert {"fc_norm.0.weight", "fc_norm.1.weight", "fc_norm.2.weight"} <= _keys(result.output)
+    assert ("input_norm.weight" in _keys(result.output)) == (kind == "llama")
+    torch.testing.assert_close(draft_logits(AutoEagle3DraftModel.from_pretrained(result.output)), draft_logits(draft))
+
+    # weights without the flag that uses them: check names the stray key
+    config["fc_norm"] = False
+    (result.output / "config.json").write_text(json.dumps(config))
+    assert any("unexpected key fc_norm.0.weight" in f.message for f in check_serving_folder(result.output))
+
+
+def test_norm_before_fc_on_an_mla_draft_fails_check(tmp_path, capsys):
+    write_training_checkpoint(tiny_draft("mla", norm_before_fc=True), tmp_path / "run")
+    with pytest.raises(ConverterError, match="norm_before_fc: true: vLLM's DeepSeek EAGLE-3 draft"):
+        export_checkpoint(tmp_path / "run")
+    assert not (tmp_path / "run_hf").exists()
+
+
 def test_embeddings_only_when_asked(tmp_path):
     write_training_checkpoint(tiny_draft("llama"), tmp_path / "run")
     result = export_checkpoint(tmp_path / "run", tmp_path / "out", dtype="bfloat16")

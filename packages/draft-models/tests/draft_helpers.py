@@ -68,6 +68,41 @@ def build_draft(kind: str, seed: int = 0, **overrides):
     return model
 
 
+# Each EAGLE-3.1 variant tested: config overrides by name.
+EAGLE3_1_VARIANTS = {
+    "eagle3": {},
+    "fc_norm": {"fc_norm": True},
+    "norm_before_fc": {"norm_before_fc": True},
+    "norm_output": {"norm_output": True},
+    "all": {"fc_norm": True, "norm_before_fc": True, "norm_output": True},
+}
+
+
+def explicit_rms_norm(x, weight, eps):
+    return weight * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+
+
+def explicit_fc(draft, aux):
+    """``fc`` over the aux hidden states, written from vLLM's ``combine_hidden_states``: one norm over
+    the concatenation (norm_before_fc), then one norm per aux state (fc_norm), then the matmul."""
+    config, eps = draft.config, draft.config.rms_norm_eps
+    if config.norm_before_fc:
+        aux = explicit_rms_norm(aux, draft.input_norm.weight, eps)
+    if config.fc_norm:
+        width = config.target_hidden_size
+        aux = torch.cat(
+            [explicit_rms_norm(aux[..., i * width : (i + 1) * width], draft.fc_norm[i].weight, eps) for i in range(3)], -1
+        )
+    return aux @ draft.fc.weight.T
+
+
+def explicit_next_hidden(draft, prenorm):
+    """What the engines feed the next draft step: vLLM's ``aux_output`` (post-norm under norm_output)."""
+    if draft.config.norm_output:
+        return explicit_rms_norm(prenorm, draft.norm.weight, draft.config.rms_norm_eps)
+    return prenorm
+
+
 def make_batch(batch=2, seq_len=12, target_hidden=32, vocab=VOCAB, seed=0, pad_last=3):
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)

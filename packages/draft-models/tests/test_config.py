@@ -165,10 +165,13 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
         ({**MLA, "rope_scaling": {**YARN, "attention_factor": 1.0}}, ["rope_scaling.attention_factor:", "vLLM", "remove it"]),
         ({**MLA, "rope_scaling": {**YARN, "attn_factor": 2.0}}, ["rope_scaling.attn_factor:", "SGLang", "remove it"]),
         ({**MLA, "rope_scaling": {**YARN, "truncate": False}}, ["rope_scaling.truncate:", "always truncates", "remove it"]),
-        ({**MLA, "fc_norm": True}, ["fc_norm", "vLLM", "remove it"]),
+        ({**MLA, "fc_norm": "yes"}, ["fc_norm must be true or false", "'yes'"]),
         # MLA without query compression: both engines fuse q_a_proj with kv_a_proj_with_mqa.
         ({**MLA, "q_lora_rank": None}, ["q_lora_rank: null", "vLLM", "SGLang", "set q_lora_rank"]),
-        ({**LLAMA, "eagle_config": {"use_aux_hidden_state": True, "norm_before_fc": True}}, ["norm_before_fc", "vLLM", "remove it"]),
+        (
+            {**LLAMA, "norm_before_fc": False, "eagle_config": {"use_aux_hidden_state": True, "norm_before_fc": True}},
+            ["norm_before_fc is False but eagle_config.norm_before_fc is True", "vLLM serves the latter", "keep one"],
+        ),
     ],
 )
 def test_configs_the_engines_would_serve_differently_are_refused(values, expected):
@@ -189,7 +192,29 @@ def test_configs_the_engines_would_serve_differently_are_refused(values, expecte
         {**LLAMA, "rope_parameters": {**YARN, "rope_theta": 5e5}},
         {**LLAMA, "attention_bias": False, "bias": False},
         {**MLA, "rope_scaling": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0, "truncate": True}},
+        {**LLAMA, "fc_norm": True, "norm_before_fc": True, "norm_output": True},
+        {**MLA, "fc_norm": True, "norm_output": True},
     ],
 )
 def test_configs_both_engines_serve_alike_load(values):
     AutoEagle3DraftModel.from_config(AutoDraftModelConfig.from_dict(values))
+
+
+def test_eagle3_1_options_default_off_and_are_read_where_vllm_reads_them():
+    plain = AutoDraftModelConfig.from_dict(LLAMA)
+    assert (plain.fc_norm, plain.norm_before_fc, plain.norm_output) == (False, False, False)
+    # vLLM reads norm_before_fc from eagle_config first, then from the top level; fc_norm and norm_output top level.
+    nested = AutoDraftModelConfig.from_dict({**LLAMA, "eagle_config": {"use_aux_hidden_state": True, "norm_before_fc": True}})
+    assert nested.norm_before_fc and nested.to_dict()["norm_before_fc"] is True
+    top = AutoDraftModelConfig.from_dict({**LLAMA, "fc_norm": True, "norm_output": True})
+    assert (top.fc_norm, top.norm_before_fc, top.norm_output) == (True, False, True)
+    assert {"fc_norm": True, "norm_output": True}.items() <= top.to_dict().items()
+
+
+def test_norm_before_fc_on_an_mla_draft_is_an_engine_refusal():
+    # vLLM 0.32's deepseek_eagle3.py builds no input_norm (only llama_eagle3.py does); the engine test
+    # shows it refusing such a folder.
+    config = AutoDraftModelConfig.from_dict({**MLA, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "norm_before_fc": True})
+    refusals = config.engine_refusals()
+    assert len(refusals) == 1 and "norm_before_fc" in refusals[0] and "use fc_norm" in refusals[0]
+    assert AutoDraftModelConfig.from_dict({**LLAMA, "norm_before_fc": True}).engine_refusals() == []

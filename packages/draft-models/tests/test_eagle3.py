@@ -6,7 +6,7 @@ import torch
 from torchspec.draft_models import Eagle3Model, step0_loss_mask
 from torchspec.draft_models.loss import chunked_forward_kl, DenseTargetProbs
 
-from draft_helpers import build_draft, make_batch
+from draft_helpers import EAGLE3_1_VARIANTS, build_draft, explicit_fc, explicit_next_hidden, make_batch
 
 
 def _reference_ttt(draft, batch, length, token_loss_mask, pruned=False):
@@ -19,7 +19,7 @@ def _reference_ttt(draft, batch, length, token_loss_mask, pruned=False):
     B, T = ids.shape
     target_logits = batch["target_hidden"] @ batch["target_head_weight"].T  # [B, T, V]
     draft_ids = draft.draft_to_target_ids()
-    hidden = draft.project_hidden_states(batch["hidden_states"])
+    hidden = explicit_fc(draft, batch["hidden_states"])
     cache_k = cache_v = None
     loss_sums, counts, corrects = [], [], []
     for k in range(length):
@@ -28,6 +28,7 @@ def _reference_ttt(draft, batch, length, token_loss_mask, pruned=False):
         positions = torch.arange(T).expand(B, T) + k
         hidden, cache_k, cache_v = draft.backbone(draft.embed_input_ids(tokens), hidden, attn, positions, cache_k, cache_v)
         logits = draft.compute_logits(hidden)
+        hidden = explicit_next_hidden(draft, hidden)
         total, count, correct = 0.0, 0, 0
         for b in range(B):
             for t in range(T):
@@ -47,9 +48,10 @@ def _reference_ttt(draft, batch, length, token_loss_mask, pruned=False):
     return loss_sums, counts, corrects
 
 
+@pytest.mark.parametrize("variant", sorted(EAGLE3_1_VARIANTS))
 @pytest.mark.parametrize("pruned", [False, True])
-def test_losses_match_the_row_by_row_formula(draft_kind, pruned):
-    draft = build_draft(draft_kind, draft_vocab_size=40 if pruned else 97)
+def test_losses_match_the_row_by_row_formula(draft_kind, pruned, variant):
+    draft = build_draft(draft_kind, draft_vocab_size=40 if pruned else 97, **EAGLE3_1_VARIANTS[variant])
     batch = make_batch()
     length = 4
     model = Eagle3Model(draft, length=length, loss_chunk_elements=97 * 5)  # several chunks

@@ -46,6 +46,23 @@ def test_round_trip_keeps_weights_mapping_and_outputs(tmp_path, draft_kind, prun
     assert config["draft_vocab_size"] == (50 if pruned else 97)
 
 
+def test_eagle3_1_weights_and_flags_are_written_as_vllm_reads_them(tmp_path, draft_kind):
+    draft = build_draft(draft_kind, fc_norm=True, norm_before_fc=draft_kind == "llama", norm_output=True)
+    draft.save_pretrained(tmp_path)
+    keys = _keys(tmp_path / "model.safetensors")
+    # vLLM's llama_eagle3.py / deepseek_eagle3.py parameter names, after its "model." prefix
+    assert {"fc_norm.0.weight", "fc_norm.1.weight", "fc_norm.2.weight"} <= keys
+    assert ("input_norm.weight" in keys) == (draft_kind == "llama")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["fc_norm"] is True and config["norm_output"] is True
+    assert config["norm_before_fc"] is (draft_kind == "llama")
+    loaded = AutoEagle3DraftModel.from_pretrained(tmp_path)
+    assert loaded.config.norm_output and loaded.config.fc_norm
+    for (name, a), (_, b) in zip(draft.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    _same_outputs(draft, loaded)
+
+
 def test_layers_0_prefix_is_accepted(tmp_path):
     draft = build_draft("llama")
     draft.save_pretrained(tmp_path)

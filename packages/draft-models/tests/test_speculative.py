@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 from torchspec.draft_models import AutoEagle3DraftModel, SpeculativeGenerator, target_greedy_generate
 from torchspec.draft_models.speculative import rejection_sample
 
-from draft_helpers import build_draft
+from draft_helpers import EAGLE3_1_VARIANTS, build_draft, explicit_fc, explicit_next_hidden
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,7 +62,8 @@ def _reference_greedy_rounds(draft, target, prompt, k, max_new_tokens, aux_layer
 
     Draft rows follow EAGLE-3: row ``t`` (RoPE position ``t``) reads the target's aux hidden states
     at ``t`` and the token at ``t + 1`` and predicts the token at ``t + 2``. The chain then appends
-    rows that read the draft's own (pre-norm) output of the row before and the token just drafted.
+    rows that read the draft's own output of the row before (pre-norm; normed under norm_output)
+    and the token just drafted.
     Returns the generated tokens, the accepted drafts per round and every round's drafted chain."""
     offset = draft.d2t if draft.d2t is not None else 0
     to_target = torch.arange(draft.config.draft_vocab_size) + offset
@@ -72,14 +73,14 @@ def _reference_greedy_rounds(draft, target, prompt, k, max_new_tokens, aux_layer
     while len(sequence) - len(prompt) < max_new_tokens:
         # aux states of the verified tokens; the last token (the previous bonus) is not verified yet
         states = target(torch.tensor([sequence[:-1]]), output_hidden_states=True).hidden_states
-        hidden = draft.project_hidden_states(torch.cat([states[i] for i in aux_layer_ids], dim=-1))
+        hidden = explicit_fc(draft, torch.cat([states[i] for i in aux_layer_ids], dim=-1))
         tokens, chain = sequence[1:], []
         for _ in range(k):
             out, _, _ = draft.backbone(
                 draft.embed_input_ids(torch.tensor([tokens])), hidden, None, torch.arange(len(tokens))[None], use_cache=False
             )
             chain.append(int(to_target[draft.compute_logits(out[0, -1]).argmax()]))
-            hidden = torch.cat([hidden, out[:, -1:]], dim=1)
+            hidden = torch.cat([hidden, explicit_next_hidden(draft, out[:, -1:])], dim=1)
             tokens = tokens + chain[-1:]
         choices = target(torch.tensor([sequence + chain])).logits[0, len(sequence) - 1 :].argmax(-1).tolist()
         accepted = 0
@@ -92,11 +93,22 @@ def _reference_greedy_rounds(draft, target, prompt, k, max_new_tokens, aux_layer
 
 
 @pytest.mark.parametrize("favourites", [False, True], ids=["random", "two-favourites"])
-@pytest.mark.parametrize("kind, draft_vocab, k", [("llama", 97, 3), ("mla", 97, 1), ("llama", 40, 5), ("mla", 40, 4)])
-def test_output_equals_target_greedy(tiny_target, tmp_path, kind, draft_vocab, k, favourites):
+@pytest.mark.parametrize(
+    "kind, draft_vocab, k, variant",
+    [
+        ("llama", 97, 3, "eagle3"),
+        ("mla", 97, 1, "eagle3"),
+        ("llama", 40, 5, "eagle3"),
+        ("mla", 40, 4, "eagle3"),
+        ("llama", 40, 4, "all"),
+        ("mla", 97, 3, "fc_norm"),
+        ("mla", 40, 4, "norm_output"),
+    ],
+)
+def test_output_equals_target_greedy(tiny_target, tmp_path, kind, draft_vocab, k, variant, favourites):
     """Token for token, the generator matches greedy decoding, and every round drafts the chain and
-    accepts the number of tokens that a cache-free re-implementation does."""
-    draft = build_draft(kind, draft_vocab_size=draft_vocab)
+    accepts the number of tokens that a cache-free re-implementation does (EAGLE-3.1 options included)."""
+    draft = build_draft(kind, draft_vocab_size=draft_vocab, **EAGLE3_1_VARIANTS[variant])
     draft.load_embedding(tiny_target.get_input_embeddings().weight)
     target = _favour_two_tokens(tiny_target, draft) if favourites else tiny_target
     draft.save_pretrained(tmp_path)

@@ -107,6 +107,33 @@ def test_draft_config_file_and_vocab_override(tmp_path, target):
         resolve_draft_config(ModelConfig(draft_vocab_size=VOCAB + 1), target.config)
 
 
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (ModelConfig(), (False, False, False)),
+        (ModelConfig(eagle3_1=True), (True, False, True)),
+        (ModelConfig(eagle3_1=True, norm_before_fc=True), (True, True, True)),
+        (ModelConfig(fc_norm=True), (True, False, False)),
+        (ModelConfig(norm_output=True, draft_architecture="mla"), (False, False, True)),
+    ],
+)
+def test_eagle3_1_options_reach_the_draft_config(target, model, expected):
+    config = resolve_draft_config(model, target.config)
+    assert (config.fc_norm, config.norm_before_fc, config.norm_output) == expected
+
+
+def test_eagle3_1_options_override_a_draft_config_file_and_conflicts_are_errors(tmp_path, target):
+    path = tmp_path / "draft.json"
+    path.write_text(json.dumps({**draft_config_from_target(target.config), "fc_norm": True}))
+    assert resolve_draft_config(ModelConfig(draft_config=str(path)), target.config).fc_norm
+    assert not resolve_draft_config(ModelConfig(draft_config=str(path), fc_norm=False), target.config).fc_norm
+    with pytest.raises(ConfigError, match="model.eagle3_1=true turns on model.norm_output; remove model.norm_output=false"):
+        resolve_draft_config(ModelConfig(eagle3_1=True, norm_output=False), target.config)
+    # vLLM's DeepSeek EAGLE-3 draft has no input_norm: the run stops before step 1
+    with pytest.raises(ConfigError, match="norm_before_fc: true: vLLM's DeepSeek EAGLE-3 draft"):
+        resolve_draft_config(ModelConfig(draft_architecture="mla", norm_before_fc=True), target.config)
+
+
 def test_embedding_is_the_targets_and_frozen(target):
     draft = build_draft(resolve_draft_config(ModelConfig(), target.config), target)
     assert torch.equal(draft.embed_tokens.weight, target.embed_tokens_weight)

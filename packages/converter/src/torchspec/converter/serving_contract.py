@@ -16,6 +16,10 @@ A serving folder holds ``config.json`` and ``model.safetensors``:
 * ``architectures`` is a name both engines register (``ENGINE_ARCHITECTURES``);
 * ``embed_tokens.weight`` is present when ``hidden_size != target_hidden_size``: both engines then keep
   the draft's own table (and never the target's, whose width differs);
+* EAGLE-3.1 flags ``fc_norm``, ``norm_before_fc``, ``norm_output`` at the top level (vLLM reads them
+  there; ``norm_before_fc`` also from ``eagle_config``, first), weights ``fc_norm.{0,1,2}.weight`` and
+  ``input_norm.weight``. SGLang reads fc_norm and norm_output but not norm_before_fc (a warning), vLLM's
+  DeepSeek draft has no input_norm (an error);
 * RoPE, biases and other keys the engines would serve differently from training are refused by the
   draft config itself (``DraftConfigError``), so they show up here as config errors.
 """
@@ -110,6 +114,11 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
         error("config.json lacks an explicit head_dim (engines would assume hidden_size / num_attention_heads)")
     if raw.get("model_type") == "deepseek_v3":
         error("model_type deepseek_v3 makes vLLM load the folder as an MTP draft; use deepseek_v2")
+    if config.norm_before_fc:
+        warning(
+            "norm_before_fc: only vLLM serves it; SGLang's EAGLE-3 drafts (EAGLE-3.1 support of May 2026) skip "
+            "input_norm.weight and would serve this draft without that norm: serve it with vLLM, or train with fc_norm"
+        )
     eagle = raw.get("eagle_config") or {}
     if eagle.get("use_aux_hidden_state") is not True:
         error("config.json eagle_config.use_aux_hidden_state must be true for EAGLE-3")

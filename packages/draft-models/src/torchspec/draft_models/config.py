@@ -20,6 +20,7 @@ __all__ = [
     "AutoDraftModelConfig",
     "DeepseekEagle3Config",
     "DraftConfigError",
+    "EAGLE3_1_OPTIONS",
     "Eagle3DraftConfig",
     "LlamaEagle3Config",
 ]
@@ -38,10 +39,10 @@ _UNTRAINED_FLAGS = {
     "bias": "SGLang and vLLM give o_proj (SGLang also fc) a bias",
     "mlp_bias": "vLLM gives the MLP biases",
     "norm_before_residual": "vLLM normalises the hidden state before the residual",
-    "norm_before_fc": "vLLM normalises the aux hidden states before fc",
-    "fc_norm": "vLLM normalises each aux hidden state before fc",
-    "norm_output": "vLLM feeds the normed hidden state back",
 }
+
+# The EAGLE-3.1 options, as vLLM's llama_eagle3.py / deepseek_eagle3.py read them (all default off).
+EAGLE3_1_OPTIONS = ("fc_norm", "norm_before_fc", "norm_output")
 
 # rope_scaling keys any draft may carry when they hold the value every engine assumes anyway.
 _NEUTRAL_ROPE_VALUES = {"partial_rotary_factor": 1.0, "truncate": True}
@@ -69,6 +70,12 @@ class Eagle3DraftConfig:
     torch_dtype: str = "bfloat16"
     num_hidden_layers: int = 1
     tie_word_embeddings: bool = False
+    # EAGLE-3.1: an RMSNorm on each aux hidden state (low, mid, high) before fc (`fc_norm.{0,1,2}`) ...
+    fc_norm: bool = False
+    # ... and/or one RMSNorm over their concatenation, applied first (`input_norm`) ...
+    norm_before_fc: bool = False
+    # ... and the next draft step reads the normed hidden state (the head's input), not the pre-norm one.
+    norm_output: bool = False
     architectures: list[str] = field(default_factory=list)
     model_type: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +114,9 @@ class Eagle3DraftConfig:
             )
         if self.num_hidden_layers != 1:
             raise DraftConfigError(f"num_hidden_layers must be 1 for an EAGLE-3 draft, got {self.num_hidden_layers}")
+        for name in EAGLE3_1_OPTIONS:
+            if not isinstance(getattr(self, name), bool):
+                raise DraftConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         eagle_config = self.extra.get("eagle_config") or {}
         for key, served_as in _UNTRAINED_FLAGS.items():
             value = self.extra.get(key) or eagle_config.get(key)  # vLLM reads eagle_config.norm_before_fc first
@@ -175,6 +185,14 @@ class Eagle3DraftConfig:
             if "rope_theta" in rope_parameters:
                 values.setdefault("rope_theta", rope_parameters.pop("rope_theta"))
             values["rope_scaling"] = rope_parameters
+        eagle_config = values.get("eagle_config") or {}
+        if "norm_before_fc" in eagle_config:  # vLLM reads eagle_config's value before the top-level one
+            if values.get("norm_before_fc", eagle_config["norm_before_fc"]) != eagle_config["norm_before_fc"]:
+                raise DraftConfigError(
+                    f"norm_before_fc is {values['norm_before_fc']!r} but eagle_config.norm_before_fc is "
+                    f"{eagle_config['norm_before_fc']!r} (vLLM serves the latter); keep one of them"
+                )
+            values["norm_before_fc"] = eagle_config["norm_before_fc"]
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in values.items() if k in known}
         kwargs["extra"] = {**values.get("extra", {}), **{k: v for k, v in values.items() if k not in known | {"extra"}}}
@@ -296,13 +314,19 @@ class DeepseekEagle3Config(Eagle3DraftConfig):
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     def engine_refusals(self) -> list[str]:
+        refusals = []
         if self.latent_width not in MLA_SERVED_LATENT_WIDTHS:
-            return [
+            refusals.append(
                 f"kv_lora_rank + qk_rope_head_dim = {self.latent_width}: vLLM's MLA attention serves latent widths "
                 f"{', '.join(map(str, MLA_SERVED_LATENT_WIDTHS))} only (its CPU kernel and FlashMLA 576 only); "
                 "use kv_lora_rank 512 and qk_rope_head_dim 64 as DeepSeek-V3 does"
-            ]
-        return []
+            )
+        if self.norm_before_fc:
+            refusals.append(
+                "norm_before_fc: true: vLLM's DeepSeek EAGLE-3 draft (0.32) has no input_norm and refuses its weight; "
+                "use fc_norm (one norm per aux hidden state) for an MLA draft"
+            )
+        return refusals
 
     def _validate(self) -> None:
         if self.num_key_value_heads is None:

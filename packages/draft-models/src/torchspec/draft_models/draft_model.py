@@ -4,6 +4,14 @@
     embeds = embed_tokens(ids)                             # embed_input_ids (frozen, target's table)
     hidden = midlayer(embeds, hidden, ...)                 # backbone: one decoder layer, pre-norm output
     logits = lm_head(norm(hidden))                         # compute_logits, over the draft vocab
+    next step reads hidden                                 # next_step_hidden
+
+EAGLE-3.1 options (config flags, as vLLM serves them):
+
+    norm_before_fc:  cat(low, mid, high) -> input_norm(cat(...))               before fc
+    fc_norm:         cat(low, mid, high) -> cat(fc_norm.0(low), fc_norm.1(mid), fc_norm.2(high))
+                     (after input_norm when both are on)
+    norm_output:     the next step reads norm(hidden), the head's input, instead of hidden
 
 A pruned draft vocabulary keeps two buffers: ``d2t`` (draft id ``i`` is target id ``i + d2t[i]``) and
 ``t2d`` (``t2d[j]`` is True when target token ``j`` is in the draft vocab).
@@ -41,7 +49,14 @@ class Eagle3DraftModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.fc = nn.Linear(3 * config.target_hidden_size, config.hidden_size, bias=False)
+        fc_input_size = 3 * config.target_hidden_size
+        self.input_norm = RMSNorm(fc_input_size, config.rms_norm_eps) if config.norm_before_fc else None
+        self.fc_norm = (
+            nn.ModuleList(RMSNorm(config.target_hidden_size, config.rms_norm_eps) for _ in range(3))
+            if config.fc_norm
+            else None
+        )
+        self.fc = nn.Linear(fc_input_size, config.hidden_size, bias=False)
         self.midlayer = Eagle3DecoderLayer(
             config.hidden_size, config.intermediate_size, config.rms_norm_eps, self._build_attention(config)
         )
@@ -66,6 +81,11 @@ class Eagle3DraftModel(nn.Module):
 
     def project_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[B, T, 3 * target_hidden_size]`` (low, mid, high) -> ``[B, T, hidden_size]``."""
+        if self.input_norm is not None:
+            hidden_states = self.input_norm(hidden_states)
+        if self.fc_norm is not None:
+            chunks = hidden_states.chunk(len(self.fc_norm), dim=-1)
+            hidden_states = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, chunks)], dim=-1)
         return self.fc(hidden_states)
 
     def backbone(
@@ -89,6 +109,11 @@ class Eagle3DraftModel(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden_states))
+
+    def next_step_hidden(self, hidden_states: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        """The hidden state the next draft step reads, given a step's pre-norm output and its norm:
+        the pre-norm one (EAGLE-3), or the normed one the head reads (``norm_output``, EAGLE-3.1)."""
+        return normed if self.config.norm_output else hidden_states
 
     # --- vocabulary and embedding -----------------------------------------------------------------
 

@@ -5,7 +5,8 @@ Alignment (EAGLE-3). The target saw tokens ``x_0 .. x_{T-1}``; its aux hidden st
 
 * Step 0, row ``t``: input the target's hidden states at ``t`` and the embedding of ``x_{t+1}``;
   trained toward ``p_{t+1}`` (which predicts ``x_{t+2}``).
-* Step ``k``, row ``t``: input the draft's own hidden state of step ``k-1`` and ``x_{t+1+k}``;
+* Step ``k``, row ``t``: input the draft's own hidden state of step ``k-1`` (pre-norm; the normed one
+  under ``norm_output``, as the engines chain it) and ``x_{t+1+k}``;
   trained toward ``p_{t+1+k}``. Row ``t`` of every step is one drafted chain, so its RoPE position
   advances with the chain (``t + k``), as in a serving engine's draft.
 * ``loss_mask`` is step-0 aligned (1 where row ``t`` counts at step 0, see
@@ -165,6 +166,7 @@ class Eagle3Model(nn.Module):
             else:
                 hidden, cache_keys, cache_values = draft.backbone(*args)
             normed.append(draft.norm(hidden))
+            hidden = draft.next_step_hidden(hidden, normed[-1])
         return torch.stack(normed)
 
     def forward(

@@ -143,7 +143,9 @@ class SpeculativeGenerator:
 
     def _draft_forward(self, embeds, hidden, positions, cache):
         hidden, keys, values = self.draft.backbone(embeds, hidden, DecodeMask(), positions, cache[0], cache[1], use_cache=True)
-        logits = self.draft.compute_logits(hidden[:, -1]).float()[0]
+        hidden = hidden[:, -1:]
+        normed = self.draft.norm(hidden)
+        logits = self.draft.lm_head(normed).float()[0, -1]
         if self.temperature == 0:
             draft_id, probs = logits.argmax(), None
         else:
@@ -151,7 +153,7 @@ class SpeculativeGenerator:
             draft_id = torch.multinomial(draft_probs, 1, generator=self.generator)[0]
             probs = torch.zeros(self.vocab_size, device=logits.device).index_copy(0, self.draft_to_target, draft_probs)
         token = self.draft_to_target[draft_id].view(1, 1)
-        return hidden[:, -1:], token, probs, (keys, values)
+        return self.draft.next_step_hidden(hidden, normed), token, probs, (keys, values)
 
     def _draft_chain(self, aux, new_tokens, start: int, prefix_cache):
         """Extend the draft's verified prefix with rows ``start ..`` (target aux states + next tokens),

@@ -64,6 +64,14 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Tokenizer folder; null = the target folder.
     tokenizer_path: str | None = None
+    # EAGLE-3.1: `true` turns on fc_norm and norm_output, the variant vLLM serves for both architectures.
+    eagle3_1: bool = False
+    # The single EAGLE-3.1 options; null = as the draft config says (off in a generated one).
+    # fc_norm: an RMSNorm per aux hidden state before fc; norm_before_fc: one over their concatenation
+    # (Llama drafts only: vLLM's DeepSeek draft lacks it); norm_output: chain the normed hidden state.
+    fc_norm: bool | None = None
+    norm_before_fc: bool | None = None
+    norm_output: bool | None = None
 
 
 @dataclass

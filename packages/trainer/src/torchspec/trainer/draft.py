@@ -8,10 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from torchspec.draft_models import AutoDraftModelConfig, AutoEagle3DraftModel, DraftConfigError, Eagle3DraftConfig
+from torchspec.draft_models.config import EAGLE3_1_OPTIONS
 from torchspec.draft_models.draft_model import Eagle3DraftModel
 from torchspec.trainer.config import ConfigError, ModelConfig
 
-__all__ = ["build_draft", "check_draft_against_target", "draft_config_from_target", "resolve_draft_config"]
+__all__ = [
+    "build_draft",
+    "check_draft_against_target",
+    "draft_config_from_target",
+    "eagle3_1_options",
+    "resolve_draft_config",
+]
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLMEagle3", "mla": "Eagle3DeepseekV2ForCausalLM"}
 
@@ -77,6 +84,19 @@ def draft_config_from_target(target_config, architecture: str = "llama") -> dict
     return values
 
 
+def eagle3_1_options(model: ModelConfig) -> dict[str, bool]:
+    """The EAGLE-3.1 flags this run sets in the draft config (``model.eagle3_1`` and the single options)."""
+    options = {"fc_norm": True, "norm_output": True} if model.eagle3_1 else {}
+    for name in EAGLE3_1_OPTIONS:
+        value = getattr(model, name)
+        if value is None:
+            continue
+        if model.eagle3_1 and name in options and not value:
+            raise ConfigError(f"model.eagle3_1=true turns on model.{name}; remove model.{name}=false or model.eagle3_1")
+        options[name] = value
+    return options
+
+
 def resolve_draft_config(model: ModelConfig, target_config) -> Eagle3DraftConfig:
     """The draft config of this run: ``model.draft_config`` or generated, with ``model.draft_vocab_size`` applied."""
     if model.draft_config is not None:
@@ -95,6 +115,7 @@ def resolve_draft_config(model: ModelConfig, target_config) -> Eagle3DraftConfig
         values["draft_vocab_size"] = model.draft_vocab_size
     elif "draft_vocab_size" not in values:
         values["draft_vocab_size"] = values.get("vocab_size")
+    values.update(eagle3_1_options(model))
     try:
         config = AutoDraftModelConfig.from_dict(values, source=source)
     except DraftConfigError as err:

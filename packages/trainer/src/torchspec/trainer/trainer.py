@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from torchspec.draft_models import Eagle3Model, step0_loss_mask
+from torchspec.draft_models import AutoDraftModelConfig, DraftConfigError, Eagle3Model, step0_loss_mask
 from torchspec.draft_models.run_pointer import serving_folder
 from torchspec.trainer.checkpoint import (
     TRAINER_STATE,
@@ -525,6 +525,10 @@ def _check_same_draft(path: Path, draft_config, key: str) -> None:
     if not saved_file.is_file():
         return
     saved, current = json.loads(saved_file.read_text()), draft_config.to_dict()
+    try:  # fill the defaults of keys older versions did not write (the EAGLE-3.1 flags)
+        saved = AutoDraftModelConfig.from_dict(saved).to_dict()
+    except DraftConfigError:
+        pass
     differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "torch_dtype")
     if differing:
         key_name = differing[0]
