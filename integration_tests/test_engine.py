@@ -217,21 +217,31 @@ def test_the_default_mla_export_is_served_beside_an_mla_target(mla_target, train
     # and one-token decode MLA paths compute different hidden states there. A vLLM-side question.
 
 
-def test_an_mla_latent_width_vllm_refuses_is_a_check_error(mla_target, prompts, tmp_path):
+def _refused_by_vllm_and_by_check(mla_target, prompts, folder, engine_words, check_words, **draft_values):
+    """An MLA draft folder (random weights) that vLLM refuses to serve and `converter check` reports.
+    The model here runs it: only the engine lacks it, so the folder can be written for vLLM to judge."""
     from torchspec.converter import check_serving_folder
     from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config
 
-    config = DeepseekEagle3Config(hidden_size=128, vocab_size=2048, num_attention_heads=4, intermediate_size=256,
-                                  q_lora_rank=64, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                                  v_head_dim=32, torch_dtype="float32")
-    folder = AutoEagle3DraftModel.from_config(config).save_pretrained(tmp_path / "narrow_latent",
-                                                                       include_embeddings=False)
-    # vLLM's words depend on the path (CPU: its MLA kernel has no 144-wide variant; GPU metadata:
-    # "Head dimension 144 is not supported by MLA"); either way it refuses.
-    with pytest.raises(EngineError, match="vLLM refused the draft .*(Unsupported block size|Head dimension 144)"):
+    values = dict(hidden_size=read_config(mla_target)["hidden_size"], vocab_size=2048, num_attention_heads=4,
+                  intermediate_size=256, q_lora_rank=64, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64,
+                  v_head_dim=32, torch_dtype="float32")
+    config = DeepseekEagle3Config(**{**values, **draft_values})
+    AutoEagle3DraftModel.from_config(config).save_pretrained(folder, include_embeddings=False)
+    with pytest.raises(EngineError, match=engine_words):
         run_vllm(mla_target, prompts[:1], 4, draft=folder)
     errors = [f.message for f in check_serving_folder(folder) if f.level == "error"]
-    assert any("kv_lora_rank + qk_rope_head_dim = 144" in message for message in errors), errors
+    assert any(check_words in message for message in errors), errors
+
+
+def test_an_mla_latent_width_vllm_refuses_is_a_check_error(mla_target, prompts, tmp_path):
+    # vLLM's words depend on the path (CPU: its MLA kernel has no 144-wide variant; GPU metadata:
+    # "Head dimension 144 is not supported by MLA"); either way it refuses.
+    _refused_by_vllm_and_by_check(
+        mla_target, prompts, tmp_path / "narrow_latent",
+        "vLLM refused the draft .*(Unsupported block size|Head dimension 144)", "kv_lora_rank + qk_rope_head_dim = 144",
+        kv_lora_rank=128, qk_rope_head_dim=16,
+    )
 
 
 def test_an_eagle3_1_mla_export_is_served_beside_an_mla_target(mla_target, prompts, tmp_path):
@@ -243,17 +253,8 @@ def test_an_eagle3_1_mla_export_is_served_beside_an_mla_target(mla_target, promp
 
 
 def test_norm_before_fc_on_an_mla_draft_is_refused_by_vllm_and_by_check(mla_target, prompts, tmp_path):
-    from torchspec.converter import check_serving_folder
-    from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config
-
-    # The model runs it (only the engine lacks it), so the folder can be written for vLLM to judge.
-    config = DeepseekEagle3Config(hidden_size=read_config(mla_target)["hidden_size"], vocab_size=2048,
-                                  num_attention_heads=4, intermediate_size=256, q_lora_rank=64, kv_lora_rank=512,
-                                  qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, torch_dtype="float32",
-                                  norm_before_fc=True)
-    folder = AutoEagle3DraftModel.from_config(config).save_pretrained(tmp_path / "mla_input_norm",
-                                                                       include_embeddings=False)
-    with pytest.raises(EngineError, match="no module or parameter named 'input_norm' in DeepseekV2Eagle3Model"):
-        run_vllm(mla_target, prompts[:1], 4, draft=folder)
-    errors = [f.message for f in check_serving_folder(folder) if f.level == "error"]
-    assert any("norm_before_fc: true: vLLM's DeepSeek EAGLE-3 draft" in message for message in errors), errors
+    _refused_by_vllm_and_by_check(
+        mla_target, prompts, tmp_path / "mla_input_norm",
+        "no module or parameter named 'input_norm' in DeepseekV2Eagle3Model", "norm_before_fc: true: vLLM's DeepSeek",
+        norm_before_fc=True,
+    )

@@ -131,3 +131,15 @@ def test_embedding_and_mapping_setters_check_shapes():
         draft.set_vocab_mapping(torch.zeros(3, dtype=torch.long), torch.zeros(97, dtype=torch.bool))
     with pytest.raises(ValueError, match="needs a pruned config"):
         build_draft("llama").set_vocab_mapping(torch.zeros(1), torch.zeros(1))
+
+
+def test_a_folder_without_torch_dtype_keeps_its_weights_dtype(tmp_path):
+    draft = build_draft("llama", torch_dtype=None)  # float32 weights, no declared serving dtype
+    draft.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"  # the weights' own
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["torch_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert AutoEagle3DraftModel.from_pretrained(tmp_path).fc.weight.dtype == torch.float32  # not the old bf16 default
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))  # transformers 5 spelling
+    assert AutoEagle3DraftModel.from_pretrained(tmp_path).fc.weight.dtype == torch.bfloat16

@@ -67,7 +67,8 @@ class Eagle3DraftConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
-    torch_dtype: str = "bfloat16"
+    # The serving dtype; None when config.json declares none (a folder's weights then keep theirs).
+    torch_dtype: str | None = None
     num_hidden_layers: int = 1
     tie_word_embeddings: bool = False
     # EAGLE-3.1: an RMSNorm on each aux hidden state (low, mid, high) before fc (`fc_norm.{0,1,2}`) ...
@@ -97,6 +98,8 @@ class Eagle3DraftConfig:
             self.architectures = [self.architecture]
         if not self.model_type:
             self.model_type = self.default_model_type
+        if self.torch_dtype is None and isinstance(self.extra.get("dtype"), str):  # transformers 5's spelling
+            self.torch_dtype = self.extra["dtype"]
         try:
             self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
         except ValueError as err:

@@ -162,8 +162,8 @@ class Eagle3DraftModel(nn.Module):
             tensors[name] = tensor.detach().contiguous().cpu()
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         config = self.config.to_dict()
-        if dtype is not None:
-            config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if dtype is not None or config.get("torch_dtype") is None:  # engines read the serving dtype here
+            config["torch_dtype"] = str(dtype or _stored_dtype(tensors.values())).removeprefix("torch.")
         # Both engines read the aux-hidden-state input of an EAGLE-3 draft from this flag.
         config["eagle_config"] = {**(config.get("eagle_config") or {}), "use_aux_hidden_state": True}
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -185,8 +185,7 @@ class Eagle3DraftModel(nn.Module):
             model = model_class(config)
         state = read_serving_weights(directory / WEIGHTS_NAME)
         model.load_serving_state_dict(state, source=str(directory / WEIGHTS_NAME), device=device)
-        dtype = dtype or _DTYPES.get(str(config.torch_dtype), None)
-        return model.to(dtype=dtype) if dtype is not None else model
+        return model.to(dtype=dtype or _folder_dtype(config, state))
 
     def load_serving_state_dict(self, state: dict[str, torch.Tensor], source: str, device="cpu") -> None:
         """Load serving-format weights, accepting ``layers.0.*`` for ``midlayer.*``. The model may
@@ -219,6 +218,18 @@ class Eagle3DraftModel(nn.Module):
                 else:
                     value.zero_()
         self.midlayer.self_attn.reset_rotary_buffers()
+
+
+def _folder_dtype(config: Eagle3DraftConfig, state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype config.json declares (``torch_dtype``, or transformers 5's ``dtype``), else the
+    weights' own, as transformers does (a float32 folder without the key stays float32)."""
+    if str(config.torch_dtype) in _DTYPES:
+        return _DTYPES[str(config.torch_dtype)]
+    return _stored_dtype(state.values())
+
+
+def _stored_dtype(tensors) -> torch.dtype:
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
 def _canonical_key(key: str) -> str:
