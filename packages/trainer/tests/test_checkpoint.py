@@ -184,12 +184,13 @@ def test_retention_keeps_the_last_k_and_the_best(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "iter_0000005"
 
 
-def test_the_converter_reads_the_layout(tmp_path):
-    converter = pytest.importorskip("torchspec.converter")
+def test_the_shared_layout_reads_what_the_checkpointer_writes(tmp_path):
+    """The readers (resume, continual training, the converter) go through draft_models.checkpoint_layout."""
+    from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint, resolve_checkpoint
+
     model, optimizer = trained()
     path = save(Checkpointer(tmp_path), 7, model, optimizer, {"config.json": lambda p: p.write_text("{}")})
-    assert converter.resolve_checkpoint(tmp_path) == path
-    from torchspec.converter.checkpoint import TrainingCheckpoint
+    assert resolve_checkpoint(tmp_path) == path
 
     reader = TrainingCheckpoint.__new__(TrainingCheckpoint)
     reader.path = path

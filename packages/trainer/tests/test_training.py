@@ -81,7 +81,7 @@ def test_interrupted_and_resumed_run_repeats_the_losses_bitwise(assets, referenc
         for key in ("loss", "loss_per_position", "acc_per_position", "grad_norm", "lr"):
             assert got[step][key] == expected[step][key], (step, key)
     # The final weights are the same bits too.
-    from torchspec.converter.checkpoint import TrainingCheckpoint
+    from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint
 
     a, b = TrainingCheckpoint.open(reference_dir / "iter_0000008"), TrainingCheckpoint.open(tmp_path / "iter_0000008")
     for name in a.weight_names():

@@ -1,10 +1,10 @@
 """Export TorchSpec checkpoints to serving-ready EAGLE-3 draft folders, with vocabulary pruning."""
 
 from torchspec.converter.__about__ import __version__
-from torchspec.converter.checkpoint import TrainingCheckpoint, resolve_checkpoint
 from torchspec.converter.errors import ConverterError
 from torchspec.converter.export import ExportResult, export_checkpoint
 from torchspec.converter.serving_contract import Finding, check_serving_folder
+from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint, resolve_checkpoint
 
 __all__ = [
     "ConverterError",

@@ -37,7 +37,7 @@ def _supervised_counts(args, vocab_size: int):
 
 
 def _export(args) -> int:
-    from torchspec.converter.checkpoint import TrainingCheckpoint
+    from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint
     from torchspec.converter.export import export_checkpoint
     from torchspec.converter.vocab_pruning import restrict_counts_to_draft_vocab
 

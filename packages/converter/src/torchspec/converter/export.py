@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from torchspec.converter.checkpoint import TrainingCheckpoint
+from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, TrainingCheckpoint
 from torchspec.converter.errors import ConverterError
 from torchspec.converter.safetensors_stream import TensorSpec, write_safetensors
 from torchspec.converter.serving_contract import Finding, check_serving_folder, unregistered_by
@@ -105,7 +105,10 @@ def export_checkpoint(
 ) -> ExportResult:
     """Write the serving folder for ``input_path``. ``new_draft_target_ids`` (sorted target ids of a
     smaller draft vocabulary) prunes the head after training."""
-    checkpoint = TrainingCheckpoint.open(input_path)
+    try:
+        checkpoint = TrainingCheckpoint.open(input_path)
+    except CheckpointNotFoundError as err:  # the converter's own error type for every user mistake
+        raise ConverterError(str(err)) from None
     output = Path(output_path) if output_path is not None else Path(str(Path(input_path)).rstrip("/") + "_hf")
     if output.exists() and not force:
         raise ConverterError(f"{output} already exists; pass --force to replace it")

@@ -2,6 +2,7 @@
 
 from torchspec.draft_models.__about__ import __version__
 from torchspec.draft_models.auto import AutoEagle3DraftModel
+from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, TrainingCheckpoint, resolve_checkpoint
 from torchspec.draft_models.config import (
     AutoDraftModelConfig,
     DeepseekEagle3Config,
@@ -27,6 +28,7 @@ from torchspec.draft_models.aux_layers import default_aux_layer_ids
 __all__ = [
     "AutoDraftModelConfig",
     "AutoEagle3DraftModel",
+    "CheckpointNotFoundError",
     "DamagedCheckpointError",
     "DeepseekEagle3Config",
     "DraftCheckpointError",
@@ -40,6 +42,7 @@ __all__ = [
     "LlamaForCausalLMEagle3",
     "SpeculativeGenerator",
     "SpeculativeResult",
+    "TrainingCheckpoint",
     "UnsafeCheckpointError",
     "__version__",
     "default_aux_layer_ids",
@@ -47,6 +50,7 @@ __all__ = [
     "load_torch",
     "open_safetensors",
     "read_dcp_metadata",
+    "resolve_checkpoint",
     "step0_loss_mask",
     "target_greedy_generate",
 ]

@@ -1,19 +1,7 @@
 """Checkpoints with ``torch.distributed.checkpoint`` (DCP): atomic, resumable, reshardable.
 
-Layout, one folder per saved step (the converter reads the same)::
-
-    output_dir/
-      latest                        text: name of the newest complete checkpoint (written last)
-      best.json                     the checkpoint with the best eval acceptance length
-      iter_0000200/
-        .metadata, *.distcp         DCP: {"model": draft state dict, "optimizer": AdamW state}
-        config.json                 the draft config
-        aux_layers.json             {"aux_layer_ids": [...], "num_target_layers": L}
-        vocab_mapping.safetensors   d2t/t2d, when the draft vocabulary is pruned
-        training_config.yaml        the fully resolved training config
-        trainer_state.json          step, LR scheduler, data position
-        rng_state_rank{r}.pt        each rank's RNG states
-        COMPLETE                    marker, written after every rank finished
+The layout (folder names, what a complete checkpoint holds, the newest one) is
+``torchspec.draft_models.checkpoint_layout``, shared with every reader; this module writes it.
 
 A save goes to ``.tmp_iter_XXXXXXX``; after a barrier, rank 0 writes ``COMPLETE`` and renames the
 folder into place, then rewrites ``latest`` (temporary file + ``os.replace``). A process killed at
@@ -43,7 +31,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -56,6 +43,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from torchspec.draft_models.checkpoint_layout import (
+    COMPLETE_MARKER,
+    LATEST_FILE,
+    checkpoint_name,
+    find_latest,
+    is_complete,
+    list_checkpoints,
+)
 from torchspec.draft_models.safe_checkpoint import load_dcp, load_torch
 from torchspec.trainer.config import ConfigError
 from torchspec.trainer.distributed import barrier
@@ -71,37 +66,7 @@ __all__ = [
     "set_rng_state",
 ]
 
-COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
-_ITER = re.compile(r"^iter_(\d{7,})$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
-def is_complete(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return bool(_ITER.match(path.name)) and (path / COMPLETE_MARKER).is_file() and (path / ".metadata").is_file()
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``output_dir``, by step ascending."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for child in output_dir.iterdir():
-        match = _ITER.match(child.name)
-        if match and is_complete(child):
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def find_latest(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint (by step) in ``output_dir``, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -252,7 +217,7 @@ class Checkpointer:
                     shutil.rmtree(aside, ignore_errors=True)
                 os.replace(staging, final)
                 _fsync_dir(self.output_dir)
-                _write_atomic(self.output_dir / "latest", name + "\n")
+                _write_atomic(self.output_dir / LATEST_FILE, name + "\n")
                 self._apply_retention()
 
         # Each phase ends with every rank knowing whether any rank failed (it doubles as the barrier).

@@ -29,13 +29,13 @@ import torch
 import torch.distributed as dist
 
 from torchspec.draft_models import AutoDraftModelConfig, DraftConfigError, Eagle3Model, step0_loss_mask
+from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, resolve_checkpoint
 from torchspec.draft_models.run_pointer import serving_folder
 from torchspec.trainer.checkpoint import (
     TRAINER_STATE,
     Checkpointer,
     checkpoint_name,
     find_latest,
-    is_complete,
     list_checkpoints,
 )
 from torchspec.trainer.config import BUILTIN_TINY_TARGET, ConfigError, TrainConfig, dump_config
@@ -416,13 +416,10 @@ def _pad_id(tokenizer) -> int:
 
 
 def _complete_checkpoint(path: str, key: str) -> Path:
-    path = Path(path)
-    if is_complete(path):
-        return path
-    latest = find_latest(path)
-    if latest is None:
-        raise ConfigError(f"{key} {path} is neither a complete checkpoint (iter_XXXXXXX) nor an output_dir holding one")
-    return latest
+    try:
+        return resolve_checkpoint(path, what=key)
+    except CheckpointNotFoundError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
