@@ -32,7 +32,7 @@ def tiny_draft(kind: str, draft_vocab: int = VOCAB, seed: int = 0, **options):
 
 
 def write_training_checkpoint(draft, output_dir: Path, step: int = 10, aux_layer_ids=None, num_target_layers=6) -> Path:
-    """A checkpoint in the trainer's layout (see torchspec.converter.checkpoint)."""
+    """A checkpoint in the trainer's layout (see torchspec.draft_models.checkpoint_layout)."""
     path = Path(output_dir) / f"iter_{step:07d}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

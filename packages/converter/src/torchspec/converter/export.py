@@ -26,6 +26,7 @@ from torchspec.converter.safetensors_stream import TensorSpec, write_safetensors
 from torchspec.converter.serving_contract import Finding, check_serving_folder, unregistered_by
 from torchspec.converter.vocab_pruning import head_rows_for
 from torchspec.draft_models import LlamaEagle3Config, default_aux_layer_ids, open_safetensors
+from torchspec.draft_models.aux_layers import to_sglang_layer_ids
 
 __all__ = ["ExportResult", "export_checkpoint"]
 
@@ -89,7 +90,7 @@ def _serving_config(checkpoint: TrainingCheckpoint, draft_vocab_size: int, dtype
     ids = checkpoint.aux_layer_ids
     if ids is not None and (num_layers is None or list(ids) != default_aux_layer_ids(int(num_layers))):
         config["eagle_aux_hidden_state_layer_ids"] = list(ids)  # vLLM: input to layer j
-        eagle["eagle_aux_hidden_state_layer_ids"] = [i - 1 for i in ids]  # SGLang: output of layer j
+        eagle["eagle_aux_hidden_state_layer_ids"] = to_sglang_layer_ids(ids)  # SGLang: output of layer j
     config["eagle_config"] = eagle
     return config
 

@@ -40,6 +40,7 @@ from torchspec.draft_models import (
     LlamaEagle3Config,
     open_safetensors,
 )
+from torchspec.draft_models.aux_layers import from_sglang_layer_ids
 
 __all__ = ["ENGINE_ARCHITECTURES", "Finding", "check_serving_folder", "unregistered_by"]
 
@@ -128,7 +129,7 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
             "aux layer ids are written for only one engine: set both eagle_config.eagle_aux_hidden_state_layer_ids "
             "(SGLang, output of layer j) and eagle_aux_hidden_state_layer_ids (vLLM, input to layer j), or neither"
         )
-    elif sglang_ids is not None and [i + 1 for i in sglang_ids] != list(vllm_ids):
+    elif sglang_ids is not None and from_sglang_layer_ids(sglang_ids) != list(vllm_ids):
         error(
             f"aux layer ids disagree: SGLang {sglang_ids} (output of layer j) should equal vLLM {vllm_ids} (input to layer j) minus 1"
         )

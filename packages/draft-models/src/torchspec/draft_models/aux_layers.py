@@ -12,11 +12,28 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["aux_layer_ids_from_config", "default_aux_layer_ids", "select_aux_hidden_states", "validate_aux_layer_ids"]
+__all__ = [
+    "aux_layer_ids_from_config",
+    "default_aux_layer_ids",
+    "from_sglang_layer_ids",
+    "select_aux_hidden_states",
+    "to_sglang_layer_ids",
+    "validate_aux_layer_ids",
+]
 
 
 def default_aux_layer_ids(num_layers: int) -> list[int]:
     return [2, num_layers // 2, num_layers - 3]
+
+
+def to_sglang_layer_ids(layer_ids: Sequence[int]) -> list[int]:
+    """Ids in the convention here and vLLM's (input to layer ``j``) -> SGLang's (output of layer ``j``)."""
+    return [int(i) - 1 for i in layer_ids]
+
+
+def from_sglang_layer_ids(layer_ids: Sequence[int]) -> list[int]:
+    """SGLang's ids (output of layer ``j``) -> the convention here and vLLM's (input to layer ``j``)."""
+    return [int(i) + 1 for i in layer_ids]
 
 
 def validate_aux_layer_ids(layer_ids: Sequence[int], num_layers: int, source: str = "aux_layer_ids") -> list[int]:
@@ -37,7 +54,7 @@ def aux_layer_ids_from_config(config_extra: dict, num_layers: int) -> list[int]:
         return validate_aux_layer_ids(config_extra["eagle_aux_hidden_state_layer_ids"], num_layers)
     sglang = (config_extra.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
     if sglang:
-        return validate_aux_layer_ids([i + 1 for i in sglang], num_layers)
+        return validate_aux_layer_ids(from_sglang_layer_ids(sglang), num_layers)
     return default_aux_layer_ids(num_layers)
 
 
