@@ -81,7 +81,11 @@ class Eagle3DraftConfig:
     model_type: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # The registry: the name export writes, other names that load as this draft, and the short name
+    # a training config uses (`model.draft_architecture`). Model classes are found by config class.
     architecture: ClassVar[str] = ""
+    architecture_aliases: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[str] = ""
     default_model_type: ClassVar[str] = ""
     # rope_scaling type -> the keys this draft's RoPE, vLLM's and SGLang's read the same way.
     servable_rope_keys: ClassVar[dict[str, frozenset[str]]] = {}
@@ -230,6 +234,7 @@ class LlamaEagle3Config(Eagle3DraftConfig):
     attention_bias: bool = False
 
     architecture: ClassVar[str] = "LlamaForCausalLMEagle3"
+    kind: ClassVar[str] = "llama"
     default_model_type: ClassVar[str] = "llama"
     servable_rope_keys: ClassVar[dict[str, frozenset[str]]] = {
         "linear": frozenset({"factor"}),
@@ -286,6 +291,11 @@ class DeepseekEagle3Config(Eagle3DraftConfig):
     num_key_value_heads: int | None = None  # informational: MLA shares one latent across heads
 
     architecture: ClassVar[str] = "Eagle3DeepseekV2ForCausalLM"
+    # vLLM registers both DeepSeek names. DeepSeekForCausalLMEagle3 was written by older TorchSpec
+    # versions and neither engine registers it: such folders still load here, `converter export`
+    # writes `architecture` instead and `converter check` reports it.
+    architecture_aliases: ClassVar[tuple[str, ...]] = ("Eagle3DeepseekV3ForCausalLM", "DeepSeekForCausalLMEagle3")
+    kind: ClassVar[str] = "mla"
     # vLLM rewrites `deepseek_v3` configs into its MTP draft; `deepseek_v2` is left alone by both engines.
     default_model_type: ClassVar[str] = "deepseek_v2"
     # Both engines turn any MLA rope_scaling into DeepSeek YaRN (`deepseek_yarn`).
@@ -349,13 +359,11 @@ class DeepseekEagle3Config(Eagle3DraftConfig):
             raise DraftConfigError(f"qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
 
 
+DRAFT_CONFIG_CLASSES: tuple[type[Eagle3DraftConfig], ...] = (LlamaEagle3Config, DeepseekEagle3Config)
 _CONFIG_CLASSES: dict[str, type[Eagle3DraftConfig]] = {
-    "LlamaForCausalLMEagle3": LlamaEagle3Config,
-    "Eagle3DeepseekV2ForCausalLM": DeepseekEagle3Config,
-    "Eagle3DeepseekV3ForCausalLM": DeepseekEagle3Config,
-    # Written by older TorchSpec versions; neither engine registers it. Such folders still load here,
-    # `converter export` writes the class's own name and `converter check` reports it.
-    "DeepSeekForCausalLMEagle3": DeepseekEagle3Config,
+    name: config_class
+    for config_class in DRAFT_CONFIG_CLASSES
+    for name in (config_class.architecture, *config_class.architecture_aliases)
 }
 
 
@@ -380,6 +388,14 @@ class AutoDraftModelConfig:
         if name not in _CONFIG_CLASSES:
             raise DraftConfigError(f"{source}: unknown draft architecture {name!r}; supported: {supported}")
         return _CONFIG_CLASSES[name]
+
+    @staticmethod
+    def config_class_for_kind(kind: str) -> type[Eagle3DraftConfig]:
+        """The config class of a short architecture name (``llama``, ``mla``)."""
+        for config_class in DRAFT_CONFIG_CLASSES:
+            if config_class.kind == kind:
+                return config_class
+        raise DraftConfigError(f"unknown draft kind {kind!r}; use one of: {', '.join(c.kind for c in DRAFT_CONFIG_CLASSES)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> Eagle3DraftConfig:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from torchspec.draft_models.config import DeepseekEagle3Config
-from torchspec.draft_models.draft_model import Eagle3DraftModel, register_draft_architecture
+from torchspec.draft_models.draft_model import Eagle3DraftModel, register_draft_model
 from torchspec.draft_models.layers import RMSNorm
 from torchspec.draft_models.rope import RotaryEmbedding, apply_rotary_interleaved, yarn_mscale
 from torchspec.draft_models.ttt_attention import ttt_attention
@@ -92,7 +92,7 @@ class DeepseekMLAttention(nn.Module):
 
 # DeepSeekForCausalLMEagle3 (written by older TorchSpec versions, registered by neither engine) only
 # loads; the converter exports the engines' name.
-@register_draft_architecture("Eagle3DeepseekV2ForCausalLM", "Eagle3DeepseekV3ForCausalLM", "DeepSeekForCausalLMEagle3")
+@register_draft_model
 class Eagle3DeepseekV2ForCausalLM(Eagle3DraftModel):
     config_class = DeepseekEagle3Config
 

@@ -246,18 +246,16 @@ def read_serving_weights(path: Path) -> dict[str, torch.Tensor]:
         return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
-_MODEL_CLASSES: dict[str, type[Eagle3DraftModel]] = {}
+_MODEL_CLASSES: dict[type[Eagle3DraftConfig], type[Eagle3DraftModel]] = {}
 
 
-def register_draft_architecture(*names: str):
-    def register(model_class: type[Eagle3DraftModel]) -> type[Eagle3DraftModel]:
-        for name in names:
-            _MODEL_CLASSES[name] = model_class
-        return model_class
-
-    return register
+def register_draft_model(model_class: type[Eagle3DraftModel]) -> type[Eagle3DraftModel]:
+    """Class decorator: the model built for configs of ``model_class.config_class`` (whose
+    ``architecture`` names are the registry of names)."""
+    _MODEL_CLASSES[model_class.config_class] = model_class
+    return model_class
 
 
 def _model_class_for(config: Eagle3DraftConfig) -> type[Eagle3DraftModel]:
     AutoDraftModelConfig.config_class_for(config.architectures)  # same error text for bad names
-    return _MODEL_CLASSES[config.architectures[0]]
+    return _MODEL_CLASSES[type(config)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from torchspec.draft_models.config import LlamaEagle3Config
-from torchspec.draft_models.draft_model import Eagle3DraftModel, register_draft_architecture
+from torchspec.draft_models.draft_model import Eagle3DraftModel, register_draft_model
 from torchspec.draft_models.rope import RotaryEmbedding, apply_rotary_neox
 from torchspec.draft_models.ttt_attention import ttt_attention
 
@@ -46,7 +46,7 @@ class LlamaEagle3Attention(nn.Module):
         return self.o_proj(out), cache_keys, cache_values
 
 
-@register_draft_architecture("LlamaForCausalLMEagle3")
+@register_draft_model
 class LlamaForCausalLMEagle3(Eagle3DraftModel):
     config_class = LlamaEagle3Config
 

@@ -20,13 +20,11 @@ __all__ = [
     "resolve_draft_config",
 ]
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLMEagle3", "mla": "Eagle3DeepseekV2ForCausalLM"}
-
 
 def _rope_fields(target_config, architecture: str) -> dict[str, Any]:
     """The target's RoPE, less the keys the engines would serve differently for this draft (a Llama
     draft of a DeepSeek/Kimi target drops ``mscale``/``mscale_all_dim``, which SGLang's Llama YaRN ignores)."""
-    servable = AutoDraftModelConfig.config_class_for(_ARCHITECTURES[architecture]).servable_rope_scaling
+    servable = AutoDraftModelConfig.config_class_for_kind(architecture).servable_rope_scaling
     rope_parameters = getattr(target_config, "rope_parameters", None)
     if rope_parameters:  # transformers 5: theta and scaling in one dict
         return {"rope_parameters": servable(dict(rope_parameters))}
@@ -64,7 +62,7 @@ def draft_config_from_target(target_config, architecture: str = "llama") -> dict
     heads = int(target_config.num_attention_heads)
     head_dim = int(getattr(target_config, "head_dim", None) or hidden // heads)
     values: dict[str, Any] = {
-        "architectures": [_ARCHITECTURES[architecture]],
+        "architectures": [AutoDraftModelConfig.config_class_for_kind(architecture).architecture],
         "hidden_size": hidden,
         "target_hidden_size": hidden,
         "num_attention_heads": heads,
