@@ -143,3 +143,25 @@ def test_a_folder_without_torch_dtype_keeps_its_weights_dtype(tmp_path):
     assert AutoEagle3DraftModel.from_pretrained(tmp_path).fc.weight.dtype == torch.float32  # not the old bf16 default
     (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))  # transformers 5 spelling
     assert AutoEagle3DraftModel.from_pretrained(tmp_path).fc.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("variant", ["plain", "pruned", "eagle3_1", "aux-ids", "legacy-name"])
+def test_save_pretrained_writes_a_folder_the_serving_checker_passes(tmp_path, draft_kind, variant):
+    """save_pretrained and converter export write config.json through one writer (serving_config)."""
+    from torchspec.draft_models.serving_folder import check_serving_folder
+
+    options = {"pruned": {"draft_vocab_size": 50}, "eagle3_1": {"fc_norm": True, "norm_output": True}}.get(variant, {})
+    if draft_kind == "mla":
+        options["kv_lora_rank"] = 508  # + qk_rope_head_dim 4: a latent width vLLM serves (512)
+    draft = build_draft(draft_kind, **options)
+    if variant == "aux-ids":  # ids a loaded folder recorded (vLLM's key only): written for both engines
+        draft.config.extra["eagle_aux_hidden_state_layer_ids"] = [1, 3, 6]
+    if variant == "legacy-name" and draft_kind == "mla":
+        draft.config.architectures = ["DeepSeekForCausalLMEagle3"]  # written by older versions
+    draft.save_pretrained(tmp_path)
+    assert check_serving_folder(tmp_path) == []
+    config = json.loads((tmp_path / "config.json").read_text())
+    if variant == "aux-ids":
+        assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 2, 5]
+    if variant == "legacy-name" and draft_kind == "mla":
+        assert config["architectures"] == ["Eagle3DeepseekV2ForCausalLM"]

@@ -3,8 +3,8 @@
 from torchspec.converter.__about__ import __version__
 from torchspec.converter.errors import ConverterError
 from torchspec.converter.export import ExportResult, export_checkpoint
-from torchspec.converter.serving_contract import Finding, check_serving_folder
 from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint, resolve_checkpoint
+from torchspec.draft_models.serving_folder import Finding, check_serving_folder
 
 __all__ = [
     "ConverterError",

@@ -84,7 +84,7 @@ def _export(args) -> int:
 
 
 def _check(args) -> int:
-    from torchspec.converter.serving_contract import check_serving_folder
+    from torchspec.draft_models.serving_folder import check_serving_folder
 
     args.folder = args.folder or str(serving_folder(last_run()))
     findings = check_serving_folder(args.folder)

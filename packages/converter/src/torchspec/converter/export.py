@@ -23,10 +23,9 @@ import torch
 from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, TrainingCheckpoint
 from torchspec.converter.errors import ConverterError
 from torchspec.converter.safetensors_stream import TensorSpec, write_safetensors
-from torchspec.converter.serving_contract import Finding, check_serving_folder, unregistered_by
 from torchspec.converter.vocab_pruning import head_rows_for
-from torchspec.draft_models import LlamaEagle3Config, default_aux_layer_ids, open_safetensors
-from torchspec.draft_models.aux_layers import to_sglang_layer_ids
+from torchspec.draft_models import open_safetensors
+from torchspec.draft_models.serving_folder import Finding, check_serving_folder, serving_config
 
 __all__ = ["ExportResult", "export_checkpoint"]
 
@@ -65,34 +64,6 @@ def _target_embedding(target_model_path: str) -> tuple[tuple[int, ...], callable
 
                     return shape, read
     raise ConverterError(f"--target-model-path {target_model_path}: no *embed_tokens.weight in its safetensors files")
-
-
-def _serving_config(checkpoint: TrainingCheckpoint, draft_vocab_size: int, dtype: torch.dtype, target: dict) -> dict:
-    config = checkpoint.config.to_dict()
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in target and key not in config:
-            config[key] = target[key]
-    if unregistered_by(config["architectures"][0]):  # an alias older versions wrote
-        config["architectures"] = [type(checkpoint.config).architecture]
-    config.update(
-        num_hidden_layers=1,
-        draft_vocab_size=draft_vocab_size,
-        tie_word_embeddings=False,
-        torch_dtype=str(dtype).removeprefix("torch."),
-    )
-    if isinstance(checkpoint.config, LlamaEagle3Config):
-        config["head_dim"] = checkpoint.config.head_dim
-    eagle = dict(config.get("eagle_config") or {})
-    eagle["use_aux_hidden_state"] = True
-    eagle.pop("eagle_aux_hidden_state_layer_ids", None)
-    config.pop("eagle_aux_hidden_state_layer_ids", None)
-    num_layers = checkpoint.num_target_layers or target.get("num_hidden_layers")
-    ids = checkpoint.aux_layer_ids
-    if ids is not None and (num_layers is None or list(ids) != default_aux_layer_ids(int(num_layers))):
-        config["eagle_aux_hidden_state_layer_ids"] = list(ids)  # vLLM: input to layer j
-        eagle["eagle_aux_hidden_state_layer_ids"] = to_sglang_layer_ids(ids)  # SGLang: output of layer j
-    config["eagle_config"] = eagle
-    return config
 
 
 def export_checkpoint(
@@ -167,7 +138,14 @@ def export_checkpoint(
         t2d[new_ids] = True
         specs.append(TensorSpec("d2t", (draft_vocab_size,), torch.int64, lambda: new_ids - torch.arange(draft_vocab_size)))
         specs.append(TensorSpec("t2d", (config.vocab_size,), torch.bool, lambda: t2d))
-    serving_config = _serving_config(checkpoint, draft_vocab_size, out_dtype, target)
+    config_json = serving_config(
+        config,
+        out_dtype,
+        draft_vocab_size=draft_vocab_size,
+        aux_layer_ids=checkpoint.aux_layer_ids,
+        num_target_layers=checkpoint.num_target_layers or target.get("num_hidden_layers"),
+        special_tokens={key: target[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in target},
+    )
 
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +155,7 @@ def export_checkpoint(
         raise _unwritable(output, err) from None
     try:
         write_safetensors(staging / "model.safetensors", specs, metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(serving_config, indent=2, sort_keys=True) + "\n")
+        (staging / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         findings = check_serving_folder(staging)
         errors = [f for f in findings if f.level == "error"]
         if errors:

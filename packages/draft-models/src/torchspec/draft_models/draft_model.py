@@ -30,6 +30,7 @@ from torch import nn
 from torchspec.draft_models.config import AutoDraftModelConfig, Eagle3DraftConfig
 from torchspec.draft_models.layers import Eagle3DecoderLayer, RMSNorm
 from torchspec.draft_models.safe_checkpoint import open_safetensors
+from torchspec.draft_models.serving_folder import serving_config
 from torchspec.draft_models.ttt_attention import DecodeMask, TTTMask
 
 __all__ = ["DraftCheckpointError", "Eagle3DraftModel"]
@@ -150,7 +151,8 @@ class Eagle3DraftModel(nn.Module):
     def save_pretrained(
         self, directory: str | os.PathLike, include_embeddings: bool = True, dtype: torch.dtype | None = None
     ) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (keys without a ``model.`` prefix)."""
+        """Write the serving folder: ``model.safetensors`` (keys without a ``model.`` prefix) and the
+        ``config.json`` export writes too (``serving_folder.serving_config``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -161,11 +163,8 @@ class Eagle3DraftModel(nn.Module):
                 tensor = tensor.to(dtype)
             tensors[name] = tensor.detach().contiguous().cpu()
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = self.config.to_dict()
-        if dtype is not None or config.get("torch_dtype") is None:  # engines read the serving dtype here
-            config["torch_dtype"] = str(dtype or _stored_dtype(tensors.values())).removeprefix("torch.")
-        # Both engines read the aux-hidden-state input of an EAGLE-3 draft from this flag.
-        config["eagle_config"] = {**(config.get("eagle_config") or {}), "use_aux_hidden_state": True}
+        serving_dtype = dtype or _DTYPES.get(str(self.config.torch_dtype)) or _stored_dtype(tensors.values())
+        config = serving_config(self.config, serving_dtype)
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return directory
 
