@@ -34,8 +34,12 @@ VARIANTS = {
 
 
 def run_variant(arch: str, variant: str, output_dir: Path) -> dict:
-    overrides = [f"training.output_dir={output_dir}", "training.resume=null", "training.progress_bar=false",
-                 *VARIANTS[variant]]
+    overrides = [
+        f"training.output_dir={output_dir}",
+        "training.resume=null",
+        "training.progress_bar=false",
+        *VARIANTS[variant],
+    ]
     start = time.perf_counter()
     result = train(load_config(REPO / "configs" / f"default_{arch}.yaml", overrides))
     speculative = result.speculative_eval or {}
@@ -67,8 +71,13 @@ def markdown(arch: str, rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=["llama", "mla"], default="llama")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
-                        help="default: all (without norm_before_fc for mla)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=None,
+        help="default: all (without norm_before_fc for mla)",
+    )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     variants = args.variants or [v for v in VARIANTS if not (args.arch == "mla" and v == "norm_before_fc")]

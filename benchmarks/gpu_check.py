@@ -22,13 +22,27 @@ from torchspec.draft_models import AutoEagle3DraftModel, Eagle3Model, step0_loss
 
 
 def _draft(kind: str, hidden: int, vocab: int):
-    common = dict(hidden_size=hidden, vocab_size=vocab, draft_vocab_size=vocab, intermediate_size=3 * hidden,
-                  num_attention_heads=32, max_position_embeddings=8192, torch_dtype="float32")
+    common = dict(
+        hidden_size=hidden,
+        vocab_size=vocab,
+        draft_vocab_size=vocab,
+        intermediate_size=3 * hidden,
+        num_attention_heads=32,
+        max_position_embeddings=8192,
+        torch_dtype="float32",
+    )
     if kind == "llama":
         config = dict(architectures=["LlamaForCausalLMEagle3"], num_key_value_heads=8, head_dim=128, **common)
     else:
-        config = dict(architectures=["Eagle3DeepseekV2ForCausalLM"], q_lora_rank=1536, kv_lora_rank=512,
-                      qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, **common)
+        config = dict(
+            architectures=["Eagle3DeepseekV2ForCausalLM"],
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            **common,
+        )
     torch.manual_seed(0)
     return AutoEagle3DraftModel.from_config(config).cuda()
 
@@ -46,8 +60,13 @@ def _batch(hidden: int, vocab: int, seq: int, dtype):
 
 
 def _step(model, batch):
-    out = model(batch["input_ids"], batch["hidden_states"], batch["loss_mask"],
-                target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"])
+    out = model(
+        batch["input_ids"],
+        batch["hidden_states"],
+        batch["loss_mask"],
+        target_hidden=batch["target_hidden"],
+        target_head_weight=batch["target_head_weight"],
+    )
     loss = out.total_loss(0.8)
     loss.backward()
     return out, loss
@@ -63,8 +82,13 @@ def check_flex_vs_sdpa(kind: str) -> dict:
         results[backend] = (out.losses.detach().float(), draft.fc.weight.grad.float().clone())
     loss_diff = (results["sdpa"][0] - results["flex_attention"][0]).abs().max().item()
     grad_rel = ((results["sdpa"][1] - results["flex_attention"][1]).norm() / results["sdpa"][1].norm()).item()
-    return dict(check="flex_vs_sdpa_bf16", draft=kind, max_loss_diff=loss_diff, fc_grad_rel_diff=grad_rel,
-                ok=loss_diff < 2e-2 and grad_rel < 5e-2)
+    return dict(
+        check="flex_vs_sdpa_bf16",
+        draft=kind,
+        max_loss_diff=loss_diff,
+        fc_grad_rel_diff=grad_rel,
+        ok=loss_diff < 2e-2 and grad_rel < 5e-2,
+    )
 
 
 def check_bf16_numerics(kind: str) -> dict:
@@ -75,7 +99,9 @@ def check_bf16_numerics(kind: str) -> dict:
     rel = ((out32.losses - out16.losses.float()).abs() / out32.losses.abs()).max().item()
     g32, g16 = draft32.lm_head.weight.grad, draft16.lm_head.weight.grad.float()
     cos = torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0).item()
-    return dict(check="bf16_vs_fp32", draft=kind, max_loss_rel_diff=rel, lm_head_grad_cosine=cos, ok=rel < 2e-2 and cos > 0.99)
+    return dict(
+        check="bf16_vs_fp32", draft=kind, max_loss_rel_diff=rel, lm_head_grad_cosine=cos, ok=rel < 2e-2 and cos > 0.99
+    )
 
 
 def time_step(kind: str, backend: str) -> dict:
@@ -96,8 +122,14 @@ def time_step(kind: str, backend: str) -> dict:
         if i >= 2:
             times.append(time.perf_counter() - start)
     median = sorted(times)[len(times) // 2]
-    return dict(check="ttt_step_time", draft=kind, backend=backend, median_ms=round(median * 1e3, 1),
-                tokens_per_s=round(seq / median), peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2))
+    return dict(
+        check="ttt_step_time",
+        draft=kind,
+        backend=backend,
+        median_ms=round(median * 1e3, 1),
+        tokens_per_s=round(seq / median),
+        peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+    )
 
 
 def main() -> int:

@@ -24,12 +24,20 @@ STEPS = 120
 PRUNED_ALT_AUX = ("model.draft_vocab_size=600", "model.aux_layer_ids=[1,3,6]")
 
 # Small enough for CI on 2 cores, long enough for the draft to learn the tiny target.
-FAST = ["data.max_seq_length=256", "training.progress_bar=false", "training.log_interval=1000",
-        "training.eval_interval=0", "training.tensorboard=false", "training.speculative_eval_prompts=0"]
+FAST = [
+    "data.max_seq_length=256",
+    "training.progress_bar=false",
+    "training.log_interval=1000",
+    "training.eval_interval=0",
+    "training.tensorboard=false",
+    "training.speculative_eval_prompts=0",
+]
 
 
 def train_default(arch: str, output_dir: Path, steps: int, *overrides: str, step_callback=None):
-    config = load_config(CONFIGS[arch], [*FAST, f"training.output_dir={output_dir}", f"training.max_steps={steps}", *overrides])
+    config = load_config(
+        CONFIGS[arch], [*FAST, f"training.output_dir={output_dir}", f"training.max_steps={steps}", *overrides]
+    )
     return train(config, step_callback=step_callback)
 
 
@@ -41,7 +49,9 @@ def untrained_draft(arch: str, target_dir: Path, out: Path, *overrides: str) -> 
     config = load_config(CONFIGS[arch], [*FAST, *overrides])
     target = TargetModel.from_pretrained(target_dir)
     torch.manual_seed(config.training.seed)
-    build_draft(resolve_draft_config(config.model, target.config), target).save_pretrained(out, include_embeddings=False)
+    build_draft(resolve_draft_config(config.model, target.config), target).save_pretrained(
+        out, include_embeddings=False
+    )
     return out
 
 

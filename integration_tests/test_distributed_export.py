@@ -18,9 +18,22 @@ STEPS = 6
 def test_two_process_training_exports_the_one_process_weights(tmp_path):
     overrides = [*FAST, f"training.max_steps={STEPS}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "torchspec.trainer.cli", "train", "--config", str(CONFIGS["llama"]),
-           *overrides, f"training.output_dir={tmp_path / 'two'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "torchspec.trainer.cli",
+        "train",
+        "--config",
+        str(CONFIGS["llama"]),
+        *overrides,
+        f"training.output_dir={tmp_path / 'two'}",
+    ]
     completed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
     train_default("llama", tmp_path / "one", STEPS)

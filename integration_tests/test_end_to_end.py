@@ -8,10 +8,11 @@ length is 1.0 (only the bonus token is ever accepted). Acceptance length counts 
 import pytest
 import torch
 
-from e2e_helpers import PRUNED_ALT_AUX, SAMPLES, export, load_weights, read_config, train_default, untrained_draft
 from torchspec.converter.cli import main as converter_main
 from torchspec.draft_models import AutoEagle3DraftModel
 from torchspec.trainer.evaluate import evaluate_draft
+
+from e2e_helpers import PRUNED_ALT_AUX, SAMPLES, export, load_weights, read_config, train_default, untrained_draft
 
 pytestmark = pytest.mark.slow
 
@@ -32,17 +33,27 @@ def trained(request, target, trained_run, tmp_path_factory):
     arch = request.param
     run = trained_run(arch)
     root = tmp_path_factory.mktemp(f"e2e-{arch}")
-    return dict(arch=arch, root=root, run=run,
-                untrained=untrained_draft(arch, target, root / "untrained_hf"), exported=export(run, root / "run_hf"))
+    return dict(
+        arch=arch,
+        root=root,
+        run=run,
+        untrained=untrained_draft(arch, target, root / "untrained_hf"),
+        exported=export(run, root / "run_hf"),
+    )
 
 
 def test_trained_draft_is_accepted_far_more_than_an_untrained_one(trained, target):
     # That vLLM loads and serves these exports is tested in test_engine.py, by vLLM.
     draft = AutoEagle3DraftModel.from_pretrained(trained["exported"])
-    assert draft.config.architectures[0] == ("LlamaForCausalLMEagle3" if trained["arch"] == "llama" else "Eagle3DeepseekV2ForCausalLM")
+    assert draft.config.architectures[0] == (
+        "LlamaForCausalLMEagle3" if trained["arch"] == "llama" else "Eagle3DeepseekV2ForCausalLM"
+    )
     before, after = _evaluate(trained["untrained"], target), _evaluate(trained["exported"], target)
-    print(f"\n{trained['arch']}: acceptance untrained {before.acceptance_length:.3f}, trained {after.acceptance_length:.3f}, "
-          f"positions {after.position_acceptance}")
+    print(
+        f"\n{trained['arch']}: acceptance untrained {before.acceptance_length:.3f}, trained "
+        f"{after.acceptance_length:.3f}, "
+        f"positions {after.position_acceptance}"
+    )
     assert before.identical_to_target and after.identical_to_target
     # measured (6 prompts x 48 tokens, K=4): untrained 1.00 for both; after 120 steps llama 2.97, mla 2.73
     assert before.acceptance_length < 1.2
@@ -51,13 +62,31 @@ def test_trained_draft_is_accepted_far_more_than_an_untrained_one(trained, targe
 
 def test_post_training_pruning_keeps_acceptance(trained, target, tmp_path):
     out = tmp_path / "pruned_hf"
-    code = converter_main(["export", "--input", str(trained["run"]), "--output", str(out), "--prune-vocab",
-                           "--draft-vocab-size", "600", "--dataset-path", SAMPLES, "--tokenizer", str(target),
-                           "--chat-template", "qwen"])
+    code = converter_main(
+        [
+            "export",
+            "--input",
+            str(trained["run"]),
+            "--output",
+            str(out),
+            "--prune-vocab",
+            "--draft-vocab-size",
+            "600",
+            "--dataset-path",
+            SAMPLES,
+            "--tokenizer",
+            str(target),
+            "--chat-template",
+            "qwen",
+        ]
+    )
     assert code == 0
     assert read_config(out)["draft_vocab_size"] == 600
     full, pruned = _evaluate(trained["exported"], target), _evaluate(out, target)
-    print(f"\n{trained['arch']}: acceptance full vocab {full.acceptance_length:.3f}, pruned to 600 {pruned.acceptance_length:.3f}")
+    print(
+        f"\n{trained['arch']}: acceptance full vocab {full.acceptance_length:.3f}, pruned to 600 "
+        f"{pruned.acceptance_length:.3f}"
+    )
     assert pruned.identical_to_target
     # measured: identical acceptance (llama 2.97, mla 2.73); the 600 most frequent supervised tokens
     # cover nearly all of this data's assistant tokens
@@ -87,7 +116,9 @@ def test_resume_mid_run_then_export_matches_the_uninterrupted_run(tmp_path):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        train_default("llama", tmp_path / "resumed", steps, f"training.save_interval={every}", step_callback=stop_after_first_save)
+        train_default(
+            "llama", tmp_path / "resumed", steps, f"training.save_interval={every}", step_callback=stop_after_first_save
+        )
     train_default("llama", tmp_path / "resumed", steps, f"training.save_interval={every}", "training.resume=auto")
     a = load_weights(export(tmp_path / "straight", tmp_path / "a", include_embeddings=True))
     b = load_weights(export(tmp_path / "resumed", tmp_path / "b", include_embeddings=True))

@@ -17,14 +17,17 @@ import os
 import pytest
 import torch
 
-from e2e_helpers import PRUNED_ALT_AUX, SAMPLES, export, load_weights, read_config, untrained_draft
 from torchspec.trainer.engine import EngineError, run_vllm, vllm_available
 from torchspec.trainer.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
 
+from e2e_helpers import PRUNED_ALT_AUX, SAMPLES, export, load_weights, read_config, untrained_draft
+
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not vllm_available() and os.environ.get("TORCHSPEC_REQUIRE_ENGINE") != "1",
-                       reason="vLLM is not installed (hatch run engine:integration runs these)"),
+    pytest.mark.skipif(
+        not vllm_available() and os.environ.get("TORCHSPEC_REQUIRE_ENGINE") != "1",
+        reason="vLLM is not installed (hatch run engine:integration runs these)",
+    ),
 ]
 
 PROMPTS, NEW_TOKENS, K = 8, 48, 4
@@ -58,8 +61,10 @@ def _evaluator(draft_dir, target_dir, prompts, default_aux_layers=False, drop_op
 def _assert_engine_agrees(draft_dir, default_target, prompts, target_alone):
     served = run_vllm(default_target, prompts, NEW_TOKENS, draft=draft_dir, num_draft_tokens=K)
     evaluated = _evaluator(draft_dir, default_target, prompts)
-    print(f"\n{draft_dir.name}: vLLM acceptance {served.acceptance_length:.3f} {served.accepted_per_position} over "
-          f"{served.num_drafts} rounds; evaluator {evaluated.acceptance_length:.3f} over {evaluated.num_rounds}")
+    print(
+        f"\n{draft_dir.name}: vLLM acceptance {served.acceptance_length:.3f} {served.accepted_per_position} over "
+        f"{served.num_drafts} rounds; evaluator {evaluated.acceptance_length:.3f} over {evaluated.num_rounds}"
+    )
     assert served.outputs == target_alone.outputs, "vLLM's output changed when the draft was added"
     assert served.outputs == evaluated.target_outputs, "vLLM's greedy output differs from transformers'"
     assert served.num_drafts == evaluated.num_rounds
@@ -68,7 +73,9 @@ def _assert_engine_agrees(draft_dir, default_target, prompts, target_alone):
     # chain (seen once in ~150 rounds: vLLM [79, 38, 23, 15], evaluator [78, 38, 23, 16]; same totals).
     rounds_reaching = [round(share * evaluated.num_rounds) for share in evaluated.position_acceptance]
     assert all(abs(a - b) <= 1 for a, b in zip(served.accepted_per_position, rounds_reaching, strict=True)), (
-        served.accepted_per_position, rounds_reaching)
+        served.accepted_per_position,
+        rounds_reaching,
+    )
     return served, evaluated
 
 
@@ -84,15 +91,34 @@ def test_post_training_pruned_export(default_target, trained_run, prompts, targe
     from torchspec.converter.cli import main as converter_main
 
     out = tmp_path / "pruned_hf"
-    assert converter_main(["export", "--input", str(trained_run("llama")), "--output", str(out), "--prune-vocab",
-                           "--draft-vocab-size", "600", "--dataset-path", SAMPLES, "--tokenizer",
-                           str(default_target), "--chat-template", "qwen"]) == 0
+    assert (
+        converter_main(
+            [
+                "export",
+                "--input",
+                str(trained_run("llama")),
+                "--output",
+                str(out),
+                "--prune-vocab",
+                "--draft-vocab-size",
+                "600",
+                "--dataset-path",
+                SAMPLES,
+                "--tokenizer",
+                str(default_target),
+                "--chat-template",
+                "qwen",
+            ]
+        )
+        == 0
+    )
     assert read_config(out)["draft_vocab_size"] == 600
     _assert_engine_agrees(out, default_target, prompts, target_alone)
 
 
-def test_train_time_pruned_export_with_non_default_aux_layers(default_target, trained_run, prompts, target_alone,
-                                                              tmp_path):
+def test_train_time_pruned_export_with_non_default_aux_layers(
+    default_target, trained_run, prompts, target_alone, tmp_path
+):
     exported = export(trained_run("llama", *PRUNED_ALT_AUX), tmp_path / "aux_hf")
     config = read_config(exported)
     assert config["draft_vocab_size"] == 600 and config["eagle_aux_hidden_state_layer_ids"] == [1, 3, 6]
@@ -101,11 +127,12 @@ def test_train_time_pruned_export_with_non_default_aux_layers(default_target, tr
     # so vLLM must have taken [1, 3, 6] from config.json.
     with_default_layers = _evaluator(exported, default_target, prompts, default_aux_layers=True)
     assert (with_default_layers.num_rounds, with_default_layers.num_accepted_tokens) != (
-        served.num_drafts, served.num_accepted_tokens)
+        served.num_drafts,
+        served.num_accepted_tokens,
+    )
 
 
-def test_bfloat16_export_served_next_to_a_float32_target(default_target, trained_run, prompts, target_alone,
-                                                         tmp_path):
+def test_bfloat16_export_served_next_to_a_float32_target(default_target, trained_run, prompts, target_alone, tmp_path):
     """vLLM runs the draft in the target's dtype (its speculative config copies the target's):
     bf16 weights are widened to float32, as the evaluator does when it loads them, so the counts
     still agree exactly."""
@@ -130,20 +157,24 @@ def test_eagle3_1_llama_exports(default_target, trained_run, prompts, target_alo
     exported = export(trained_run("llama", *overrides), tmp_path / "e31_hf")
     config = read_config(exported)
     assert {option: config[option] for option in ("fc_norm", "norm_before_fc", "norm_output")} == {
-        option: option in options for option in ("fc_norm", "norm_before_fc", "norm_output")}
+        option: option in options for option in ("fc_norm", "norm_before_fc", "norm_output")
+    }
     served, _ = _assert_engine_agrees(exported, default_target, prompts, target_alone)
     assert served.acceptance_length > 1.3
     for option in options:
         without = _evaluator(exported, default_target, prompts, drop_option=option)
-        assert (without.num_rounds, without.num_accepted_tokens) != (served.num_drafts, served.num_accepted_tokens), option
+        assert (without.num_rounds, without.num_accepted_tokens) != (served.num_drafts, served.num_accepted_tokens), (
+            option
+        )
 
 
 def test_verify_command(default_target, trained_run, tmp_path, capsys):
     from torchspec.trainer.verify import main as verify_main
 
     exported = export(trained_run("llama"), tmp_path / "verify_hf")
-    code = verify_main(["--draft", str(exported), "--target", str(default_target), "--num-prompts", "4",
-                        "--max-new-tokens", "32"])
+    code = verify_main(
+        ["--draft", str(exported), "--target", str(default_target), "--num-prompts", "4", "--max-new-tokens", "32"]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     report = json.loads((exported / "engine_verify.json").read_text())
@@ -160,8 +191,9 @@ def test_verify_quotes_the_engines_reason_for_a_refused_folder(default_target, t
     config = read_config(exported)
     config["intermediate_size"] *= 2  # the weights no longer match the config: vLLM's loader must refuse
     (exported / "config.json").write_text(json.dumps(config))
-    code = verify_main(["--draft", str(exported), "--target", str(default_target), "--num-prompts", "1",
-                        "--max-new-tokens", "4"])
+    code = verify_main(
+        ["--draft", str(exported), "--target", str(default_target), "--num-prompts", "1", "--max-new-tokens", "4"]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: vLLM refused the draft") and len(err.splitlines()) == 1, err
@@ -191,12 +223,29 @@ def mla_target(tmp_path_factory, default_target):
     reference = AutoConfig.from_pretrained(default_target)
     layers = 8  # default aux layers [2, 4, 5] are distinct (vLLM keeps one state per layer)
     config = DeepseekV3Config(
-        vocab_size=reference.vocab_size, hidden_size=reference.hidden_size, intermediate_size=256,
-        num_hidden_layers=layers, first_k_dense_replace=layers, moe_intermediate_size=64, n_routed_experts=4,
-        num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=4, num_key_value_heads=4,
-        q_lora_rank=64, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32,
-        max_position_embeddings=1024, tie_word_embeddings=False, rope_scaling=None,
-        bos_token_id=reference.bos_token_id, eos_token_id=reference.eos_token_id, pad_token_id=reference.pad_token_id,
+        vocab_size=reference.vocab_size,
+        hidden_size=reference.hidden_size,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        first_k_dense_replace=layers,
+        moe_intermediate_size=64,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=512,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=64,
+        v_head_dim=32,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        rope_scaling=None,
+        bos_token_id=reference.bos_token_id,
+        eos_token_id=reference.eos_token_id,
+        pad_token_id=reference.pad_token_id,
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("mla_target")
@@ -223,9 +272,18 @@ def _refused_by_vllm_and_by_check(mla_target, prompts, folder, engine_words, che
     from torchspec.converter import check_serving_folder
     from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config
 
-    values = dict(hidden_size=read_config(mla_target)["hidden_size"], vocab_size=2048, num_attention_heads=4,
-                  intermediate_size=256, q_lora_rank=64, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64,
-                  v_head_dim=32, torch_dtype="float32")
+    values = dict(
+        hidden_size=read_config(mla_target)["hidden_size"],
+        vocab_size=2048,
+        num_attention_heads=4,
+        intermediate_size=256,
+        q_lora_rank=64,
+        kv_lora_rank=512,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=64,
+        v_head_dim=32,
+        torch_dtype="float32",
+    )
     config = DeepseekEagle3Config(**{**values, **draft_values})
     AutoEagle3DraftModel.from_config(config).save_pretrained(folder, include_embeddings=False)
     with pytest.raises(EngineError, match=engine_words):
@@ -238,9 +296,13 @@ def test_an_mla_latent_width_vllm_refuses_is_a_check_error(mla_target, prompts, 
     # vLLM's words depend on the path (CPU: its MLA kernel has no 144-wide variant; GPU metadata:
     # "Head dimension 144 is not supported by MLA"); either way it refuses.
     _refused_by_vllm_and_by_check(
-        mla_target, prompts, tmp_path / "narrow_latent",
-        "vLLM refused the draft .*(Unsupported block size|Head dimension 144)", "kv_lora_rank + qk_rope_head_dim = 144",
-        kv_lora_rank=128, qk_rope_head_dim=16,
+        mla_target,
+        prompts,
+        tmp_path / "narrow_latent",
+        "vLLM refused the draft .*(Unsupported block size|Head dimension 144)",
+        "kv_lora_rank + qk_rope_head_dim = 144",
+        kv_lora_rank=128,
+        qk_rope_head_dim=16,
     )
 
 
@@ -254,7 +316,10 @@ def test_an_eagle3_1_mla_export_is_served_beside_an_mla_target(mla_target, promp
 
 def test_norm_before_fc_on_an_mla_draft_is_refused_by_vllm_and_by_check(mla_target, prompts, tmp_path):
     _refused_by_vllm_and_by_check(
-        mla_target, prompts, tmp_path / "mla_input_norm",
-        "no module or parameter named 'input_norm' in DeepseekV2Eagle3Model", "norm_before_fc: true: vLLM's DeepSeek",
+        mla_target,
+        prompts,
+        tmp_path / "mla_input_norm",
+        "no module or parameter named 'input_norm' in DeepseekV2Eagle3Model",
+        "norm_before_fc: true: vLLM's DeepSeek",
         norm_before_fc=True,
     )

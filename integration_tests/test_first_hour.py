@@ -16,14 +16,19 @@ from torchspec.trainer.engine import vllm_available
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["training.max_steps=12", "data.max_seq_length=256", "training.speculative_eval_prompts=0",
-         "training.eval_interval=0"]
+SHORT = [
+    "training.max_steps=12",
+    "data.max_seq_length=256",
+    "training.speculative_eval_prompts=0",
+    "training.eval_interval=0",
+]
 
 
 def _run(cwd, *args, expect=0):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    completed = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                               timeout=1200)
+    completed = subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200
+    )
     assert completed.returncode == expect, (args, completed.stdout[-2000:], completed.stderr[-2000:])
     return completed.stdout + completed.stderr
 

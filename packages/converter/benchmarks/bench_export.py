@@ -51,9 +51,17 @@ def _export(workdir: Path) -> None:
     seconds = time.perf_counter() - start
     size = (result.output / "model.safetensors").stat().st_size
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(dict(parameters=result.num_parameters, export_seconds=round(seconds, 1),
-                          exported_gb=round(size / 1e9, 2), peak_rss_gb=round(peak / 1e9, 2),
-                          peak_rss_over_model_size=round(peak / size, 2))))
+    print(
+        json.dumps(
+            dict(
+                parameters=result.num_parameters,
+                export_seconds=round(seconds, 1),
+                exported_gb=round(size / 1e9, 2),
+                peak_rss_gb=round(peak / 1e9, 2),
+                peak_rss_over_model_size=round(peak / size, 2),
+            )
+        )
+    )
 
 
 def main() -> None:
@@ -71,8 +79,12 @@ def main() -> None:
     workdir.mkdir(parents=True)
     try:
         for step in ("write", "export"):
-            out = subprocess.run([sys.executable, __file__, "--step", step, "--dtype", args.dtype, "--workdir", str(workdir)],
-                                 check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--step", step, "--dtype", args.dtype, "--workdir", str(workdir)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
         print(out.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -11,13 +11,21 @@ VOCAB = 120
 
 
 def tiny_draft(kind: str, draft_vocab: int = VOCAB, seed: int = 0, **options):
-    common = dict(hidden_size=32, vocab_size=VOCAB, draft_vocab_size=draft_vocab, num_attention_heads=4,
-                  intermediate_size=48, torch_dtype="float32", **options)
+    common = dict(
+        hidden_size=32,
+        vocab_size=VOCAB,
+        draft_vocab_size=draft_vocab,
+        num_attention_heads=4,
+        intermediate_size=48,
+        torch_dtype="float32",
+        **options,
+    )
     if kind == "llama":
         config = LlamaEagle3Config(num_key_value_heads=2, head_dim=12, **common)
     else:
-        config = DeepseekEagle3Config(q_lora_rank=16, kv_lora_rank=448, qk_nope_head_dim=8, qk_rope_head_dim=64,
-                                      v_head_dim=6, **common)
+        config = DeepseekEagle3Config(
+            q_lora_rank=16, kv_lora_rank=448, qk_nope_head_dim=8, qk_rope_head_dim=64, v_head_dim=6, **common
+        )
     torch.manual_seed(seed)
     draft = AutoEagle3DraftModel.from_config(config)
     with torch.no_grad():
@@ -50,5 +58,7 @@ def draft_logits(draft, seed: int = 1) -> torch.Tensor:
     ids = torch.randint(0, VOCAB, (1, 6), generator=gen)
     h3 = torch.randn(1, 6, 3 * 32, generator=gen)
     with torch.no_grad():
-        hidden, _, _ = draft.backbone(draft.embed_input_ids(ids), draft.project_hidden_states(h3), None, torch.arange(6)[None])
+        hidden, _, _ = draft.backbone(
+            draft.embed_input_ids(ids), draft.project_hidden_states(h3), None, torch.arange(6)[None]
+        )
         return draft.compute_logits(hidden)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -109,42 +109,112 @@ def _check(env: Env, change: Callable[[Path], None]):
 
 
 CASES = [
-    Case("input-missing", lambda env: _export(env, source=env.root / "nope"), 2,
-         ["checkpoint {root}/nope does not exist", "iter_XXXXXXX folder or a training output_dir"]),
+    Case(
+        "input-missing",
+        lambda env: _export(env, source=env.root / "nope"),
+        2,
+        ["checkpoint {root}/nope does not exist", "iter_XXXXXXX folder or a training output_dir"],
+    ),
     Case("input-without-checkpoint", _no_checkpoint, 2, ["{root}/target holds no complete checkpoint"]),
     Case("input-incomplete", _incomplete, 2, ["{root}/run/iter_0000010 is incomplete", "not fully written"]),
-    Case("input-distcp-truncated", _truncated_distcp, 2,
-         ["{root}/run/iter_0000010/__0_0.distcp is damaged or truncated", "20000 bytes", "save it again"]),
-    Case("input-metadata-truncated", _truncated_metadata, 2,
-         ["{root}/run/iter_0000010/.metadata is damaged or truncated"]),
-    Case("output-exists", lambda env: _export(env, output=env.served), 2,
-         ["{root}/served already exists; pass --force"]),
-    Case("output-parent-is-a-file", _parent_is_a_file, 2,
-         ["cannot write the export {root}/exports/draft", "{root}/exports is a file, not a folder", "--output"]),
-    Case("output-read-only", _read_only, 2,
-         ["cannot write the export {root}/out (Read-only file system)", "choose a folder this user can write"]),
-    Case("output-disk-full", _disk_full, 2,
-         ["cannot write the export {root}/out (No space left on device)", "nothing was left in {root}",
-          "free space there"]),
-    Case("output-disk-full-replacing", lambda env: _disk_full(env, "--force", output=env.served), 2,
-         ["cannot write the export {root}/served (No space left on device)"]),
-    Case("target-without-config", lambda env: _export(env, "--target-model-path", str(env.root)), 2,
-         ["--target-model-path {root}: no config.json there"]),
-    Case("prune-without-size", lambda env: _export(env, "--prune-vocab"), 2, ["--prune-vocab needs --draft-vocab-size N"]),
-    Case("size-without-prune", lambda env: _export(env, "--draft-vocab-size", "50"), 2,
-         ["--draft-vocab-size only applies with --prune-vocab"]),
-    Case("size-out-of-range", lambda env: _export(env, "--prune-vocab", "--draft-vocab-size", "500"), 2,
-         ["--draft-vocab-size 500 must be in [1, 120]"]),
-    Case("analyze-without-data", lambda env: _export(env, "--analyze-vocab"), 2,
-         ["--analyze-vocab needs --dataset-path, --tokenizer, --chat-template"]),
-    Case("check-weights-truncated", lambda env: _check(env, lambda f: _cut(f / "model.safetensors", 5000)), 1,
-         ["{root}/served/model.safetensors is damaged or truncated"], stream="out"),
-    Case("check-weights-missing", lambda env: _check(env, lambda f: (f / "model.safetensors").unlink()), 1,
-         ["{root}/served/model.safetensors is missing"], stream="out"),
-    Case("check-config-invalid", lambda env: _check(env, lambda f: (f / "config.json").write_text("{\n")), 1,
-         ["{root}/served/config.json:2: invalid JSON"], stream="out"),
-    Case("check-config-missing", lambda env: _check(env, lambda f: (f / "config.json").unlink()), 1,
-         ["{root}/served/config.json is missing"], stream="out"),
+    Case(
+        "input-distcp-truncated",
+        _truncated_distcp,
+        2,
+        ["{root}/run/iter_0000010/__0_0.distcp is damaged or truncated", "20000 bytes", "save it again"],
+    ),
+    Case(
+        "input-metadata-truncated",
+        _truncated_metadata,
+        2,
+        ["{root}/run/iter_0000010/.metadata is damaged or truncated"],
+    ),
+    Case(
+        "output-exists", lambda env: _export(env, output=env.served), 2, ["{root}/served already exists; pass --force"]
+    ),
+    Case(
+        "output-parent-is-a-file",
+        _parent_is_a_file,
+        2,
+        ["cannot write the export {root}/exports/draft", "{root}/exports is a file, not a folder", "--output"],
+    ),
+    Case(
+        "output-read-only",
+        _read_only,
+        2,
+        ["cannot write the export {root}/out (Read-only file system)", "choose a folder this user can write"],
+    ),
+    Case(
+        "output-disk-full",
+        _disk_full,
+        2,
+        [
+            "cannot write the export {root}/out (No space left on device)",
+            "nothing was left in {root}",
+            "free space there",
+        ],
+    ),
+    Case(
+        "output-disk-full-replacing",
+        lambda env: _disk_full(env, "--force", output=env.served),
+        2,
+        ["cannot write the export {root}/served (No space left on device)"],
+    ),
+    Case(
+        "target-without-config",
+        lambda env: _export(env, "--target-model-path", str(env.root)),
+        2,
+        ["--target-model-path {root}: no config.json there"],
+    ),
+    Case(
+        "prune-without-size", lambda env: _export(env, "--prune-vocab"), 2, ["--prune-vocab needs --draft-vocab-size N"]
+    ),
+    Case(
+        "size-without-prune",
+        lambda env: _export(env, "--draft-vocab-size", "50"),
+        2,
+        ["--draft-vocab-size only applies with --prune-vocab"],
+    ),
+    Case(
+        "size-out-of-range",
+        lambda env: _export(env, "--prune-vocab", "--draft-vocab-size", "500"),
+        2,
+        ["--draft-vocab-size 500 must be in [1, 120]"],
+    ),
+    Case(
+        "analyze-without-data",
+        lambda env: _export(env, "--analyze-vocab"),
+        2,
+        ["--analyze-vocab needs --dataset-path, --tokenizer, --chat-template"],
+    ),
+    Case(
+        "check-weights-truncated",
+        lambda env: _check(env, lambda f: _cut(f / "model.safetensors", 5000)),
+        1,
+        ["{root}/served/model.safetensors is damaged or truncated"],
+        stream="out",
+    ),
+    Case(
+        "check-weights-missing",
+        lambda env: _check(env, lambda f: (f / "model.safetensors").unlink()),
+        1,
+        ["{root}/served/model.safetensors is missing"],
+        stream="out",
+    ),
+    Case(
+        "check-config-invalid",
+        lambda env: _check(env, lambda f: (f / "config.json").write_text("{\n")),
+        1,
+        ["{root}/served/config.json:2: invalid JSON"],
+        stream="out",
+    ),
+    Case(
+        "check-config-missing",
+        lambda env: _check(env, lambda f: (f / "config.json").unlink()),
+        1,
+        ["{root}/served/config.json is missing"],
+        stream="out",
+    ),
 ]
 
 

@@ -178,7 +178,11 @@ def test_check_command_reports_contract_violations(tmp_path, capsys):
     assert main(["check", str(out)]) == 0
 
     config = json.loads((out / "config.json").read_text())
-    bad = {**config, "tie_word_embeddings": True, "eagle_config": {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": [0, 2, 4]}}
+    bad = {
+        **config,
+        "tie_word_embeddings": True,
+        "eagle_config": {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": [0, 2, 4]},
+    }
     del bad["head_dim"]
     (out / "config.json").write_text(json.dumps(bad))
     from safetensors.torch import load_file, save_file
@@ -190,8 +194,14 @@ def test_check_command_reports_contract_violations(tmp_path, capsys):
     save_file(tensors, str(out / "model.safetensors"))
     assert main(["check", str(out)]) == 1
     printed = capsys.readouterr().out
-    for expected in ("tie_word_embeddings must be false", "explicit head_dim", "only one engine", "lm_head.weight is missing",
-                     "d2t has dtype torch.int32", "'model.' prefix"):
+    for expected in (
+        "tie_word_embeddings must be false",
+        "explicit head_dim",
+        "only one engine",
+        "lm_head.weight is missing",
+        "d2t has dtype torch.int32",
+        "'model.' prefix",
+    ):
         assert expected in printed, expected
 
 

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from torchspec.converter.cli import main
-from torchspec.data import build_local_tokenizer, build_training_dataset, count_supervised_tokens, sample_conversations_path
+from torchspec.data import (
+    build_local_tokenizer,
+    build_training_dataset,
+    count_supervised_tokens,
+    sample_conversations_path,
+)
 from torchspec.draft_models import AutoEagle3DraftModel, LlamaEagle3Config
 
 from converter_helpers import write_training_checkpoint
@@ -19,8 +24,9 @@ def tokenizer_dir(tmp_path_factory):
 
 def _draft(vocab):
     torch.manual_seed(0)
-    config = LlamaEagle3Config(hidden_size=16, vocab_size=vocab, num_attention_heads=2, intermediate_size=32,
-                               torch_dtype="float32")
+    config = LlamaEagle3Config(
+        hidden_size=16, vocab_size=vocab, num_attention_heads=2, intermediate_size=32, torch_dtype="float32"
+    )
     return AutoEagle3DraftModel.from_config(config)
 
 
@@ -31,9 +37,25 @@ def test_prune_vocab_keeps_the_most_frequent_supervised_tokens(tmp_path, tokeniz
     draft = _draft(len(tokenizer))
     write_training_checkpoint(draft, tmp_path / "run")
     data = str(sample_conversations_path())
-    code = main(["export", "--input", str(tmp_path / "run"), "--output", str(tmp_path / "out"), "--prune-vocab",
-                 "--draft-vocab-size", "300", "--dataset-path", data, "--tokenizer", str(tokenizer_dir),
-                 "--chat-template", "qwen", "--include-embeddings"])
+    code = main(
+        [
+            "export",
+            "--input",
+            str(tmp_path / "run"),
+            "--output",
+            str(tmp_path / "out"),
+            "--prune-vocab",
+            "--draft-vocab-size",
+            "300",
+            "--dataset-path",
+            data,
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--chat-template",
+            "qwen",
+            "--include-embeddings",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     pruned = AutoEagle3DraftModel.from_pretrained(tmp_path / "out")
     dataset, _ = build_training_dataset(data, tokenizer, "qwen", 2048)
@@ -49,8 +71,20 @@ def test_prune_vocab_keeps_the_most_frequent_supervised_tokens(tmp_path, tokeniz
 
 def test_analyze_vocab_prints_coverage_and_exports_nothing(tmp_path, tokenizer_dir, capsys):
     write_training_checkpoint(_draft(2048), tmp_path / "run")
-    code = main(["export", "--input", str(tmp_path / "run"), "--analyze-vocab", "--dataset-path",
-                 str(sample_conversations_path()), "--tokenizer", str(tokenizer_dir), "--chat-template", "qwen"])
+    code = main(
+        [
+            "export",
+            "--input",
+            str(tmp_path / "run"),
+            "--analyze-vocab",
+            "--dataset-path",
+            str(sample_conversations_path()),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--chat-template",
+            "qwen",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "1000" in out and "2000" in out and "%" in out

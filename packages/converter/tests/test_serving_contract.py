@@ -13,7 +13,13 @@ from torchspec.draft_models import AutoEagle3DraftModel
 
 from converter_helpers import draft_logits, tiny_draft, write_training_checkpoint
 
-YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
+YARN = {
+    "rope_type": "yarn",
+    "factor": 40.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+}
 
 
 def _exported(tmp_path, kind):
@@ -35,26 +41,72 @@ def _errors(folder):
     "kind, changes, expected",
     [
         # 2. Llama YaRN: SGLang ignores DeepSeek's mscale pair, vLLM applies it.
-        ("llama", {"rope_scaling": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}, ["rope_scaling.mscale:", "SGLang", "vLLM", "remove it"]),
-        ("llama", {"rope_scaling": {**YARN, "mscale_all_dim": 0.5}}, ["rope_scaling.mscale_all_dim:", "SGLang", "remove it"]),
-        ("llama", {"rope_scaling": {**YARN, "attention_factor": 1.1}}, ["rope_scaling.attention_factor:", "SGLang", "remove it"]),
-        ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, ["'dynamic'", "SGLang", "vLLM", "use one of"]),
+        (
+            "llama",
+            {"rope_scaling": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}},
+            ["rope_scaling.mscale:", "SGLang", "vLLM", "remove it"],
+        ),
+        (
+            "llama",
+            {"rope_scaling": {**YARN, "mscale_all_dim": 0.5}},
+            ["rope_scaling.mscale_all_dim:", "SGLang", "remove it"],
+        ),
+        (
+            "llama",
+            {"rope_scaling": {**YARN, "attention_factor": 1.1}},
+            ["rope_scaling.attention_factor:", "SGLang", "remove it"],
+        ),
+        (
+            "llama",
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            ["'dynamic'", "SGLang", "vLLM", "use one of"],
+        ),
         # 3. MLA: both engines run any rope_scaling as DeepSeek YaRN.
-        ("mla", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["'linear'", "SGLang and vLLM", "use one of: yarn"]),
-        ("mla", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
-         ["'llama3'", "SGLang and vLLM", "use one of: yarn"]),
-        ("mla", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, ["'dynamic'", "SGLang and vLLM", "use one of: yarn"]),
-        ("mla", {"rope_scaling": {**YARN, "attention_factor": 1.0}}, ["rope_scaling.attention_factor:", "vLLM", "remove it"]),
+        (
+            "mla",
+            {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+            ["'linear'", "SGLang and vLLM", "use one of: yarn"],
+        ),
+        (
+            "mla",
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+            ["'llama3'", "SGLang and vLLM", "use one of: yarn"],
+        ),
+        (
+            "mla",
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            ["'dynamic'", "SGLang and vLLM", "use one of: yarn"],
+        ),
+        (
+            "mla",
+            {"rope_scaling": {**YARN, "attention_factor": 1.0}},
+            ["rope_scaling.attention_factor:", "vLLM", "remove it"],
+        ),
         # 4. q/k/v biases: SGLang drops them, vLLM wants an o_proj.bias.
         ("llama", {"attention_bias": True}, ["attention_bias", "SGLang", "vLLM", "set attention_bias to false"]),
         ("llama", {"bias": True}, ["bias: True", "SGLang", "remove it"]),
         # 5. An architecture name no engine registers.
-        ("mla", {"architectures": ["DeepSeekForCausalLMEagle3"]}, ["not registered by SGLang or vLLM", "'Eagle3DeepseekV2ForCausalLM'"]),
+        (
+            "mla",
+            {"architectures": ["DeepSeekForCausalLMEagle3"]},
+            ["not registered by SGLang or vLLM", "'Eagle3DeepseekV2ForCausalLM'"],
+        ),
         ("llama", {"architectures": ["DeepSeekForCausalLMEagle3"]}, ["not registered by SGLang or vLLM"]),
     ],
-    ids=["llama-yarn-mscale-pair", "llama-yarn-mscale_all_dim", "llama-yarn-attention_factor", "llama-dynamic",
-         "mla-linear", "mla-llama3", "mla-dynamic", "mla-yarn-attention_factor", "llama-attention_bias", "llama-bias",
-         "mla-old-alias", "llama-old-alias"],
+    ids=[
+        "llama-yarn-mscale-pair",
+        "llama-yarn-mscale_all_dim",
+        "llama-yarn-attention_factor",
+        "llama-dynamic",
+        "mla-linear",
+        "mla-llama3",
+        "mla-dynamic",
+        "mla-yarn-attention_factor",
+        "llama-attention_bias",
+        "llama-bias",
+        "mla-old-alias",
+        "llama-old-alias",
+    ],
 )
 def test_check_reports_folders_the_engines_serve_differently(tmp_path, kind, changes, expected):
     folder = _exported(tmp_path, kind)

@@ -1,8 +1,8 @@
 """`converter:export` of a crafted checkpoint: refused in one line, the payload never runs."""
 
-from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint
 from torchspec.converter.cli import main
 from torchspec.draft_models import UnsafeCheckpointError
+from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint
 from torchspec.draft_models.testing import CodeRunningPayload as Payload
 from torchspec.draft_models.testing import plant_pickled_tensor, rewrite_dcp_metadata
 

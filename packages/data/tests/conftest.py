@@ -7,9 +7,9 @@ import pytest
 # packages, where same-named helper modules would collide).
 sys.path.insert(0, str(Path(__file__).parent))
 
-from data_test_helpers import load_tokenizer_with_template  # noqa: E402
-
 from torchspec.data import build_local_tokenizer, list_templates  # noqa: E402
+
+from data_test_helpers import load_tokenizer_with_template  # noqa: E402
 
 
 @pytest.fixture(scope="session")

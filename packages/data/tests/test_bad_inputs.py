@@ -16,9 +16,10 @@ from typing import Callable
 
 import datasets
 import pytest
-from data_test_helpers import load_tokenizer_with_template, write_jsonl
 
 from torchspec.data import DataError, build_training_dataset, load_conversation_dataset
+
+from data_test_helpers import load_tokenizer_with_template, write_jsonl
 
 GOOD = {"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
 
@@ -58,29 +59,55 @@ def _saved_without_split(folder: Path):
 
 CASES = [
     Case("missing-file", lambda folder: (str(folder / "chats.jsonl"), {}), ["no such file or directory: {path}"]),
-    Case("hub-name-without-prefix", lambda folder: ("some-org/some-chats", {}),
-         ["no such file or directory: some-org/some-chats", "write hf://datasets/some-org/some-chats"]),
-    Case("empty-jsonl", _file("chats.jsonl", ""), ["{path}: no records in the file (empty)", "one JSON object per line"]),
+    Case(
+        "hub-name-without-prefix",
+        lambda folder: ("some-org/some-chats", {}),
+        ["no such file or directory: some-org/some-chats", "write hf://datasets/some-org/some-chats"],
+    ),
+    Case(
+        "empty-jsonl", _file("chats.jsonl", ""), ["{path}: no records in the file (empty)", "one JSON object per line"]
+    ),
     Case("blank-lines-only", _file("chats.jsonl", "\n  \n\n"), ["{path}: no records in the file (empty)"]),
     Case("empty-json-array", _file("chats.json", "[]"), ["{path}: no records"]),
     Case("empty-jsonl-via-load", _file("chats.jsonl", ""), ["{path}: no records in the file (empty)"], call="load"),
     Case("folder-without-data-files", _empty_folder, ["{path}: directory holds no .jsonl, .json, .parquet files"]),
     Case("unsupported-suffix", _file("chats.txt", "hello\n"), ["{path}: unsupported file type '.txt'", ".jsonl"]),
     Case("broken-json-document", _file("chats.json", '[{"conversations": [}\n'), ["{path}:1: invalid JSON"]),
-    Case("json-document-not-an-array", _file("chats.json", json.dumps(GOOD)),
-         ["{path}: expected a JSON array of records", "got a JSON dict"]),
-    Case("wrong-prompt-key", _records("chats.jsonl", [GOOD, GOOD]),
-         ["{path}:1: no 'msgs' key", "keys: ['conversations']", "set prompt_key"], kwargs={"prompt_key": "msgs"}),
-    Case("wrong-prompt-key-via-load", _records("chats.jsonl", [GOOD, GOOD]),
-         ["{path}:1: no 'msgs' key", "keys: ['conversations']", "all 2 records are invalid"], call="load",
-         kwargs={"prompt_key": "msgs"}),
-    Case("every-line-malformed", _file("chats.jsonl", '{"conversations": [}\nnot json\n'),
-         ["no usable training sample in {path}", "{path}:1: invalid JSON", "fix or delete the line"]),
-    Case("no-supervised-token", _records("chats.jsonl", [{"conversations": [{"role": "user", "content": "Q"}]}]),
-         ["no usable training sample in {path}", "dropped 1 with no supervised token"]),
+    Case(
+        "json-document-not-an-array",
+        _file("chats.json", json.dumps(GOOD)),
+        ["{path}: expected a JSON array of records", "got a JSON dict"],
+    ),
+    Case(
+        "wrong-prompt-key",
+        _records("chats.jsonl", [GOOD, GOOD]),
+        ["{path}:1: no 'msgs' key", "keys: ['conversations']", "set prompt_key"],
+        kwargs={"prompt_key": "msgs"},
+    ),
+    Case(
+        "wrong-prompt-key-via-load",
+        _records("chats.jsonl", [GOOD, GOOD]),
+        ["{path}:1: no 'msgs' key", "keys: ['conversations']", "all 2 records are invalid"],
+        call="load",
+        kwargs={"prompt_key": "msgs"},
+    ),
+    Case(
+        "every-line-malformed",
+        _file("chats.jsonl", '{"conversations": [}\nnot json\n'),
+        ["no usable training sample in {path}", "{path}:1: invalid JSON", "fix or delete the line"],
+    ),
+    Case(
+        "no-supervised-token",
+        _records("chats.jsonl", [{"conversations": [{"role": "user", "content": "Q"}]}]),
+        ["no usable training sample in {path}", "dropped 1 with no supervised token"],
+    ),
     Case("saved-dataset-without-the-split", _saved_without_split, ["{path} has no split 'train'", "['validation']"]),
-    Case("unknown-template", _records("chats.jsonl", [GOOD]), ["unknown chat template 'qween'", "use one of", "qwen"],
-         kwargs={"template": "qween"}),
+    Case(
+        "unknown-template",
+        _records("chats.jsonl", [GOOD]),
+        ["unknown chat template 'qween'", "use one of", "qwen"],
+        kwargs={"template": "qween"},
+    ),
     Case("zero-workers", _records("chats.jsonl", [GOOD]), ["num_proc must be >= 1, got 0"], kwargs={"num_proc": 0}),
 ]
 
@@ -126,4 +153,3 @@ def test_only_the_explicit_hub_form_reaches_the_hub(tmp_path, monkeypatch):
     loaded = load_conversation_dataset("hf://datasets/some-org/some-chats", cache_dir=tmp_path)
     assert calls == [("some-org/some-chats", "train")]
     assert loaded["source"] == ["hf://datasets/some-org/some-chats[0]"]
-

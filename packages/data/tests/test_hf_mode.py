@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from data_test_helpers import CONVERSATION, supervised_runs
 from transformers import AutoTokenizer
 
 from torchspec.data import DataError, list_templates, sample_conversations_path, tokenize_conversation
+
+from data_test_helpers import CONVERSATION, supervised_runs
 
 
 def decode(tokenizer, ids):

@@ -7,10 +7,11 @@ import huggingface_hub.constants
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_test_helpers import write_jsonl
 
 from torchspec.data import DataError, load_conversation_dataset, sample_conversations_path
 from torchspec.data.loading import read_conversation_records
+
+from data_test_helpers import write_jsonl
 
 OPENAI = {"conversations": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]}
 SHAREGPT = {"conversations": [{"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2", "reasoning": "R2"}]}

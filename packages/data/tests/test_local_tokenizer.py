@@ -1,10 +1,11 @@
 """build_local_tokenizer: deterministic, loadable, and carrying the templates' tokens and chat format."""
 
 import pytest
-from data_test_helpers import CONVERSATION, supervised_runs
 from transformers import AutoTokenizer
 
 from torchspec.data import DataError, build_local_tokenizer, get_template, list_templates, tokenize_conversation
+
+from data_test_helpers import CONVERSATION, supervised_runs
 
 SMALL_CORPUS = ["the cat sat on the mat", "two plus three is five", "count from one to four"] * 20
 

@@ -3,7 +3,6 @@
 import dataclasses
 
 import pytest
-from data_test_helpers import ASSISTANT_CONTENTS, CONVERSATION, REASONING, supervised_runs
 from tokenizers import processors
 from transformers import AutoTokenizer
 
@@ -15,6 +14,8 @@ from torchspec.data import (
     normalize_conversation,
     tokenize_conversation,
 )
+
+from data_test_helpers import ASSISTANT_CONTENTS, CONVERSATION, REASONING, supervised_runs
 
 # The full text each template renders for CONVERSATION (reasoning kept), written out by hand.
 EXPECTED_TEXT = {

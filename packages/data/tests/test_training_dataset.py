@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from data_test_helpers import CONVERSATION, load_tokenizer_with_template, write_jsonl
 
 from torchspec.data import DataError, build_training_dataset, sample_conversations_path, tokenize_conversation
 from torchspec.data import training_dataset as training_dataset_module
+
+from data_test_helpers import CONVERSATION, load_tokenizer_with_template, write_jsonl
 
 LONG_ANSWER = " ".join(f"word{i}" for i in range(80))
 LONG_PROMPT = " ".join(f"item{i}" for i in range(80))

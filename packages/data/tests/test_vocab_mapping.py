@@ -5,7 +5,6 @@ from collections import Counter
 import datasets
 import pytest
 import torch
-from data_test_helpers import load_tokenizer_with_template
 from safetensors.torch import save_file
 
 from torchspec.data import (
@@ -17,6 +16,8 @@ from torchspec.data import (
     coverage_report,
     sample_conversations_path,
 )
+
+from data_test_helpers import load_tokenizer_with_template
 
 
 def check_invariants(mapping: VocabMapping):

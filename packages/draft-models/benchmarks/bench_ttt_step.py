@@ -22,12 +22,26 @@ import torch
 
 
 def _configs(hidden: int, vocab: int) -> dict[str, dict]:
-    common = dict(hidden_size=hidden, vocab_size=vocab, draft_vocab_size=vocab, intermediate_size=3 * hidden,
-                  num_attention_heads=8, max_position_embeddings=4096, torch_dtype="float32")
+    common = dict(
+        hidden_size=hidden,
+        vocab_size=vocab,
+        draft_vocab_size=vocab,
+        intermediate_size=3 * hidden,
+        num_attention_heads=8,
+        max_position_embeddings=4096,
+        torch_dtype="float32",
+    )
     return {
         "llama": dict(architectures=["LlamaForCausalLMEagle3"], num_key_value_heads=2, head_dim=128, **common),
-        "mla": dict(architectures=["Eagle3DeepseekV2ForCausalLM"], q_lora_rank=512, kv_lora_rank=256,
-                    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, **common),
+        "mla": dict(
+            architectures=["Eagle3DeepseekV2ForCausalLM"],
+            q_lora_rank=512,
+            kv_lora_rank=256,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            **common,
+        ),
     }
 
 
@@ -56,8 +70,13 @@ def run_one(kind: str, args) -> dict:
     dtype = getattr(torch, args.dtype)
     draft = AutoEagle3DraftModel.from_config(_configs(args.hidden, args.vocab)[kind]).to(dtype)
     draft.freeze_embedding()
-    model = Eagle3Model(draft, length=args.length, attention_backend="sdpa", recompute_mlp=not args.keep_mlp_activations,
-                        **({"loss_chunk_elements": args.loss_chunk_elements} if args.loss_chunk_elements else {}))
+    model = Eagle3Model(
+        draft,
+        length=args.length,
+        attention_backend="sdpa",
+        recompute_mlp=not args.keep_mlp_activations,
+        **({"loss_chunk_elements": args.loss_chunk_elements} if args.loss_chunk_elements else {}),
+    )
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-5)
     B, T = args.batch, args.seq
     batch = dict(
@@ -74,8 +93,14 @@ def run_one(kind: str, args) -> dict:
         if args.naive:
             loss = _naive_loss(model, batch, 0.8)
         else:
-            out = model(batch["input_ids"], batch["hidden_states"], batch["loss_mask"], batch["attention_mask"],
-                        target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"])
+            out = model(
+                batch["input_ids"],
+                batch["hidden_states"],
+                batch["loss_mask"],
+                batch["attention_mask"],
+                target_hidden=batch["target_hidden"],
+                target_head_weight=batch["target_head_weight"],
+            )
             loss = out.total_loss(0.8)
         loss.backward()
         optimizer.step()
@@ -93,8 +118,13 @@ def run_one(kind: str, args) -> dict:
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return dict(
-        draft=kind, naive=args.naive, pinned_mmap_threshold=not args.keep_malloc_defaults, median_ms=round(median * 1000, 1), tokens_per_s=round(B * T / median, 1),
-        gflop_per_step=round(flops / 1e9, 1), gflops_per_s=round(flops / 1e9 / median, 1),
+        draft=kind,
+        naive=args.naive,
+        pinned_mmap_threshold=not args.keep_malloc_defaults,
+        median_ms=round(median * 1000, 1),
+        tokens_per_s=round(B * T / median, 1),
+        gflop_per_step=round(flops / 1e9, 1),
+        gflops_per_s=round(flops / 1e9 / median, 1),
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
         params_m=round(sum(p.numel() for p in draft.parameters()) / 1e6, 1),
     )
@@ -120,7 +150,9 @@ def main() -> None:
         print(json.dumps(run_one(args.child, args)))
         return
     for kind in args.drafts:
-        cmd = [sys.executable, __file__, "--child", kind] + [a for a in sys.argv[1:] if a not in args.drafts and a != "--drafts"]
+        cmd = [sys.executable, __file__, "--child", kind] + [
+            a for a in sys.argv[1:] if a not in args.drafts and a != "--drafts"
+        ]
         result = subprocess.run(cmd, check=True, capture_output=True, text=True)
         print(result.stdout.strip().splitlines()[-1])
 

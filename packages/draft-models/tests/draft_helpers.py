@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, LlamaEagle3Config
@@ -33,7 +32,13 @@ def tiny_mla_config(**overrides):
         qk_rope_head_dim=4,
         v_head_dim=6,
         max_position_embeddings=64,
-        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0},
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
         torch_dtype="float32",
     )
     values.update(overrides)
@@ -56,8 +61,6 @@ def pruned_mapping(vocab: int, draft_vocab: int, seed: int = 0):
     t2d = torch.zeros(vocab, dtype=torch.bool)
     t2d[kept] = True
     return d2t, t2d
-
-
 
 
 def build_draft(kind: str, seed: int = 0, **overrides):
@@ -91,7 +94,8 @@ def explicit_fc(draft, aux):
     if config.fc_norm:
         width = config.target_hidden_size
         aux = torch.cat(
-            [explicit_rms_norm(aux[..., i * width : (i + 1) * width], draft.fc_norm[i].weight, eps) for i in range(3)], -1
+            [explicit_rms_norm(aux[..., i * width : (i + 1) * width], draft.fc_norm[i].weight, eps) for i in range(3)],
+            -1,
         )
     return aux @ draft.fc.weight.T
 

@@ -16,7 +16,6 @@ from typing import Callable
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from draft_helpers import build_draft
 
 from torchspec.draft_models import (
     AutoDraftModelConfig,
@@ -28,6 +27,8 @@ from torchspec.draft_models import (
     load_dcp,
 )
 from torchspec.draft_models.testing import CodeRunningPayload, rewrite_dcp_metadata
+
+from draft_helpers import build_draft
 
 
 @dataclass
@@ -126,22 +127,49 @@ def _crafted_metadata(folder: Path):
 
 
 CASES = [
-    Case("config-missing", lambda folder: ((lambda: AutoDraftModelConfig.from_file(folder / "config.json")),
-                                           folder / "config.json"), DraftConfigError, ["does not exist"]),
+    Case(
+        "config-missing",
+        lambda folder: ((lambda: AutoDraftModelConfig.from_file(folder / "config.json")), folder / "config.json"),
+        DraftConfigError,
+        ["does not exist"],
+    ),
     Case("config-invalid-json", _config_file('{"hidden_size": 64,\n}'), DraftConfigError, [":2: invalid JSON"]),
     Case("config-not-an-object", _config_file("[1, 2]"), DraftConfigError, ["expected a JSON object"]),
-    Case("config-unknown-architecture", _config_file(json.dumps({"architectures": ["GPT2Eagle3"]})), DraftConfigError,
-         ["unknown draft architecture 'GPT2Eagle3'", "supported: LlamaForCausalLMEagle3"]),
-    Case("weights-missing", _weights_missing, DraftCheckpointError, ["does not exist", "needs config.json and model.safetensors"]),
+    Case(
+        "config-unknown-architecture",
+        _config_file(json.dumps({"architectures": ["GPT2Eagle3"]})),
+        DraftConfigError,
+        ["unknown draft architecture 'GPT2Eagle3'", "supported: LlamaForCausalLMEagle3"],
+    ),
+    Case(
+        "weights-missing",
+        _weights_missing,
+        DraftCheckpointError,
+        ["does not exist", "needs config.json and model.safetensors"],
+    ),
     Case("weights-truncated", _truncated_weights, DamagedCheckpointError, ["is damaged or truncated", "save it again"]),
-    Case("weights-not-safetensors", _weights_not_safetensors, DamagedCheckpointError, ["not a readable safetensors file"]),
-    Case("weights-of-another-config", _weights_of_another_config, DraftCheckpointError,
-         ["has shape", "config.json implies"]),
-    Case("dcp-data-truncated", _truncated_distcp, DamagedCheckpointError,
-         ["is damaged or truncated", "but .metadata places data up to byte"]),
+    Case(
+        "weights-not-safetensors", _weights_not_safetensors, DamagedCheckpointError, ["not a readable safetensors file"]
+    ),
+    Case(
+        "weights-of-another-config",
+        _weights_of_another_config,
+        DraftCheckpointError,
+        ["has shape", "config.json implies"],
+    ),
+    Case(
+        "dcp-data-truncated",
+        _truncated_distcp,
+        DamagedCheckpointError,
+        ["is damaged or truncated", "but .metadata places data up to byte"],
+    ),
     Case("dcp-data-missing", _missing_distcp, DamagedCheckpointError, ["the file is missing"]),
-    Case("dcp-metadata-truncated", _truncated_metadata, DamagedCheckpointError,
-         ["is damaged or truncated (not readable as DCP metadata"]),
+    Case(
+        "dcp-metadata-truncated",
+        _truncated_metadata,
+        DamagedCheckpointError,
+        ["is damaged or truncated (not readable as DCP metadata"],
+    ),
     Case("dcp-metadata-crafted", _crafted_metadata, UnsafeCheckpointError, ["outside the allow-list (posix.system)"]),
 ]
 

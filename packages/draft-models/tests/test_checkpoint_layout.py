@@ -53,7 +53,10 @@ def test_the_newest_goes_by_step_not_by_the_latest_file(tmp_path):
 @pytest.mark.parametrize(
     "setup, words",
     [
-        (lambda root: root / "nope", ["training.resume", "nope does not exist", "iter_XXXXXXX folder or a training output_dir"]),
+        (
+            lambda root: root / "nope",
+            ["training.resume", "nope does not exist", "iter_XXXXXXX folder or a training output_dir"],
+        ),
         (lambda root: _checkpoint(root, 5, complete=False), ["iter_0000005 is incomplete", "not fully written"]),
         (lambda root: (root / "empty").mkdir() or root / "empty", ["empty holds no complete checkpoint"]),
     ],

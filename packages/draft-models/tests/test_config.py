@@ -29,7 +29,11 @@ BASE = dict(hidden_size=32, vocab_size=100, num_attention_heads=4, intermediate_
     ],
 )
 def test_architecture_names_dispatch_to_their_draft(architecture, config_class, model_class):
-    extra = {} if config_class is LlamaEagle3Config else dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, q_lora_rank=16)
+    extra = (
+        {}
+        if config_class is LlamaEagle3Config
+        else dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, q_lora_rank=16)
+    )
     config = AutoDraftModelConfig.from_dict({"architectures": [architecture], **BASE, **extra})
     assert type(config) is config_class
     assert type(AutoEagle3DraftModel.from_config(config)) is model_class
@@ -67,7 +71,9 @@ def test_rope_scaling_accepts_type_and_rope_type_and_rope_parameters():
     )
     assert old.rope_scaling == new.rope_scaling == v5.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     assert v5.rope_theta == 5e5
-    none = AutoDraftModelConfig.from_dict({"architectures": ["LlamaForCausalLMEagle3"], **BASE, "rope_scaling": {"type": "default"}})
+    none = AutoDraftModelConfig.from_dict(
+        {"architectures": ["LlamaForCausalLMEagle3"], **BASE, "rope_scaling": {"type": "default"}}
+    )
     assert none.rope_scaling is None
 
 
@@ -79,7 +85,9 @@ def test_config_errors_name_the_key():
     with pytest.raises(DraftConfigError, match="rope_type='ntk'"):
         LlamaEagle3Config(**BASE, rope_scaling={"rope_type": "ntk", "factor": 2})
     with pytest.raises(DraftConfigError, match="lacks required keys: intermediate_size"):
-        AutoDraftModelConfig.from_dict({"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 8, "vocab_size": 10, "num_attention_heads": 2})
+        AutoDraftModelConfig.from_dict(
+            {"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 8, "vocab_size": 10, "num_attention_heads": 2}
+        )
 
 
 def test_invalid_json_names_file_and_line(tmp_path):
@@ -135,9 +143,22 @@ def test_qwen3_8b_llama_parameter_count_matches_its_formula():
 
 
 LLAMA = {"architectures": ["LlamaForCausalLMEagle3"], **BASE}
-MLA = {"architectures": ["Eagle3DeepseekV2ForCausalLM"], **BASE, "q_lora_rank": 16, "kv_lora_rank": 8,
-       "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
-YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0}
+MLA = {
+    "architectures": ["Eagle3DeepseekV2ForCausalLM"],
+    **BASE,
+    "q_lora_rank": 16,
+    "kv_lora_rank": 8,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 8,
+}
+YARN = {
+    "rope_type": "yarn",
+    "factor": 40.0,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
@@ -147,24 +168,54 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
         # q/k/v biases: SGLang's EAGLE-3 layer has none, vLLM's adds an o_proj bias.
         ({**LLAMA, "attention_bias": True}, ["attention_bias", "SGLang", "vLLM", "set attention_bias to false"]),
         # Llama YaRN: vLLM applies mscale/mscale_all_dim and attention_factor, SGLang does not.
-        ({**LLAMA, "rope_scaling": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}, ["rope_scaling.mscale:", "SGLang", "vLLM", "remove it"]),
-        ({**LLAMA, "rope_scaling": {**YARN, "mscale_all_dim": 1.0}}, ["rope_scaling.mscale_all_dim:", "SGLang", "remove it"]),
-        ({**LLAMA, "rope_scaling": {**YARN, "attention_factor": 1.2}}, ["rope_scaling.attention_factor:", "SGLang", "remove it"]),
+        (
+            {**LLAMA, "rope_scaling": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}},
+            ["rope_scaling.mscale:", "SGLang", "vLLM", "remove it"],
+        ),
+        (
+            {**LLAMA, "rope_scaling": {**YARN, "mscale_all_dim": 1.0}},
+            ["rope_scaling.mscale_all_dim:", "SGLang", "remove it"],
+        ),
+        (
+            {**LLAMA, "rope_scaling": {**YARN, "attention_factor": 1.2}},
+            ["rope_scaling.attention_factor:", "SGLang", "remove it"],
+        ),
         ({**LLAMA, "rope_scaling": {**YARN, "attn_factor": 1.2}}, ["rope_scaling.attn_factor:", "vLLM", "remove it"]),
-        ({**LLAMA, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, ["'dynamic'", "vLLM", "SGLang", "use one of: linear, llama3, yarn"]),
+        (
+            {**LLAMA, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            ["'dynamic'", "vLLM", "SGLang", "use one of: linear, llama3, yarn"],
+        ),
         ({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ["low_freq_factor", "vLLM", "add it"]),
-        ({**LLAMA, "rope_scaling": {**YARN, "partial_rotary_factor": 0.5}}, ["rope_scaling.partial_rotary_factor:", "vLLM", "remove it"]),
+        (
+            {**LLAMA, "rope_scaling": {**YARN, "partial_rotary_factor": 0.5}},
+            ["rope_scaling.partial_rotary_factor:", "vLLM", "remove it"],
+        ),
         ({**LLAMA, "partial_rotary_factor": 0.5}, ["partial_rotary_factor:", "vLLM", "remove it"]),
-        ({**LLAMA, "rope_scaling": {**YARN, "rope_theta": 5e5}, "rope_theta": 1e4}, ["rope_scaling.rope_theta", "keep one"]),
+        (
+            {**LLAMA, "rope_scaling": {**YARN, "rope_theta": 5e5}, "rope_theta": 1e4},
+            ["rope_scaling.rope_theta", "keep one"],
+        ),
         ({**LLAMA, "bias": True}, ["bias: True", "SGLang", "remove it"]),
         ({**LLAMA, "norm_before_residual": True}, ["norm_before_residual", "vLLM", "remove it"]),
         # MLA: both engines run any rope_scaling as DeepSeek YaRN.
-        ({**MLA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ["'linear'", "DeepSeek YaRN", "use one of: yarn"]),
+        (
+            {**MLA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+            ["'linear'", "DeepSeek YaRN", "use one of: yarn"],
+        ),
         ({**MLA, "rope_scaling": LLAMA3}, ["'llama3'", "DeepSeek YaRN", "use one of: yarn"]),
-        ({**MLA, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, ["'dynamic'", "DeepSeek YaRN", "use one of: yarn"]),
-        ({**MLA, "rope_scaling": {**YARN, "attention_factor": 1.0}}, ["rope_scaling.attention_factor:", "vLLM", "remove it"]),
+        (
+            {**MLA, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            ["'dynamic'", "DeepSeek YaRN", "use one of: yarn"],
+        ),
+        (
+            {**MLA, "rope_scaling": {**YARN, "attention_factor": 1.0}},
+            ["rope_scaling.attention_factor:", "vLLM", "remove it"],
+        ),
         ({**MLA, "rope_scaling": {**YARN, "attn_factor": 2.0}}, ["rope_scaling.attn_factor:", "SGLang", "remove it"]),
-        ({**MLA, "rope_scaling": {**YARN, "truncate": False}}, ["rope_scaling.truncate:", "always truncates", "remove it"]),
+        (
+            {**MLA, "rope_scaling": {**YARN, "truncate": False}},
+            ["rope_scaling.truncate:", "always truncates", "remove it"],
+        ),
         ({**MLA, "fc_norm": "yes"}, ["fc_norm must be true or false", "'yes'"]),
         # MLA without query compression: both engines fuse q_a_proj with kv_a_proj_with_mqa.
         ({**MLA, "q_lora_rank": None}, ["q_lora_rank: null", "vLLM", "SGLang", "set q_lora_rank"]),
@@ -204,7 +255,9 @@ def test_eagle3_1_options_default_off_and_are_read_where_vllm_reads_them():
     plain = AutoDraftModelConfig.from_dict(LLAMA)
     assert (plain.fc_norm, plain.norm_before_fc, plain.norm_output) == (False, False, False)
     # vLLM reads norm_before_fc from eagle_config first, then from the top level; fc_norm and norm_output top level.
-    nested = AutoDraftModelConfig.from_dict({**LLAMA, "eagle_config": {"use_aux_hidden_state": True, "norm_before_fc": True}})
+    nested = AutoDraftModelConfig.from_dict(
+        {**LLAMA, "eagle_config": {"use_aux_hidden_state": True, "norm_before_fc": True}}
+    )
     assert nested.norm_before_fc and nested.to_dict()["norm_before_fc"] is True
     top = AutoDraftModelConfig.from_dict({**LLAMA, "fc_norm": True, "norm_output": True})
     assert (top.fc_norm, top.norm_before_fc, top.norm_output) == (True, False, True)
@@ -214,7 +267,9 @@ def test_eagle3_1_options_default_off_and_are_read_where_vllm_reads_them():
 def test_norm_before_fc_on_an_mla_draft_is_an_engine_refusal():
     # vLLM 0.32's deepseek_eagle3.py builds no input_norm (only llama_eagle3.py does); the engine test
     # shows it refusing such a folder.
-    config = AutoDraftModelConfig.from_dict({**MLA, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "norm_before_fc": True})
+    config = AutoDraftModelConfig.from_dict(
+        {**MLA, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "norm_before_fc": True}
+    )
     refusals = config.engine_refusals()
     assert len(refusals) == 1 and "norm_before_fc" in refusals[0] and "use fc_norm" in refusals[0]
     assert AutoDraftModelConfig.from_dict({**LLAMA, "norm_before_fc": True}).engine_refusals() == []

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from torchspec.draft_models import Eagle3Model, step0_loss_mask
-from torchspec.draft_models.loss import chunked_forward_kl, DenseTargetProbs
+from torchspec.draft_models.loss import DenseTargetProbs, chunked_forward_kl
 
 from draft_helpers import EAGLE3_1_VARIANTS, build_draft, explicit_fc, explicit_next_hidden, make_batch
 
@@ -26,7 +26,9 @@ def _reference_ttt(draft, batch, length, token_loss_mask, pruned=False):
         tokens = torch.zeros_like(ids)
         tokens[:, : T - 1 - k] = ids[:, k + 1 :]
         positions = torch.arange(T).expand(B, T) + k
-        hidden, cache_k, cache_v = draft.backbone(draft.embed_input_ids(tokens), hidden, attn, positions, cache_k, cache_v)
+        hidden, cache_k, cache_v = draft.backbone(
+            draft.embed_input_ids(tokens), hidden, attn, positions, cache_k, cache_v
+        )
         logits = draft.compute_logits(hidden)
         hidden = explicit_next_hidden(draft, hidden)
         total, count, correct = 0.0, 0, 0
@@ -56,13 +58,19 @@ def test_losses_match_the_row_by_row_formula(draft_kind, pruned, variant):
     length = 4
     model = Eagle3Model(draft, length=length, loss_chunk_elements=97 * 5)  # several chunks
     out = model(
-        batch["input_ids"], batch["hidden_states"], step0_loss_mask(batch["token_loss_mask"]), batch["attention_mask"],
-        target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"],
+        batch["input_ids"],
+        batch["hidden_states"],
+        step0_loss_mask(batch["token_loss_mask"]),
+        batch["attention_mask"],
+        target_hidden=batch["target_hidden"],
+        target_head_weight=batch["target_head_weight"],
     )
     loss_sums, counts, corrects = _reference_ttt(draft, batch, length, batch["token_loss_mask"], pruned)
     assert out.counted.tolist() == counts
     assert out.counted_mask.sum().item() == sum(counts)
-    torch.testing.assert_close(out.loss_sums, torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in loss_sums]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        out.loss_sums, torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in loss_sums]), rtol=1e-4, atol=1e-4
+    )
     assert out.correct.sum(dim=(1, 2)).tolist() == corrects
     torch.testing.assert_close(out.losses, out.loss_sums / out.counted.clamp(min=1))
 
@@ -70,7 +78,9 @@ def test_losses_match_the_row_by_row_formula(draft_kind, pruned, variant):
     decay = 0.8
     reference = sum(decay**k * loss_sums[k] / max(counts[k], 1) for k in range(length))
     expected = torch.autograd.grad(reference, [p for p in draft.parameters() if p.requires_grad], allow_unused=True)
-    actual = torch.autograd.grad(out.total_loss(decay), [p for p in draft.parameters() if p.requires_grad], allow_unused=True)
+    actual = torch.autograd.grad(
+        out.total_loss(decay), [p for p in draft.parameters() if p.requires_grad], allow_unused=True
+    )
     for (name, _), e, a in zip([(n, p) for n, p in draft.named_parameters() if p.requires_grad], expected, actual):
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-5, msg=name)
 
@@ -84,8 +94,14 @@ def test_pruned_vocab_reports_and_excludes_positions_outside_the_draft_vocab():
     assert torch.equal(valid, expected_valid)
     assert 0 < valid.sum() < valid.numel()  # the test exercises both cases
     loss_mask = step0_loss_mask(torch.ones_like(batch["input_ids"]))
-    out = model(batch["input_ids"], batch["hidden_states"], loss_mask, batch["attention_mask"],
-                target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"])
+    out = model(
+        batch["input_ids"],
+        batch["hidden_states"],
+        loss_mask,
+        batch["attention_mask"],
+        target_hidden=batch["target_hidden"],
+        target_head_weight=batch["target_head_weight"],
+    )
     k, b, t = out.counted_mask.nonzero(as_tuple=True)
     assert valid[b, t + 1 + k].all()
     assert torch.equal(out.counted, model.count_positions(loss_mask, batch["attention_mask"], valid))
@@ -96,8 +112,14 @@ def test_dense_target_probs_equal_the_lazy_target(draft_kind):
     batch = make_batch()
     loss_mask = step0_loss_mask(batch["token_loss_mask"])
     model = Eagle3Model(draft, length=3)
-    lazy = model(batch["input_ids"], batch["hidden_states"], loss_mask, batch["attention_mask"],
-                 target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"])
+    lazy = model(
+        batch["input_ids"],
+        batch["hidden_states"],
+        loss_mask,
+        batch["attention_mask"],
+        target_hidden=batch["target_hidden"],
+        target_head_weight=batch["target_head_weight"],
+    )
     probs = torch.softmax(batch["target_hidden"] @ batch["target_head_weight"].T, -1)
     dense = model(batch["input_ids"], batch["hidden_states"], loss_mask, batch["attention_mask"], target_probs=probs)
     torch.testing.assert_close(lazy.loss_sums, dense.loss_sums, rtol=1e-5, atol=1e-5)
@@ -118,9 +140,15 @@ def test_loss_normalizer_divides_the_sums():
     draft = build_draft("mla")
     batch = make_batch()
     model = Eagle3Model(draft, length=2)
-    out = model(batch["input_ids"], batch["hidden_states"], step0_loss_mask(batch["token_loss_mask"]), batch["attention_mask"],
-                target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"],
-                loss_normalizer=torch.tensor([100.0, 50.0]))
+    out = model(
+        batch["input_ids"],
+        batch["hidden_states"],
+        step0_loss_mask(batch["token_loss_mask"]),
+        batch["attention_mask"],
+        target_hidden=batch["target_hidden"],
+        target_head_weight=batch["target_head_weight"],
+        loss_normalizer=torch.tensor([100.0, 50.0]),
+    )
     torch.testing.assert_close(out.losses, out.loss_sums / torch.tensor([100.0, 50.0]))
     assert out.total_loss(0.5).item() == pytest.approx((out.losses[0] + 0.5 * out.losses[1]).item())
 
@@ -130,8 +158,14 @@ def test_gradients_reach_every_trainable_parameter_and_not_the_frozen_embedding(
     draft.freeze_embedding()
     batch = make_batch()
     model = Eagle3Model(draft, length=3)
-    out = model(batch["input_ids"], batch["hidden_states"], step0_loss_mask(batch["token_loss_mask"]), batch["attention_mask"],
-                target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"])
+    out = model(
+        batch["input_ids"],
+        batch["hidden_states"],
+        step0_loss_mask(batch["token_loss_mask"]),
+        batch["attention_mask"],
+        target_hidden=batch["target_hidden"],
+        target_head_weight=batch["target_head_weight"],
+    )
     out.total_loss().backward()
     assert draft.embed_tokens.weight.grad is None
     for name, param in draft.named_parameters():
@@ -145,8 +179,14 @@ def test_gradient_checkpointing_gives_identical_gradients(draft_kind):
     for checkpointing in (False, True):
         draft = build_draft(draft_kind)
         model = Eagle3Model(draft, length=3, gradient_checkpointing=checkpointing)
-        out = model(batch["input_ids"], batch["hidden_states"], step0_loss_mask(batch["token_loss_mask"]), batch["attention_mask"],
-                    target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"])
+        out = model(
+            batch["input_ids"],
+            batch["hidden_states"],
+            step0_loss_mask(batch["token_loss_mask"]),
+            batch["attention_mask"],
+            target_hidden=batch["target_hidden"],
+            target_head_weight=batch["target_head_weight"],
+        )
         out.total_loss().backward()
         grads.append({n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -161,7 +201,9 @@ def test_backbone_shapes_with_and_without_cache(draft_kind):
     positions = torch.arange(T).expand(B, T)
     cache_k = cache_v = None
     for step in range(3):
-        hidden, cache_k, cache_v = draft.backbone(embeds, hidden, None, positions + step, cache_k, cache_v, use_cache=True)
+        hidden, cache_k, cache_v = draft.backbone(
+            embeds, hidden, None, positions + step, cache_k, cache_v, use_cache=True
+        )
         assert hidden.shape == (B, T, H)
         assert len(cache_k) == len(cache_v) == step + 1
         kv_heads = 2 if draft_kind == "llama" else 4  # GQA keeps kv heads; MLA expands the shared key
@@ -173,7 +215,9 @@ def test_backbone_shapes_with_and_without_cache(draft_kind):
 
 def test_chunked_loss_rejects_unsorted_rows():
     with pytest.raises(ValueError, match="sorted"):
-        chunked_forward_kl(torch.randn(2, 4), torch.randn(5, 4), DenseTargetProbs(torch.rand(1, 3, 5)), torch.tensor([2, 1]))
+        chunked_forward_kl(
+            torch.randn(2, 4), torch.randn(5, 4), DenseTargetProbs(torch.rand(1, 3, 5)), torch.tensor([2, 1])
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
@@ -181,9 +225,14 @@ def test_bf16_forward_and_backward_run(dtype):
     draft = build_draft("mla").to(dtype)
     batch = make_batch()
     model = Eagle3Model(draft, length=2)
-    out = model(batch["input_ids"], batch["hidden_states"].to(dtype), step0_loss_mask(batch["token_loss_mask"]),
-                batch["attention_mask"], target_hidden=batch["target_hidden"].to(dtype),
-                target_head_weight=batch["target_head_weight"].to(dtype))
+    out = model(
+        batch["input_ids"],
+        batch["hidden_states"].to(dtype),
+        step0_loss_mask(batch["token_loss_mask"]),
+        batch["attention_mask"],
+        target_hidden=batch["target_hidden"].to(dtype),
+        target_head_weight=batch["target_head_weight"].to(dtype),
+    )
     out.total_loss().backward()
     assert torch.isfinite(out.losses).all()
     assert draft.lm_head.weight.grad.dtype == dtype
@@ -194,9 +243,14 @@ def test_a_batch_without_counted_rows_gives_zero_loss_and_zero_gradients():
     produce a graph (zero gradients) so collective gradient reduction does not hang."""
     draft = build_draft("llama")
     batch = make_batch()
-    out = Eagle3Model(draft, length=3)(batch["input_ids"], batch["hidden_states"], torch.zeros_like(batch["input_ids"]),
-                                       batch["attention_mask"], target_hidden=batch["target_hidden"],
-                                       target_head_weight=batch["target_head_weight"])
+    out = Eagle3Model(draft, length=3)(
+        batch["input_ids"],
+        batch["hidden_states"],
+        torch.zeros_like(batch["input_ids"]),
+        batch["attention_mask"],
+        target_hidden=batch["target_hidden"],
+        target_head_weight=batch["target_head_weight"],
+    )
     assert out.counted.tolist() == [0, 0, 0] and out.losses.tolist() == [0.0, 0.0, 0.0]
     out.total_loss().backward()
     assert draft.lm_head.weight.grad is not None and draft.lm_head.weight.grad.abs().sum() == 0

@@ -60,17 +60,34 @@ def test_interleaved_rotation_preserves_relative_position():
     "scaling",
     [
         {"rope_type": "linear", "factor": 4.0},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
         {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
         {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256},
         {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "truncate": False},
-        {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 128, "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5},
+        {
+            "rope_type": "yarn",
+            "factor": 16.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.5,
+        },
     ],
 )
 def test_frequencies_match_transformers(scaling):
     dim, theta, max_pos = 64, 10000.0, 4096
     hf = LlamaConfig(
-        hidden_size=256, num_attention_heads=4, head_dim=dim, max_position_embeddings=max_pos,
+        hidden_size=256,
+        num_attention_heads=4,
+        head_dim=dim,
+        max_position_embeddings=max_pos,
         rope_parameters={**scaling, "rope_theta": theta},
     )
     expected_freq, expected_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf, "cpu")
@@ -91,7 +108,13 @@ def test_dynamic_ntk_grows_the_base_past_the_trained_length():
 
 def test_yarn_softmax_scale_of_mla():
     config = tiny_mla_config(
-        rope_scaling={"rope_type": "yarn", "factor": 64.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0}
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 64.0,
+            "original_max_position_embeddings": 16,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        }
     )
     mscale = 0.1 * 1.0 * math.log(64.0) + 1.0
     assert mla_softmax_scale(config) == pytest.approx(mscale**2 / math.sqrt(8 + 4))
@@ -170,13 +193,33 @@ POSITIONS = [0, 1, 7, 63, 500, 4000]
         None,
         {"rope_type": "linear", "factor": 4.0},
         {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
         {"rope_type": "yarn", "factor": 8.0},
-        {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0},
+        {
+            "rope_type": "yarn",
+            "factor": 40.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+        },
         {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "truncate": False},
-        {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 48, "beta_fast": 8.0, "beta_slow": 2.0},
+        {
+            "rope_type": "yarn",
+            "factor": 16.0,
+            "original_max_position_embeddings": 48,
+            "beta_fast": 8.0,
+            "beta_slow": 2.0,
+        },
     ],
-    ids=lambda s: "none" if s is None else "-".join(f"{k}={v}" for k, v in s.items() if k != "rope_type") + f"-{s['rope_type']}",
+    ids=lambda s: (
+        "none" if s is None else "-".join(f"{k}={v}" for k, v in s.items() if k != "rope_type") + f"-{s['rope_type']}"
+    ),
 )
 def test_llama_draft_rope_is_vllms(scaling):
     """Every rope_scaling a Llama draft config accepts gives the cos/sin of vLLM's Llama EAGLE-3 path."""
@@ -194,10 +237,22 @@ def test_llama_draft_rope_is_vllms(scaling):
     "scaling",
     [
         None,
-        {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "mscale": 1.0, "mscale_all_dim": 1.0},
+        {
+            "rope_type": "yarn",
+            "factor": 40.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
         {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64},
         {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "mscale_all_dim": 1.0},
-        {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 48, "mscale": 0.707, "beta_fast": 8.0},
+        {
+            "rope_type": "yarn",
+            "factor": 16.0,
+            "original_max_position_embeddings": 48,
+            "mscale": 0.707,
+            "beta_fast": 8.0,
+        },
     ],
     ids=["none", "deepseek-v3", "no-mscale", "mscale_all_dim-only", "mscale-only"],
 )

@@ -42,7 +42,9 @@ def test_genuine_dcp_checkpoint_loads(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load_dcp(target, tmp_path / "ckpt")
-    assert torch.equal(target["model"]["w"], state["model"]["w"]) and torch.equal(target["model"]["b"], state["model"]["b"])
+    assert torch.equal(target["model"]["w"], state["model"]["w"]) and torch.equal(
+        target["model"]["b"], state["model"]["b"]
+    )
     assert target["step"] == 4  # a BytesIO item, read weights-only
 
 
@@ -122,5 +124,8 @@ def test_genuine_torch_file_loads(tmp_path):
 
 
 def test_allow_list_is_metadata_only():
-    assert all(name.startswith(("torch.distributed.checkpoint.", "torch.", "pathlib.")) for name in DCP_METADATA_ALLOWED_GLOBALS)
+    assert all(
+        name.startswith(("torch.distributed.checkpoint.", "torch.", "pathlib."))
+        for name in DCP_METADATA_ALLOWED_GLOBALS
+    )
     assert not {"builtins.eval", "builtins.getattr", "posix.system", "os.system"} & DCP_METADATA_ALLOWED_GLOBALS

@@ -7,7 +7,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from torchspec.draft_models import AutoEagle3DraftModel, DraftCheckpointError, DraftConfigError, Eagle3DraftModel, LlamaForCausalLMEagle3
+from torchspec.draft_models import (
+    AutoEagle3DraftModel,
+    DraftCheckpointError,
+    DraftConfigError,
+    Eagle3DraftModel,
+    LlamaForCausalLMEagle3,
+)
 
 from draft_helpers import build_draft
 

@@ -26,8 +26,15 @@ def one_thread():
 def tiny_target(tmp_path_factory):
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )
     path = tmp_path_factory.mktemp("target")
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -77,7 +84,11 @@ def _reference_greedy_rounds(draft, target, prompt, k, max_new_tokens, aux_layer
         tokens, chain = sequence[1:], []
         for _ in range(k):
             out, _, _ = draft.backbone(
-                draft.embed_input_ids(torch.tensor([tokens])), hidden, None, torch.arange(len(tokens))[None], use_cache=False
+                draft.embed_input_ids(torch.tensor([tokens])),
+                hidden,
+                None,
+                torch.arange(len(tokens))[None],
+                use_cache=False,
             )
             chain.append(int(to_target[draft.compute_logits(out[0, -1]).argmax()]))
             hidden = torch.cat([hidden, explicit_next_hidden(draft, out[:, -1:])], dim=1)
@@ -339,7 +350,9 @@ def test_sampling_with_a_random_draft_follows_the_target(tiny_target, target_law
 def test_sampling_with_a_close_proposal_follows_the_target(tiny_target, target_law, k):
     """Most drafts accepted: the accept branch, the bonus token after a whole chain (k = 1) and a
     rejection after an accepted draft (k = 2) all have to keep the target's law."""
-    generator = SpeculativeGenerator(build_draft("llama"), tiny_target, num_draft_tokens=k, temperature=TEMPERATURE, seed=k)
+    generator = SpeculativeGenerator(
+        build_draft("llama"), tiny_target, num_draft_tokens=k, temperature=TEMPERATURE, seed=k
+    )
     _use_close_proposal(generator, target_law[1])
     samples, accepted = _sample(generator, 1200)
     _assert_target_distribution(samples, target_law[0])
@@ -352,7 +365,9 @@ def test_sampling_without_the_rejection_rule_is_caught(tiny_target, target_law, 
     from torchspec.draft_models import speculative
 
     monkeypatch.setattr(speculative, "rejection_sample", lambda p, q, drafted, generator=None: (True, drafted))
-    generator = SpeculativeGenerator(build_draft("llama"), tiny_target, num_draft_tokens=2, temperature=TEMPERATURE, seed=2)
+    generator = SpeculativeGenerator(
+        build_draft("llama"), tiny_target, num_draft_tokens=2, temperature=TEMPERATURE, seed=2
+    )
     _use_close_proposal(generator, target_law[1])
     samples, _ = _sample(generator, 600)
     with pytest.raises(AssertionError, match="samples: a cell of probability"):

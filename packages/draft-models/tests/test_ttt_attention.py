@@ -80,8 +80,12 @@ def test_sdpa_and_flex_give_the_same_ttt_losses(draft_kind):
         for backend in ("sdpa", "flex_attention"):
             model = Eagle3Model(draft, length=4, attention_backend=backend)
             outputs[backend] = model(
-                batch["input_ids"], batch["hidden_states"], loss_mask, batch["attention_mask"],
-                target_hidden=batch["target_hidden"], target_head_weight=batch["target_head_weight"],
+                batch["input_ids"],
+                batch["hidden_states"],
+                loss_mask,
+                batch["attention_mask"],
+                target_hidden=batch["target_hidden"],
+                target_head_weight=batch["target_head_weight"],
             )
     torch.testing.assert_close(outputs["sdpa"].losses, outputs["flex_attention"].losses, rtol=1e-5, atol=1e-5)
     assert torch.equal(outputs["sdpa"].correct, outputs["flex_attention"].correct)

@@ -39,9 +39,17 @@ def _large_target(directory: Path) -> Path:
     import torch
 
     tokenizer_dir = ensure_default_target()
-    config = Qwen3Config(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                         num_key_value_heads=4, head_dim=64, intermediate_size=2048, max_position_embeddings=4096,
-                         tie_word_embeddings=False)
+    config = Qwen3Config(
+        vocab_size=32000,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=64,
+        intermediate_size=2048,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(directory)
     from transformers import AutoTokenizer
@@ -57,9 +65,15 @@ def _child(preset: str, steps: int, warmup: int, workdir: Path) -> dict:
     from torchspec.trainer.trainer import train
 
     logging.basicConfig(level=logging.WARNING)
-    overrides = [f"training.max_steps={warmup + steps}", "training.eval_interval=0", "data.eval_split=0",
-                 "training.progress_bar=false", f"training.output_dir={workdir / preset}", "training.keep_last=1",
-                 "training.device=cpu"]
+    overrides = [
+        f"training.max_steps={warmup + steps}",
+        "training.eval_interval=0",
+        "data.eval_split=0",
+        "training.progress_bar=false",
+        f"training.output_dir={workdir / preset}",
+        "training.keep_last=1",
+        "training.device=cpu",
+    ]
     if preset == "large":
         overrides.append(f"model.target_model_path={_large_target(workdir / 'large_target')}")
     records = []
@@ -82,7 +96,9 @@ def main() -> None:
     parser.add_argument("--preset", choices=["default", "large", "all"], default="all")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per preset")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--workdir", type=Path, default=None, help="where runs and the large target go (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where runs and the large target go (default: a temp dir)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -92,17 +108,35 @@ def main() -> None:
         return
 
     presets = ["default", "large"] if args.preset == "all" else [args.preset]
-    print(f"torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}; fp32 CPU; {args.steps} timed steps after {args.warmup}")
-    print(f"{'preset':<8} {'tokens/step':>11} {'tokens/s':>9} {'step s':>7} {'target':>7} {'draft':>7} {'peak RSS':>10}")
+    print(
+        f"torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}; fp32 CPU; {args.steps} timed steps after "
+        f"{args.warmup}"
+    )
+    print(
+        f"{'preset':<8} {'tokens/step':>11} {'tokens/s':>9} {'step s':>7} {'target':>7} {'draft':>7} {'peak RSS':>10}"
+    )
     for preset in presets:
-        command = [sys.executable, __file__, "--child", "--preset", preset, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--workdir", str(workdir)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--preset",
+            preset,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--workdir",
+            str(workdir),
+        ]
         out = subprocess.run(command, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             sys.exit(f"{preset} failed:\n{out.stderr[-3000:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{preset:<8} {r['tokens_per_step']:>11.0f} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} "
-              f"{r['target_share']:>7.1%} {1 - r['target_share']:>7.1%} {r['peak_rss_mb']:>7.0f} MB")
+        print(
+            f"{preset:<8} {r['tokens_per_step']:>11.0f} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} "
+            f"{r['target_share']:>7.1%} {1 - r['target_share']:>7.1%} {r['peak_rss_mb']:>7.0f} MB"
+        )
 
 
 if __name__ == "__main__":

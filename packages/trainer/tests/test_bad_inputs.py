@@ -52,9 +52,17 @@ def fitting_draft(assets, tmp_path_factory):
     """A small Llama draft for the assets' target (vocab 2048, hidden 64), in serving format."""
     from torchspec.draft_models import AutoEagle3DraftModel, LlamaEagle3Config
 
-    config = LlamaEagle3Config(hidden_size=32, target_hidden_size=64, vocab_size=2048, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=256,
-                               torch_dtype="float32")
+    config = LlamaEagle3Config(
+        hidden_size=32,
+        target_hidden_size=64,
+        vocab_size=2048,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        max_position_embeddings=256,
+        torch_dtype="float32",
+    )
     torch.manual_seed(0)
     return AutoEagle3DraftModel.from_config(config).save_pretrained(tmp_path_factory.mktemp("draft") / "draft")
 
@@ -78,8 +86,15 @@ def train_with(make_extra: Callable[[Env], dict]):
 
 def evaluate(**extra):
     def make(env: Env):
-        values = {"--draft": str(env.draft), "--target": env.assets["target"], "--data": env.assets["train_path"],
-                  "--num-prompts": "1", "--max-new-tokens": "2", "--output": str(env.result), **extra}
+        values = {
+            "--draft": str(env.draft),
+            "--target": env.assets["target"],
+            "--data": env.assets["train_path"],
+            "--num-prompts": "1",
+            "--max-new-tokens": "2",
+            "--output": str(env.result),
+            **extra,
+        }
         return ["evaluate", *[part for item in values.items() for part in item]]
 
     return make
@@ -135,63 +150,150 @@ def _larger_tokenizer(env: Env) -> str:
 
 CASES = [
     # The config: keys, values, files.
-    Case("override-typo", train(**{"training.learnig_rate": "1e-3"}),
-         ["unknown key training.learnig_rate", "did you mean training.learning_rate?"]),
-    Case("config-file-typo", lambda env: ["train", "--config", _file(env, "x.yaml", "model:\n  aux_layer_id: [1, 2, 3]\n")],
-         ["unknown key model.aux_layer_id in {root}/x.yaml", "did you mean model.aux_layer_ids?"]),
-    Case("config-file-missing", lambda env: ["train", "--config", str(env.root / "nope.yaml")],
-         ["config file {root}/nope.yaml does not exist"]),
-    Case("warmup-set-twice", train(**{"training.warmup_steps": 5}),  # small_overrides sets warmup_ratio too
-         ["training.warmup_steps and training.warmup_ratio are both set in the command-line overrides; keep one"]),
-    Case("learning-rate-nan", train(**{"training.learning_rate": ".nan"}),
-         ["training.learning_rate must be a finite number > 0, got nan"]),
+    Case(
+        "override-typo",
+        train(**{"training.learnig_rate": "1e-3"}),
+        ["unknown key training.learnig_rate", "did you mean training.learning_rate?"],
+    ),
+    Case(
+        "config-file-typo",
+        lambda env: ["train", "--config", _file(env, "x.yaml", "model:\n  aux_layer_id: [1, 2, 3]\n")],
+        ["unknown key model.aux_layer_id in {root}/x.yaml", "did you mean model.aux_layer_ids?"],
+    ),
+    Case(
+        "config-file-missing",
+        lambda env: ["train", "--config", str(env.root / "nope.yaml")],
+        ["config file {root}/nope.yaml does not exist"],
+    ),
+    Case(
+        "warmup-set-twice",
+        train(**{"training.warmup_steps": 5}),  # small_overrides sets warmup_ratio too
+        ["training.warmup_steps and training.warmup_ratio are both set in the command-line overrides; keep one"],
+    ),
+    Case(
+        "learning-rate-nan",
+        train(**{"training.learning_rate": ".nan"}),
+        ["training.learning_rate must be a finite number > 0, got nan"],
+    ),
     # The target.
-    Case("target-missing", train(**{"model.target_model_path": "/no/such/model"}),
-         ["model.target_model_path /no/such/model", "no config.json"]),
-    Case("target-without-weights", train_with(lambda env: {"model.target_model_path": _target_without_weights(env)}),
-         ["model.target_model_path {root}/target has a config.json but no weights", "copy the weight files there"]),
-    Case("target-weights-cut", train_with(lambda env: {"model.target_model_path": _target_with_cut_weights(env)}),
-         ["{root}/target/model.safetensors is damaged or truncated"]),
-    Case("aux-layers-outside-the-target", train(**{"model.aux_layer_ids": "[2, 3, 7]"}),
-         ["outside the target's 7 layers", "use ids in [0, 6]"]),
-    Case("tokenizer-larger-than-the-vocabulary", train_with(lambda env: {"model.tokenizer_path": _larger_tokenizer(env)}),
-         ["the tokenizer has 3000 tokens but the target's vocabulary has 2048"]),
-    Case("draft-config-for-another-target",
-         train_with(lambda env: {"model.draft_config": _draft_config_for_another_target(env)}),
-         ["{root}/draft.json", "target_hidden_size=4096 but the target's hidden_size is 64"]),
-    Case("draft-vocab-above-the-vocabulary", train(**{"model.draft_vocab_size": 5000}),
-         ["draft_vocab_size (5000) exceeds vocab_size (2048)"]),
+    Case(
+        "target-missing",
+        train(**{"model.target_model_path": "/no/such/model"}),
+        ["model.target_model_path /no/such/model", "no config.json"],
+    ),
+    Case(
+        "target-without-weights",
+        train_with(lambda env: {"model.target_model_path": _target_without_weights(env)}),
+        ["model.target_model_path {root}/target has a config.json but no weights", "copy the weight files there"],
+    ),
+    Case(
+        "target-weights-cut",
+        train_with(lambda env: {"model.target_model_path": _target_with_cut_weights(env)}),
+        ["{root}/target/model.safetensors is damaged or truncated"],
+    ),
+    Case(
+        "aux-layers-outside-the-target",
+        train(**{"model.aux_layer_ids": "[2, 3, 7]"}),
+        ["outside the target's 7 layers", "use ids in [0, 6]"],
+    ),
+    Case(
+        "tokenizer-larger-than-the-vocabulary",
+        train_with(lambda env: {"model.tokenizer_path": _larger_tokenizer(env)}),
+        ["the tokenizer has 3000 tokens but the target's vocabulary has 2048"],
+    ),
+    Case(
+        "draft-config-for-another-target",
+        train_with(lambda env: {"model.draft_config": _draft_config_for_another_target(env)}),
+        ["{root}/draft.json", "target_hidden_size=4096 but the target's hidden_size is 64"],
+    ),
+    Case(
+        "draft-vocab-above-the-vocabulary",
+        train(**{"model.draft_vocab_size": 5000}),
+        ["draft_vocab_size (5000) exceeds vocab_size (2048)"],
+    ),
     # The data.
-    Case("data-missing", train(**{"data.train_path": "/no/such/data.jsonl"}), ["data.train_path: ", "/no/such/data.jsonl"]),
-    Case("data-empty", train_with(lambda env: {"data.train_path": _file(env, "empty.jsonl", "")}),
-         ["data.train_path: {root}/empty.jsonl: no records in the file (empty)"]),
-    Case("data-hub-name-without-prefix", train(**{"data.train_path": "some-org/some-chats"}),
-         ["no such file or directory: some-org/some-chats", "write hf://datasets/some-org/some-chats"]),
-    Case("data-unusable", train_with(lambda env: {"data.train_path": env.assets["broken"]}),
-         ["no usable training sample"]),
-    Case("data-wrong-prompt-key", train(**{"data.prompt_key": "msgs"}),
-         ["no 'msgs' key (keys: ['conversations'])", "set prompt_key"]),
-    Case("batch-larger-than-the-data", train(**{"training.global_batch_size": 64, "training.micro_batch_size": 8}),
-         ["fewer than one global batch (64)"]),
+    Case(
+        "data-missing",
+        train(**{"data.train_path": "/no/such/data.jsonl"}),
+        ["data.train_path: ", "/no/such/data.jsonl"],
+    ),
+    Case(
+        "data-empty",
+        train_with(lambda env: {"data.train_path": _file(env, "empty.jsonl", "")}),
+        ["data.train_path: {root}/empty.jsonl: no records in the file (empty)"],
+    ),
+    Case(
+        "data-hub-name-without-prefix",
+        train(**{"data.train_path": "some-org/some-chats"}),
+        ["no such file or directory: some-org/some-chats", "write hf://datasets/some-org/some-chats"],
+    ),
+    Case(
+        "data-unusable",
+        train_with(lambda env: {"data.train_path": env.assets["broken"]}),
+        ["no usable training sample"],
+    ),
+    Case(
+        "data-wrong-prompt-key",
+        train(**{"data.prompt_key": "msgs"}),
+        ["no 'msgs' key (keys: ['conversations'])", "set prompt_key"],
+    ),
+    Case(
+        "batch-larger-than-the-data",
+        train(**{"training.global_batch_size": 64, "training.micro_batch_size": 8}),
+        ["fewer than one global batch (64)"],
+    ),
     # Resume and extras.
-    Case("resume-missing", train(**{"training.resume": "/no/such/checkpoint"}), ["training.resume /no/such/checkpoint"]),
-    Case("tensorboard-not-installed", train(**{"training.tensorboard": "true"}),
-         ["pip install tensorboard, or set training.tensorboard=false"]),
+    Case(
+        "resume-missing", train(**{"training.resume": "/no/such/checkpoint"}), ["training.resume /no/such/checkpoint"]
+    ),
+    Case(
+        "tensorboard-not-installed",
+        train(**{"training.tensorboard": "true"}),
+        ["pip install tensorboard, or set training.tensorboard=false"],
+    ),
     # evaluate
-    Case("evaluate-draft-without-config", evaluate_with(lambda env: {"--draft": str(env.root / "nope")}),
-         ["--draft {root}/nope: no config.json there"], code=2),
-    Case("evaluate-draft-weights-cut", evaluate_with(_cut_draft_weights),
-         ["{root}/draft/model.safetensors is damaged or truncated"], code=2),
-    Case("evaluate-target-without-weights", evaluate_with(lambda env: {"--target": _target_without_weights(env)}),
-         ["--target {root}/target has a config.json but no weights"], code=2),
-    Case("evaluate-target-weights-cut", evaluate_with(lambda env: {"--target": _target_with_cut_weights(env)}),
-         ["{root}/target/model.safetensors is damaged or truncated"], code=2),
-    Case("evaluate-wrong-prompt-key", evaluate(**{"--prompt-key": "msgs"}),
-         ["--prompt-key msgs", "no 'msgs' key (keys: ['conversations'])"], code=2),
-    Case("evaluate-data-empty", evaluate_with(lambda env: {"--data": _file(env, "empty.jsonl", "")}),
-         ["{root}/empty.jsonl: no records in the file (empty)"], code=2),
-    Case("evaluate-data-missing", evaluate_with(lambda env: {"--data": str(env.root / "nope.jsonl")}),
-         ["no such file or directory: {root}/nope.jsonl"], code=2),
+    Case(
+        "evaluate-draft-without-config",
+        evaluate_with(lambda env: {"--draft": str(env.root / "nope")}),
+        ["--draft {root}/nope: no config.json there"],
+        code=2,
+    ),
+    Case(
+        "evaluate-draft-weights-cut",
+        evaluate_with(_cut_draft_weights),
+        ["{root}/draft/model.safetensors is damaged or truncated"],
+        code=2,
+    ),
+    Case(
+        "evaluate-target-without-weights",
+        evaluate_with(lambda env: {"--target": _target_without_weights(env)}),
+        ["--target {root}/target has a config.json but no weights"],
+        code=2,
+    ),
+    Case(
+        "evaluate-target-weights-cut",
+        evaluate_with(lambda env: {"--target": _target_with_cut_weights(env)}),
+        ["{root}/target/model.safetensors is damaged or truncated"],
+        code=2,
+    ),
+    Case(
+        "evaluate-wrong-prompt-key",
+        evaluate(**{"--prompt-key": "msgs"}),
+        ["--prompt-key msgs", "no 'msgs' key (keys: ['conversations'])"],
+        code=2,
+    ),
+    Case(
+        "evaluate-data-empty",
+        evaluate_with(lambda env: {"--data": _file(env, "empty.jsonl", "")}),
+        ["{root}/empty.jsonl: no records in the file (empty)"],
+        code=2,
+    ),
+    Case(
+        "evaluate-data-missing",
+        evaluate_with(lambda env: {"--data": str(env.root / "nope.jsonl")}),
+        ["no such file or directory: {root}/nope.jsonl"],
+        code=2,
+    ),
 ]
 
 
@@ -214,7 +316,6 @@ def test_bad_input_is_one_line_and_writes_nothing(case, env, capsys):
     capsys.readouterr()
     code = main(args)
     err = capsys.readouterr().err
-    assert_one_line_error(code, err, *[w.replace("{root}", str(env.root)) for w in case.words],
-                          expected_code=case.code)
+    assert_one_line_error(code, err, *[w.replace("{root}", str(env.root)) for w in case.words], expected_code=case.code)
     assert _written(env) == []
     assert _snapshot(env.draft) == draft_before

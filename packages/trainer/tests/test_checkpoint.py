@@ -5,7 +5,6 @@ import textwrap
 
 import pytest
 import torch
-from torch import nn
 
 from torchspec.trainer.checkpoint import COMPLETE_MARKER, Checkpointer, find_latest, is_complete, list_checkpoints
 
@@ -30,8 +29,12 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):
     assert state == {"step": 5, "data": {"epoch": 0, "step_in_epoch": 5}}
     for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), name
-    for group_a, group_b in zip(optimizer.state_dict()["state"].values(), other_optimizer.state_dict()["state"].values()):
-        assert torch.equal(group_a["exp_avg"], group_b["exp_avg"]) and torch.equal(group_a["exp_avg_sq"], group_b["exp_avg_sq"])
+    for group_a, group_b in zip(
+        optimizer.state_dict()["state"].values(), other_optimizer.state_dict()["state"].values()
+    ):
+        assert torch.equal(group_a["exp_avg"], group_b["exp_avg"]) and torch.equal(
+            group_a["exp_avg_sq"], group_b["exp_avg_sq"]
+        )
     assert torch.equal(torch.rand(3), after_save)  # the RNG continues where the save left it
 
 
@@ -94,7 +97,9 @@ KILLER = textwrap.dedent(
 def test_a_process_killed_during_save_leaves_the_previous_checkpoint_latest(tmp_path, point):
     script = tmp_path / "kill.py"
     script.write_text(KILLER)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), point], capture_output=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out"), point], capture_output=True, timeout=120, check=False
+    )
     assert result.returncode == 9, result.stderr.decode()[-2000:]
     assert find_latest(tmp_path / "out") == tmp_path / "out" / "iter_0000001"
     assert not (tmp_path / "out" / "iter_0000002").exists()
@@ -122,8 +127,9 @@ def _full_disk_for(monkeypatch, staging_name: str, where: str) -> None:
 
         monkeypatch.setattr(FileSystem, "create_stream", create_stream)
     elif where == "complete-marker":
-        monkeypatch.setattr(checkpoint_module, "open", lambda path, mode: FullDiskFile(open(path, mode), room=0),
-                            raising=False)
+        monkeypatch.setattr(
+            checkpoint_module, "open", lambda path, mode: FullDiskFile(open(path, mode), room=0), raising=False
+        )
 
 
 @pytest.mark.parametrize("where", ["dcp-data", "rank0-file", "complete-marker"])
@@ -146,8 +152,9 @@ def test_a_full_disk_fails_the_save_in_one_line_and_the_previous_checkpoint_stay
         save(checkpointer, 20, model, optimizer, files)
     message = str(raised.value)
     assert "\n" not in message
-    assert message.startswith(f"training.output_dir {tmp_path}: saving checkpoint iter_0000020 failed "
-                              "(No space left on device); ")
+    assert message.startswith(
+        f"training.output_dir {tmp_path}: saving checkpoint iter_0000020 failed (No space left on device); "
+    )
     assert f"{good} is still the latest complete checkpoint and training.resume=auto continues from it" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000010", "latest"]  # no partial folder left
     assert find_latest(tmp_path) == good and (tmp_path / "latest").read_text().strip() == good.name
@@ -179,7 +186,11 @@ def test_retention_keeps_the_last_k_and_the_best(tmp_path):
     for step in range(2, 6):
         save(checkpointer, step, model, optimizer)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 4, 5]
-    assert json.loads((tmp_path / "best.json").read_text()) == {"checkpoint": "iter_0000001", "step": 1, "acceptance_length": 2.5}
+    assert json.loads((tmp_path / "best.json").read_text()) == {
+        "checkpoint": "iter_0000001",
+        "step": 1,
+        "acceptance_length": 2.5,
+    }
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
     assert (tmp_path / "latest").read_text().strip() == "iter_0000005"
 

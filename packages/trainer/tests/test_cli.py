@@ -28,8 +28,14 @@ def test_overrides_on_both_sides_of_config(capsys, tmp_path, monkeypatch):
     path.write_text("training:\n  max_steps: 3\n  seed: 5\n")
     seen = []
     monkeypatch.setattr(trainer_module, "train", lambda config: seen.append(config))
-    args = ["training.learning_rate=1e-3", "training.max_steps=4", "--config", str(path), "training.max_steps=6",
-            "data.eval_split=0.2"]
+    args = [
+        "training.learning_rate=1e-3",
+        "training.max_steps=4",
+        "--config",
+        str(path),
+        "training.max_steps=6",
+        "data.eval_split=0.2",
+    ]
     assert main(["train", *args]) == 0, capsys.readouterr().err
     (config,) = seen
     assert config.training.learning_rate == 1e-3 and config.training.seed == 5

@@ -23,7 +23,9 @@ def write(tmp_path, text: str) -> Path:
 
 
 def test_file_values_and_overrides_land_in_typed_fields(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         model:
           target_model_path: /models/qwen
           aux_layer_ids: [1, 5, 9]
@@ -31,7 +33,8 @@ def test_file_values_and_overrides_land_in_typed_fields(tmp_path):
           learning_rate: 1e-4
           betas: [0.9, 0.99]
           max_steps: 50
-    """)
+    """,
+    )
     config = load_config(path, ["training.learning_rate=5e-5", "training.lr_schedule=wsd", "data.eval_path=null"])
     assert config.model.target_model_path == "/models/qwen"
     assert config.model.aux_layer_ids == [1, 5, 9]
@@ -46,7 +49,16 @@ def test_file_values_and_overrides_land_in_typed_fields(tmp_path):
 
 @pytest.mark.parametrize(
     "text, value",
-    [("5e-5", 5e-5), ("1E3", 1000.0), ("3", 3), ("0.5", 0.5), ("true", True), ("null", None), ("abc", "abc"), ("[1, 2]", [1, 2])],
+    [
+        ("5e-5", 5e-5),
+        ("1E3", 1000.0),
+        ("3", 3),
+        ("0.5", 0.5),
+        ("true", True),
+        ("null", None),
+        ("abc", "abc"),
+        ("[1, 2]", [1, 2]),
+    ],
 )
 def test_scalars_follow_yaml_rules_with_exponent_floats(text, value):
     parsed = parse_yaml_scalar(text)
@@ -82,7 +94,10 @@ def test_unknown_override_key_is_reported_with_the_override():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("training.micro_batch_size=four", "training.micro_batch_size in command-line override .* must be integer, got 'four'"),
+        (
+            "training.micro_batch_size=four",
+            "training.micro_batch_size in command-line override .* must be integer, got 'four'",
+        ),
         ("training.micro_batch_size=2.5", "must be integer, got 2.5"),
         ("training.micro_batch_size=true", "must be integer, got True"),
         ("training.tensorboard=1", "training.tensorboard .* must be true/false, got 1"),
@@ -138,8 +153,11 @@ def test_warmup_steps_alone_replaces_the_default_ratio(tmp_path):
 
 
 def test_warmup_steps_and_ratio_set_in_one_place_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match="training.warmup_steps and training.warmup_ratio are both set in the "
-                                          "command-line overrides; keep one of them"):
+    with pytest.raises(
+        ConfigError,
+        match="training.warmup_steps and training.warmup_ratio are both set in the "
+        "command-line overrides; keep one of them",
+    ):
         load_config(None, ["training.warmup_steps=10", "training.warmup_ratio=0.1"])
     both = write(tmp_path, "training:\n  warmup_steps: 10\n  warmup_ratio: 0.1\n")
     with pytest.raises(ConfigError, match=f"both set in {both}; keep one of them"):

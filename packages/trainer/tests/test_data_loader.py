@@ -123,7 +123,9 @@ def test_eval_batches_cover_every_sample_once_with_equal_counts_per_rank():
     ranks = [EvalBatches(samples, 2, PAD, rank=r, world_size=3) for r in range(3)]
     per_rank = [list(r) for r in ranks]
     assert len({len(batches) for batches in per_rank}) == 1
-    supervised = [int(row[0]) for batches in per_rank for b in batches for row, m in zip(b.input_ids, b.loss_mask) if m.any()]
+    supervised = [
+        int(row[0]) for batches in per_rank for b in batches for row, m in zip(b.input_ids, b.loss_mask) if m.any()
+    ]
     assert sorted(supervised) == list(range(7))
     fillers = [b for batches in per_rank for b in batches if not b.loss_mask.any()]
     assert fillers  # 7 samples over 3 ranks x 2 rows leave one rank without data in the last round

@@ -35,10 +35,25 @@ def test_generated_llama_draft_has_the_targets_shapes(target):
     config = resolve_draft_config(ModelConfig(), target.config)
     assert isinstance(config, LlamaEagle3Config) and config.architectures == ["LlamaForCausalLMEagle3"]
     hf = target.config
-    assert (config.hidden_size, config.target_hidden_size, config.num_attention_heads, config.num_key_value_heads,
-            config.head_dim, config.intermediate_size, config.vocab_size, config.draft_vocab_size) == (
-        hf.hidden_size, hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim,
-        hf.intermediate_size, hf.vocab_size, hf.vocab_size)
+    assert (
+        config.hidden_size,
+        config.target_hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.intermediate_size,
+        config.vocab_size,
+        config.draft_vocab_size,
+    ) == (
+        hf.hidden_size,
+        hf.hidden_size,
+        hf.num_attention_heads,
+        hf.num_key_value_heads,
+        hf.head_dim,
+        hf.intermediate_size,
+        hf.vocab_size,
+        hf.vocab_size,
+    )
     assert config.rope_theta == hf.rope_parameters["rope_theta"] and config.num_hidden_layers == 1
 
 
@@ -51,8 +66,9 @@ def test_generated_mla_draft_trains_a_step(target):
     ids = torch.randint(0, VOCAB, (2, 9))
     out = target(ids)
     mask = torch.ones_like(ids)
-    result = Eagle3Model(draft, length=3)(ids, out.aux_hidden_states, mask, target_hidden=out.final_hidden,
-                                          target_head_weight=target.lm_head_weight)
+    result = Eagle3Model(draft, length=3)(
+        ids, out.aux_hidden_states, mask, target_hidden=out.final_hidden, target_head_weight=target.lm_head_weight
+    )
     result.total_loss().backward()
     assert draft.fc.weight.grad is not None and draft.embed_tokens.weight.grad is None
 
@@ -69,14 +85,25 @@ def test_generated_mla_draft_is_one_vllm_serves(target):
 def test_an_mla_target_gives_its_latent_dimensions_to_the_draft():
     from transformers import DeepseekV3Config
 
-    deepseek = DeepseekV3Config(hidden_size=64, num_attention_heads=4, intermediate_size=96, vocab_size=VOCAB,
-                                q_lora_rank=48, kv_lora_rank=448, qk_nope_head_dim=16, qk_rope_head_dim=64,
-                                v_head_dim=24, num_hidden_layers=4, rope_scaling=None, dtype="float16")
+    deepseek = DeepseekV3Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=96,
+        vocab_size=VOCAB,
+        q_lora_rank=48,
+        kv_lora_rank=448,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=64,
+        v_head_dim=24,
+        num_hidden_layers=4,
+        rope_scaling=None,
+        dtype="float16",
+    )
     values = draft_config_from_target(deepseek, "mla")
     assert values["torch_dtype"] == "float16"  # the engines run the draft in the target's dtype
-    assert {k: values[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                                    "v_head_dim")} == dict(q_lora_rank=48, kv_lora_rank=448, qk_nope_head_dim=16,
-                                                           qk_rope_head_dim=64, v_head_dim=24)
+    assert {
+        k: values[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+    } == dict(q_lora_rank=48, kv_lora_rank=448, qk_nope_head_dim=16, qk_rope_head_dim=64, v_head_dim=24)
 
 
 def test_a_draft_config_an_engine_refuses_stops_the_run_before_step_one(tmp_path, target):
@@ -127,7 +154,9 @@ def test_eagle3_1_options_override_a_draft_config_file_and_conflicts_are_errors(
     path.write_text(json.dumps({**draft_config_from_target(target.config), "fc_norm": True}))
     assert resolve_draft_config(ModelConfig(draft_config=str(path)), target.config).fc_norm
     assert not resolve_draft_config(ModelConfig(draft_config=str(path), fc_norm=False), target.config).fc_norm
-    with pytest.raises(ConfigError, match="model.eagle3_1=true turns on model.norm_output; remove model.norm_output=false"):
+    with pytest.raises(
+        ConfigError, match="model.eagle3_1=true turns on model.norm_output; remove model.norm_output=false"
+    ):
         resolve_draft_config(ModelConfig(eagle3_1=True, norm_output=False), target.config)
     # vLLM's DeepSeek EAGLE-3 draft has no input_norm: the run stops before step 1
     with pytest.raises(ConfigError, match="norm_before_fc: true: vLLM's DeepSeek EAGLE-3 draft"):
@@ -145,7 +174,9 @@ def test_embedding_is_the_targets_and_frozen(target):
 def test_mismatches_with_the_target_are_one_line_errors(target):
     base = draft_config_from_target(target.config)
     wide = LlamaEagle3Config.from_dict({**base, "target_hidden_size": 128})
-    with pytest.raises(ConfigError, match="target_hidden_size=128 but the target's hidden_size is 64; set target_hidden_size to 64"):
+    with pytest.raises(
+        ConfigError, match="target_hidden_size=128 but the target's hidden_size is 64; set target_hidden_size to 64"
+    ):
         check_draft_against_target(wide, target, FakeTokenizer(VOCAB), "d.json")
     other_vocab = LlamaEagle3Config.from_dict({**base, "vocab_size": 200, "draft_vocab_size": 200})
     with pytest.raises(ConfigError, match=f"vocab_size=200 but the target's lm_head has {VOCAB} rows"):
@@ -161,11 +192,25 @@ def test_llama_draft_of_a_deepseek_target_drops_the_mscale_pair():
     leaves them out and so trains what both engines serve, cos/sin scaled by 0.1 * ln(factor) + 1."""
     from transformers import DeepseekV3Config
 
-    yarn = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
-            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
-    target_config = DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                     num_key_value_heads=4, num_hidden_layers=4, max_position_embeddings=2560,
-                                     rope_scaling=dict(yarn))
+    yarn = {
+        "rope_type": "yarn",
+        "factor": 40.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+    target_config = DeepseekV3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=4,
+        max_position_embeddings=2560,
+        rope_scaling=dict(yarn),
+    )
     config = resolve_draft_config(ModelConfig(), target_config)
     assert isinstance(config, LlamaEagle3Config)
     assert config.rope_scaling["factor"] == 40.0 and not {"mscale", "mscale_all_dim"} & set(config.rope_scaling)

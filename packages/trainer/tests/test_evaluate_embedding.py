@@ -30,9 +30,17 @@ def _save_draft(folder, target_dir, hidden_size: int, include_embeddings: bool):
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(target_dir).vocab_size
-    config = LlamaEagle3Config(hidden_size=hidden_size, target_hidden_size=TARGET_HIDDEN, vocab_size=vocab,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
-                               max_position_embeddings=256, torch_dtype="float32")
+    config = LlamaEagle3Config(
+        hidden_size=hidden_size,
+        target_hidden_size=TARGET_HIDDEN,
+        vocab_size=vocab,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        max_position_embeddings=256,
+        torch_dtype="float32",
+    )
     torch.manual_seed(1)
     draft = AutoEagle3DraftModel.from_config(config)  # its random embed_tokens differs from the target's
     draft.save_pretrained(folder, include_embeddings=include_embeddings)
@@ -66,6 +74,12 @@ def test_evaluate_runs_a_draft_of_another_hidden_size(tmp_path, target_dir):
     from torchspec.data import sample_conversations_path
 
     folder = _save_draft(tmp_path / "draft", target_dir, 32, include_embeddings=True)
-    result = evaluate_draft(str(folder), str(target_dir), str(sample_conversations_path()), num_prompts=2,
-                            max_new_tokens=6, num_draft_tokens=3)
+    result = evaluate_draft(
+        str(folder),
+        str(target_dir),
+        str(sample_conversations_path()),
+        num_prompts=2,
+        max_new_tokens=6,
+        num_draft_tokens=3,
+    )
     assert result.num_prompts == 2 and result.identical_to_target

@@ -44,7 +44,9 @@ def test_constant_after_warmup():
 
 def test_wsd_is_stable_then_linear_to_the_floor():
     total, warmup, decay_ratio, floor = 40, 4, 0.25, 0.2
-    used = lrs_through_lambda_lr(WarmupDecaySchedule(total, warmup, "wsd", min_lr_ratio=floor, decay_ratio=decay_ratio), 1.0)
+    used = lrs_through_lambda_lr(
+        WarmupDecaySchedule(total, warmup, "wsd", min_lr_ratio=floor, decay_ratio=decay_ratio), 1.0
+    )
     decay_steps = 10
     assert used[warmup : total - decay_steps] == [1.0] * (total - decay_steps - warmup)
     decay = used[total - decay_steps :]

@@ -107,14 +107,21 @@ def test_a_resumed_writer_drops_the_records_after_its_step_and_a_torn_line(tmp_p
     """A run killed after its checkpoint at step 2 logged steps 3 and 4 and half a line; the resumed
     run (from step 2) must leave each step once."""
     path = tmp_path / "m.jsonl"
-    records = [{"step": 1, "split": "train"}, {"step": 2, "split": "train"}, {"step": 2, "split": "eval"},
-               {"step": 3, "split": "train"}, {"step": 4, "split": "train"}, {"step": 4, "split": "eval"}]
+    records = [
+        {"step": 1, "split": "train"},
+        {"step": 2, "split": "train"},
+        {"step": 2, "split": "eval"},
+        {"step": 3, "split": "train"},
+        {"step": 4, "split": "train"},
+        {"step": 4, "split": "eval"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5, "spl')
     writer = JsonlWriter(path, append=True, keep_through_step=2)
     writer.write({"step": 3, "split": "train", "resumed": True})
     writer.close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == records[:3] + [
-        {"step": 3, "split": "train", "resumed": True}]
+        {"step": 3, "split": "train", "resumed": True}
+    ]
     # Nothing to drop: the file is left as it was (no rewrite).
     before = path.stat().st_mtime_ns
     JsonlWriter(path, append=True, keep_through_step=3).close()

@@ -16,8 +16,17 @@ EXTRA = {"training.save_interval": 4, "training.eval_interval": 4}
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "torchspec.trainer.cli", "train", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "torchspec.trainer.cli",
+        "train",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
 
@@ -55,7 +64,9 @@ def test_two_processes_match_one_process(one_and_two_processes):
 
 def test_resume_on_a_different_world_size(assets, one_and_two_processes, tmp_path):
     one, two, _ = one_and_two_processes
-    resumed = train(load_config(None, small_overrides(assets, tmp_path, **EXTRA, **{"training.resume": str(two / "iter_0000004")})))
+    resumed = train(
+        load_config(None, small_overrides(assets, tmp_path, **EXTRA, **{"training.resume": str(two / "iter_0000004")}))
+    )
     assert [r["step"] for r in resumed.train_history] == [5, 6, 7, 8]
     expected = read_metrics(one)
     for record in resumed.train_history:
@@ -70,8 +81,13 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_losses(assets, one_and_t
 
     one, _, _ = one_and_two_processes
     output_dir = tmp_path / "killed"
-    args = [sys.executable, "-m", "torchspec.trainer.cli", "train",
-            *small_overrides(assets, output_dir, **{**EXTRA, "training.save_interval": 1})]
+    args = [
+        sys.executable,
+        "-m",
+        "torchspec.trainer.cli",
+        "train",
+        *small_overrides(assets, output_dir, **{**EXTRA, "training.save_interval": 1}),
+    ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = output_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -85,8 +101,12 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_losses(assets, one_and_t
     killed_at = max(s for s, _ in list_checkpoints(output_dir))
     assert killed_at < 8, "the run finished before it was killed; nothing was tested"
 
-    train(load_config(None, small_overrides(assets, output_dir, **{**EXTRA, "training.save_interval": 1,
-                                                                    "training.resume": "auto"})))
+    train(
+        load_config(
+            None,
+            small_overrides(assets, output_dir, **{**EXTRA, "training.save_interval": 1, "training.resume": "auto"}),
+        )
+    )
     expected, got = read_metrics(one), read_metrics(output_dir)
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):

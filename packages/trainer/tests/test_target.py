@@ -81,7 +81,9 @@ def test_wrapping_an_in_memory_model_matches_loading(target_dir):
     wrapped = TargetModel(model)
     loaded = TargetModel.from_pretrained(target_dir)
     input_ids, attention_mask = batch(seed=2)
-    torch.testing.assert_close(wrapped(input_ids, attention_mask).final_hidden, loaded(input_ids, attention_mask).final_hidden)
+    torch.testing.assert_close(
+        wrapped(input_ids, attention_mask).final_hidden, loaded(input_ids, attention_mask).final_hidden
+    )
 
 
 @pytest.mark.parametrize("ids", [[2, 4, 8], [-1, 2, 3]])

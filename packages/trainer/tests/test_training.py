@@ -42,7 +42,10 @@ def test_run_outputs(reference_run):
     checkpoint = result.checkpoint
     for name in ("config.json", "aux_layers.json", "training_config.yaml", "trainer_state.json", "rng_state_rank0.pt"):
         assert (checkpoint / name).is_file(), name
-    assert json.loads((checkpoint / "aux_layers.json").read_text()) == {"aux_layer_ids": [2, 3, 4], "num_target_layers": 7}
+    assert json.loads((checkpoint / "aux_layers.json").read_text()) == {
+        "aux_layer_ids": [2, 3, 4],
+        "num_target_layers": 7,
+    }
     assert json.loads((checkpoint / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
     resolved = yaml.safe_load((output_dir / "training_config.yaml").read_text())
     assert resolved["training"]["max_steps"] == 8 and resolved["model"]["aux_layer_ids"] is None
@@ -51,8 +54,17 @@ def test_run_outputs(reference_run):
     records = read_metrics(output_dir)
     assert sorted(records) == list(range(1, 9))
     first = records[1]
-    for key in ("loss", "loss_per_position", "acc_per_position", "cond_acc_per_position", "acceptance_length",
-                "tokens_per_s", "target_time_share", "lr", "grad_norm"):
+    for key in (
+        "loss",
+        "loss_per_position",
+        "acc_per_position",
+        "cond_acc_per_position",
+        "acceptance_length",
+        "tokens_per_s",
+        "target_time_share",
+        "lr",
+        "grad_norm",
+    ):
         assert key in first, key
     assert len(first["acc_per_position"]) == 3 and 0 < first["target_time_share"] < 1
     assert first["lr"] == pytest.approx(3e-3 * 1 / 1)  # warmup_ratio 0.1 of 8 steps rounds to 1 step
@@ -96,13 +108,14 @@ def test_a_full_disk_during_a_save_keeps_the_last_complete_checkpoint(assets, tm
 
     from torch.distributed.checkpoint.filesystem import FileSystem
 
-    from torchspec.converter import export_checkpoint
+    from torchspec.draft_models.checkpoint_layout import resolve_checkpoint
     from torchspec.draft_models.testing import FullDiskFile
     from torchspec.trainer.cli import main
 
     output_dir = tmp_path / "run"
-    overrides = small_overrides(assets, output_dir, **{"training.save_interval": 2, "training.eval_interval": 0,
-                                                       "training.resume": "auto"})
+    overrides = small_overrides(
+        assets, output_dir, **{"training.save_interval": 2, "training.eval_interval": 0, "training.resume": "auto"}
+    )
     real_create_stream = FileSystem.create_stream
 
     @contextlib.contextmanager
@@ -113,16 +126,17 @@ def test_a_full_disk_during_a_save_keeps_the_last_complete_checkpoint(assets, tm
     monkeypatch.setattr(FileSystem, "create_stream", full_disk_at_step_4)
     assert main(["train", *overrides]) == 1
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert line.startswith(f"error: training.output_dir {output_dir}: saving checkpoint iter_0000004 failed "
-                           "(No space left on device); ")
+    assert line.startswith(
+        f"error: training.output_dir {output_dir}: saving checkpoint iter_0000004 failed (No space left on device); "
+    )
     assert f"{output_dir / 'iter_0000002'} is still the latest complete checkpoint" in line
     assert [step for step, _ in list_checkpoints(output_dir)] == [2]
     assert not list(output_dir.glob(".tmp_iter_*"))
     assert sorted(read_metrics(output_dir)) == [1, 2, 3, 4]  # logged before the failed save
     monkeypatch.undo()
 
-    exported = export_checkpoint(output_dir, tmp_path / "served")  # the converter picks the same one
-    assert exported.checkpoint == output_dir / "iter_0000002"
+    # the converter resolves an output_dir through the same layout module
+    assert resolve_checkpoint(output_dir) == output_dir / "iter_0000002"
     with (output_dir / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 5, "split": "tr')  # and a kill in the middle of a line
     monkeypatch.chdir(tmp_path)  # undo() also undid the autouse chdir; the CLI records its run in ./outputs
@@ -140,12 +154,15 @@ def test_a_resumed_run_says_where_it_continues_from(assets, reference_run, tmp_p
     output_dir = tmp_path / "run"
     shutil.copytree(reference_dir, output_dir)
     with caplog.at_level("INFO", logger="torchspec.trainer"):
-        result = run(assets, output_dir, **{"training.save_interval": 2, "training.resume": "auto",
-                                            "training.max_steps": 10})
+        result = run(
+            assets, output_dir, **{"training.save_interval": 2, "training.resume": "auto", "training.max_steps": 10}
+        )
     assert [r["step"] for r in result.train_history] == [9, 10] and not result.already_complete
     hints = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming ")]
-    assert hints == [f"resuming {output_dir} from step 8 of 10 (training.resume=auto); "
-                     f"to start over instead, delete {output_dir} or set training.output_dir to another folder"]
+    assert hints == [
+        f"resuming {output_dir} from step 8 of 10 (training.resume=auto); "
+        f"to start over instead, delete {output_dir} or set training.output_dir to another folder"
+    ]
 
 
 def test_rerunning_a_completed_run_says_so_and_trains_nothing(assets, reference_run, tmp_path, monkeypatch, caplog):
@@ -165,16 +182,21 @@ def test_rerunning_a_completed_run_says_so_and_trains_nothing(assets, reference_
         code = main(["train", *overrides])
     assert code == 0
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("torchspec")]
-    assert lines == [f"the run in {output_dir} is already complete at step 8 ({output_dir / 'iter_0000008'}, "
-                     f"training.resume=auto); to start over, delete {output_dir} or set training.output_dir to "
-                     f"another folder; to train longer, raise training.max_steps or training.num_epochs"]
+    assert lines == [
+        f"the run in {output_dir} is already complete at step 8 ({output_dir / 'iter_0000008'}, "
+        f"training.resume=auto); to start over, delete {output_dir} or set training.output_dir to "
+        f"another folder; to train longer, raise training.max_steps or training.num_epochs"
+    ]
     assert {path.relative_to(output_dir): path.stat().st_mtime_ns for path in output_dir.rglob("*")} == before
 
     # Through the API: the result says so, and a changed config is pointed out on the same line.
     caplog.clear()
     with caplog.at_level("INFO", logger="torchspec.trainer"):
-        result = run(assets, output_dir, **{"training.save_interval": 2, "training.resume": "auto",
-                                            "model.draft_architecture": "mla"})
+        result = run(
+            assets,
+            output_dir,
+            **{"training.save_interval": 2, "training.resume": "auto", "model.draft_architecture": "mla"},
+        )
     assert result.already_complete and result.steps == 8 and result.train_history == []
     assert result.checkpoint == output_dir / "iter_0000008"
     (line,) = [r.getMessage() for r in caplog.records]
@@ -190,20 +212,24 @@ def test_continual_training_takes_weights_only(assets, reference_run, tmp_path):
     assert continued["lr"] == fresh["lr"]  # but the schedule starts over
 
 
-def test_pruned_vocabulary_run_exports(assets, tmp_path):
-    converter = pytest.importorskip("torchspec.converter")
+def test_pruned_vocabulary_run_stores_its_mapping_with_the_draft(assets, tmp_path):
     from torchspec.data import VocabMapping
+    from torchspec.draft_models import TrainingCheckpoint
 
     result = run(assets, tmp_path, **{"model.draft_vocab_size": 512, "training.max_steps": 2})
     mapping = VocabMapping.load(result.checkpoint / "vocab_mapping.safetensors")
     assert mapping.draft_vocab_size == 512
     assert all(len(r["counted_positions"]) == 3 for r in result.train_history)
-    exported = converter.export_checkpoint(tmp_path, tmp_path / "served")
-    assert exported.draft_vocab_size == 512 and not [f for f in exported.findings if f.level == "error"]
+    # what export reads (integration_tests export and serve such runs)
+    checkpoint = TrainingCheckpoint.open(tmp_path)
+    assert checkpoint.config.draft_vocab_size == 512 and checkpoint.tensor_info("lm_head.weight")[0][0] == 512
+    assert torch.equal(checkpoint.load_tensor("d2t"), mapping.d2t)
 
 
 def test_mla_draft_trains(assets, tmp_path):
-    result = run(assets, tmp_path, **{"model.draft_architecture": "mla", "training.max_steps": 6, "training.eval_interval": 0})
+    result = run(
+        assets, tmp_path, **{"model.draft_architecture": "mla", "training.max_steps": 6, "training.eval_interval": 0}
+    )
     config = json.loads((result.checkpoint / "config.json").read_text())
     assert config["architectures"] == ["Eagle3DeepseekV2ForCausalLM"]
     assert result.train_history[-1]["loss"] < result.train_history[0]["loss"]

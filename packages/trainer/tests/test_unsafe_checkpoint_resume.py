@@ -18,7 +18,6 @@ from trainer_test_helpers import save_small_checkpoint as save
 from trainer_test_helpers import trained_small_model as trained
 
 
-
 def _refused(err, file_part, marker):
     message = str(err.value)
     assert "\n" not in message, message
@@ -30,8 +29,9 @@ def _refused(err, file_part, marker):
 def _crafted_metadata(tmp_path):
     model, optimizer = trained(seed=0)
     path = save(Checkpointer(tmp_path / "run"), 5, model, optimizer)
-    rewrite_dcp_metadata(path, lambda metadata: setattr(metadata, "planner_data",
-                                                        {"model.fc.weight": Payload(tmp_path / "MARKER")}))
+    rewrite_dcp_metadata(
+        path, lambda metadata: setattr(metadata, "planner_data", {"model.fc.weight": Payload(tmp_path / "MARKER")})
+    )
     return path
 
 
@@ -67,8 +67,9 @@ def test_crafted_rng_state_is_refused(tmp_path):
     model, optimizer = trained(seed=0)
     path = save(Checkpointer(tmp_path / "run"), 5, model, optimizer)
     rng_file = path / "rng_state_rank0.pt"
-    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(), "x": Payload(tmp_path / "MARKER")},
-               rng_file)
+    torch.save(
+        {"python": random.getstate(), "torch": torch.get_rng_state(), "x": Payload(tmp_path / "MARKER")}, rng_file
+    )
     with pytest.raises(UnsafeCheckpointError) as err:
         Checkpointer(tmp_path / "run").load(path, Small(), None)
     _refused(err, str(rng_file), tmp_path / "MARKER")

@@ -47,8 +47,17 @@ def token_dataset(lengths: list[int], vocab: int = VOCAB, seed: int = 0) -> list
 
 # --- integration runs ------------------------------------------------------------------------------
 
-SMALL_TARGET = {"hidden_size": 64, "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "head_dim": 16, "intermediate_size": 128, "max_seq_length": 128, "train_steps": 120, "batch_size": 16}
+SMALL_TARGET = {
+    "hidden_size": 64,
+    "num_hidden_layers": 7,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "max_seq_length": 128,
+    "train_steps": 120,
+    "batch_size": 16,
+}
 
 
 def build_small_assets(root: Path) -> dict:
@@ -65,8 +74,13 @@ def build_small_assets(root: Path) -> dict:
     conversations.write_text("\n".join(lines) + "\n")
     bad = root / "broken.jsonl"
     bad.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n' + "not json\n")
-    return {"target": str(target), "train_path": str(conversations), "cache_dir": str(root / "data_cache"),
-            "broken": str(bad), "lines": [json.loads(line) for line in lines]}
+    return {
+        "target": str(target),
+        "train_path": str(conversations),
+        "cache_dir": str(root / "data_cache"),
+        "broken": str(bad),
+        "lines": [json.loads(line) for line in lines],
+    }
 
 
 def small_overrides(assets: dict, output_dir: Path, **extra) -> list[str]:

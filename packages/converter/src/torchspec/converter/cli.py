@@ -1,10 +1,10 @@
 """``hatch run converter:export`` and ``hatch run converter:check``.
 
-    export [--input CKPT] [--output DIR] [--dtype float16|bfloat16|float32] [--include-embeddings]
-           [--target-model-path DIR] [--force]
-           [--prune-vocab --draft-vocab-size N --dataset-path P --tokenizer DIR --chat-template NAME]
-           [--analyze-vocab --dataset-path P --tokenizer DIR --chat-template NAME]
-    check FOLDER
+export [--input CKPT] [--output DIR] [--dtype float16|bfloat16|float32] [--include-embeddings]
+       [--target-model-path DIR] [--force]
+       [--prune-vocab --draft-vocab-size N --dataset-path P --tokenizer DIR --chat-template NAME]
+       [--analyze-vocab --dataset-path P --tokenizer DIR --chat-template NAME]
+check FOLDER
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ COVERAGE_SIZES = (1000, 2000, 4000, 8000, 16000, 32000, 64000)
 
 
 def _require_data_options(args) -> None:
-    missing = [flag for flag, value in (("--dataset-path", args.dataset_path), ("--tokenizer", args.tokenizer),
-                                        ("--chat-template", args.chat_template)) if value is None]
+    missing = [
+        flag
+        for flag, value in (
+            ("--dataset-path", args.dataset_path),
+            ("--tokenizer", args.tokenizer),
+            ("--chat-template", args.chat_template),
+        )
+        if value is None
+    ]
     if missing:
         raise ConverterError(f"{'--prune-vocab' if args.prune_vocab else '--analyze-vocab'} needs {', '.join(missing)}")
 
@@ -37,9 +44,9 @@ def _supervised_counts(args, vocab_size: int):
 
 
 def _export(args) -> int:
-    from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint
     from torchspec.converter.export import export_checkpoint
     from torchspec.converter.vocab_pruning import restrict_counts_to_draft_vocab
+    from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint
 
     source = args.input or last_run()
     checkpoint = TrainingCheckpoint.open(source)
@@ -67,19 +74,27 @@ def _export(args) -> int:
 
         counts = _supervised_counts(args, config.vocab_size)
         old_d2t = checkpoint.load_tensor("d2t") if config.is_vocab_pruned else None
-        mapping = build_vocab_mapping(restrict_counts_to_draft_vocab(counts, old_d2t), config.vocab_size, args.draft_vocab_size)
+        mapping = build_vocab_mapping(
+            restrict_counts_to_draft_vocab(counts, old_d2t), config.vocab_size, args.draft_vocab_size
+        )
         new_ids = mapping.draft_to_target_ids()
     elif args.draft_vocab_size is not None:
         raise ConverterError("--draft-vocab-size only applies with --prune-vocab")
     result = export_checkpoint(
         checkpoint.path if args.input is None else args.input,
-        args.output or (serving_folder(source) if args.input is None else None), args.dtype, args.include_embeddings,
-        args.target_model_path, args.force, new_ids,
+        args.output or (serving_folder(source) if args.input is None else None),
+        args.dtype,
+        args.include_embeddings,
+        args.target_model_path,
+        args.force,
+        new_ids,
     )
     for finding in result.findings:
         print(finding)
-    print(f"exported {result.checkpoint} -> {result.output} ({result.num_parameters / 1e6:.1f}M parameters, "
-          f"draft vocab {result.draft_vocab_size})")
+    print(
+        f"exported {result.checkpoint} -> {result.output} ({result.num_parameters / 1e6:.1f}M parameters, "
+        f"draft vocab {result.draft_vocab_size})"
+    )
     return 0
 
 
@@ -99,11 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchspec-converter")
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="checkpoint -> serving folder")
-    export.add_argument("--input", help="iter_XXXXXXX folder or training output_dir (default: the last training run "
-                                        "started in this directory, else outputs/default_llama)")
+    export.add_argument(
+        "--input",
+        help="iter_XXXXXXX folder or training output_dir (default: the last training run "
+        "started in this directory, else outputs/default_llama)",
+    )
     export.add_argument("--output", help="output folder (default <input>_hf; without --input, <run>_hf)")
-    export.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                        help="weights dtype (default: the draft config's torch_dtype, i.e. the target's)")
+    export.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="weights dtype (default: the draft config's torch_dtype, i.e. the target's)",
+    )
     export.add_argument("--include-embeddings", action="store_true")
     export.add_argument("--target-model-path")
     export.add_argument("--force", action="store_true", help="replace an existing output folder")

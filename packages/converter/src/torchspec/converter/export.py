@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, TrainingCheckpoint
 from torchspec.converter.errors import ConverterError
 from torchspec.converter.safetensors_stream import TensorSpec, write_safetensors
 from torchspec.converter.vocab_pruning import head_rows_for
 from torchspec.draft_models import open_safetensors
+from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, TrainingCheckpoint
 from torchspec.draft_models.serving_folder import Finding, check_serving_folder, serving_config
 
 __all__ = ["ExportResult", "export_checkpoint"]
@@ -93,7 +93,8 @@ def export_checkpoint(
     if config.is_vocab_pruned and "d2t" not in names:
         raise ConverterError(
             f"{checkpoint.path}: config.json says draft_vocab_size={config.draft_vocab_size} < vocab_size="
-            f"{config.vocab_size} but the checkpoint holds no d2t mapping; re-train with the vocab mapping or fix config.json"
+            f"{config.vocab_size} but the checkpoint holds no d2t mapping; re-train with the vocab mapping or fix "
+            "config.json"
         )
     target = _target_config(target_model_path)
     with_embeddings = include_embeddings or config.hidden_size != config.target_hidden_size
@@ -136,7 +137,9 @@ def export_checkpoint(
         new_ids = new_draft_target_ids.long()
         t2d = torch.zeros(config.vocab_size, dtype=torch.bool)
         t2d[new_ids] = True
-        specs.append(TensorSpec("d2t", (draft_vocab_size,), torch.int64, lambda: new_ids - torch.arange(draft_vocab_size)))
+        specs.append(
+            TensorSpec("d2t", (draft_vocab_size,), torch.int64, lambda: new_ids - torch.arange(draft_vocab_size))
+        )
         specs.append(TensorSpec("t2d", (config.vocab_size,), torch.bool, lambda: t2d))
     config_json = serving_config(
         config,

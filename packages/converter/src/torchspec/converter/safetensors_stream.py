@@ -22,8 +22,16 @@ from tqdm.auto import tqdm
 __all__ = ["TensorSpec", "write_safetensors"]
 
 _DTYPE_NAMES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
@@ -46,7 +54,11 @@ def write_safetensors(path: str | Path, specs: list[TensorSpec], metadata: dict[
     header: dict[str, object] = {"__metadata__": metadata or {}}
     offset = 0
     for spec in specs:
-        header[spec.name] = {"dtype": _DTYPE_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {
+            "dtype": _DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data section to 8 bytes
@@ -54,8 +66,14 @@ def write_safetensors(path: str | Path, specs: list[TensorSpec], metadata: dict[
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         # A bar people know, on a terminal only: a 1.5B-parameter draft takes ~12 s to stream.
-        bar = tqdm(total=offset, unit="B", unit_scale=True, desc=f"writing {Path(path).name}",
-                   disable=not sys.stderr.isatty(), leave=False)
+        bar = tqdm(
+            total=offset,
+            unit="B",
+            unit_scale=True,
+            desc=f"writing {Path(path).name}",
+            disable=not sys.stderr.isatty(),
+            leave=False,
+        )
         for spec in specs:
             tensor = spec.produce()
             if tuple(tensor.shape) != tuple(spec.shape) or tensor.dtype != spec.dtype:

@@ -2,6 +2,7 @@
 
 from torchspec.draft_models.__about__ import __version__
 from torchspec.draft_models.auto import AutoEagle3DraftModel
+from torchspec.draft_models.aux_layers import default_aux_layer_ids
 from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, TrainingCheckpoint, resolve_checkpoint
 from torchspec.draft_models.config import (
     AutoDraftModelConfig,
@@ -23,7 +24,6 @@ from torchspec.draft_models.safe_checkpoint import (
     read_dcp_metadata,
 )
 from torchspec.draft_models.speculative import SpeculativeGenerator, SpeculativeResult, target_greedy_generate
-from torchspec.draft_models.aux_layers import default_aux_layer_ids
 
 __all__ = [
     "AutoDraftModelConfig",

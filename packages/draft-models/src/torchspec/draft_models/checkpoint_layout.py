@@ -93,7 +93,9 @@ def resolve_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Pat
     ``what`` starts the error message (the option the path came from)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointNotFoundError(f"{what} {path} does not exist; pass an iter_XXXXXXX folder or a training output_dir")
+        raise CheckpointNotFoundError(
+            f"{what} {path} does not exist; pass an iter_XXXXXXX folder or a training output_dir"
+        )
     if (path / ".metadata").exists() or _NAME.match(path.name):
         if not is_complete(path):
             raise CheckpointNotFoundError(

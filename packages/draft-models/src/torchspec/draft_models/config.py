@@ -168,8 +168,10 @@ class Eagle3DraftConfig:
                         "use the former, TorchSpec the latter; keep one"
                     )
                 continue
-            reason = _PARTIAL_ROTARY if key == "partial_rotary_factor" else self.unservable_rope_keys.get(
-                key, "TorchSpec, SGLang and vLLM do not all read it the same way"
+            reason = (
+                _PARTIAL_ROTARY
+                if key == "partial_rotary_factor"
+                else self.unservable_rope_keys.get(key, "TorchSpec, SGLang and vLLM do not all read it the same way")
             )
             raise DraftConfigError(f"rope_scaling.{key}: {reason}; remove it")
 
@@ -209,7 +211,9 @@ class Eagle3DraftConfig:
             missing = [
                 f.name
                 for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs
+                if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+                and f.name not in kwargs
             ]
             raise DraftConfigError(f"draft config lacks required keys: {', '.join(missing) or err}") from None
 
@@ -351,7 +355,8 @@ class DeepseekEagle3Config(Eagle3DraftConfig):
         if self.q_lora_rank is None:
             raise DraftConfigError(
                 "q_lora_rank: null cannot be served: vLLM's and SGLang's DeepSeek EAGLE-3 layers fuse q_a_proj with "
-                "kv_a_proj_with_mqa and have no uncompressed q_proj; set q_lora_rank (DeepSeek-V3: 1536 = 3 x kv_lora_rank)"
+                "kv_a_proj_with_mqa and have no uncompressed q_proj; set q_lora_rank (DeepSeek-V3: 1536 = 3 x "
+                "kv_lora_rank)"
             )
         if not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0:
             raise DraftConfigError(f"q_lora_rank must be a positive integer, got {self.q_lora_rank!r}")
@@ -395,7 +400,9 @@ class AutoDraftModelConfig:
         for config_class in DRAFT_CONFIG_CLASSES:
             if config_class.kind == kind:
                 return config_class
-        raise DraftConfigError(f"unknown draft kind {kind!r}; use one of: {', '.join(c.kind for c in DRAFT_CONFIG_CLASSES)}")
+        raise DraftConfigError(
+            f"unknown draft kind {kind!r}; use one of: {', '.join(c.kind for c in DRAFT_CONFIG_CLASSES)}"
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> Eagle3DraftConfig:

@@ -106,7 +106,9 @@ class Eagle3DraftModel(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(input_embeds.shape[:2], dtype=torch.bool, device=input_embeds.device)
             attention_mask = TTTMask(attention_mask)
-        return self.midlayer(input_embeds, hidden_states, attention_mask, position_ids, cache_keys, cache_values, use_cache)
+        return self.midlayer(
+            input_embeds, hidden_states, attention_mask, position_ids, cache_keys, cache_values, use_cache
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden_states))

@@ -159,7 +159,9 @@ class Eagle3Model(nn.Module):
         normed = []
         for k in range(self.length):
             # Row t reads token t + 1 + k; rows past the end read zeros and are never counted.
-            step_embeds = torch.cat([embeds[:, k + 1 :], embeds.new_zeros(batch, min(k + 1, seq_len), embeds.shape[-1])], 1)
+            step_embeds = torch.cat(
+                [embeds[:, k + 1 :], embeds.new_zeros(batch, min(k + 1, seq_len), embeds.shape[-1])], 1
+            )
             args = (step_embeds, hidden, mask, position_ids + k, cache_keys, cache_values, True)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 hidden, cache_keys, cache_values = checkpoint(draft.backbone, *args, use_reentrant=False)

@@ -76,23 +76,25 @@ _DCP_FILESYSTEM = "torch.distributed.checkpoint.filesystem"
 #: What a DCP ``.metadata`` pickle may name (``module.name``), besides ``torch.<dtype>``,
 #: ``torch.<layout>`` and ``torch.<memory_format>`` constants. All are dataclasses, an enum, or
 #: constructors of plain values; none reads, writes or runs anything.
-DCP_METADATA_ALLOWED_GLOBALS = frozenset({
-    f"{_DCP_METADATA}.Metadata",
-    f"{_DCP_METADATA}.TensorStorageMetadata",
-    f"{_DCP_METADATA}.BytesStorageMetadata",
-    f"{_DCP_METADATA}.ChunkStorageMetadata",
-    f"{_DCP_METADATA}.TensorProperties",
-    f"{_DCP_METADATA}.StorageMeta",
-    f"{_DCP_METADATA}.MetadataIndex",
-    f"{_DCP_METADATA}._MEM_FORMAT_ENCODING",  # TensorProperties' memory format, an Enum
-    f"{_DCP_FILESYSTEM}._StorageInfo",  # storage_data: file name, offset, length
-    "torch.Size",
-    "torch.serialization._get_layout",  # looks a torch.layout up by name
-    "pathlib.PosixPath",  # StorageMeta.checkpoint_id
-    "pathlib.PurePosixPath",
-    "pathlib._local.PosixPath",  # Python >= 3.13 spells the module so
-    "pathlib._local.PurePosixPath",
-})
+DCP_METADATA_ALLOWED_GLOBALS = frozenset(
+    {
+        f"{_DCP_METADATA}.Metadata",
+        f"{_DCP_METADATA}.TensorStorageMetadata",
+        f"{_DCP_METADATA}.BytesStorageMetadata",
+        f"{_DCP_METADATA}.ChunkStorageMetadata",
+        f"{_DCP_METADATA}.TensorProperties",
+        f"{_DCP_METADATA}.StorageMeta",
+        f"{_DCP_METADATA}.MetadataIndex",
+        f"{_DCP_METADATA}._MEM_FORMAT_ENCODING",  # TensorProperties' memory format, an Enum
+        f"{_DCP_FILESYSTEM}._StorageInfo",  # storage_data: file name, offset, length
+        "torch.Size",
+        "torch.serialization._get_layout",  # looks a torch.layout up by name
+        "pathlib.PosixPath",  # StorageMeta.checkpoint_id
+        "pathlib.PurePosixPath",
+        "pathlib._local.PosixPath",  # Python >= 3.13 spells the module so
+        "pathlib._local.PurePosixPath",
+    }
+)
 
 _TORCH_CONSTANTS = (torch.dtype, torch.layout, torch.memory_format)
 
@@ -141,8 +143,13 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _plain_file_name(name: Any) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
         and "\0" not in name
+    )
 
 
 def _validated(metadata: Any, source: str | os.PathLike):
@@ -169,7 +176,8 @@ def _validated(metadata: Any, source: str | os.PathLike):
             relative_path = getattr(info, "relative_path", None)
             if not _plain_file_name(relative_path):
                 raise UnsafeCheckpointError(
-                    f"{source} points at data outside its checkpoint folder ({relative_path!r}); the checkpoint is refused"
+                    f"{source} points at data outside its checkpoint folder ({relative_path!r}); the checkpoint "
+                    "is refused"
                 )
             if not all(type(getattr(info, key, None)) is int for key in ("offset", "length")):
                 raise malformed("a storage_data entry's offset or length is not an integer")
@@ -351,8 +359,9 @@ def _unwrap(err: BaseException, checkpoint: str | os.PathLike) -> BaseException 
             return inner
         if isinstance(inner, pickle.UnpicklingError) and _WEIGHTS_ONLY in str(inner):  # a tensor item
             name = _GLOBAL_IN_MESSAGE.search(str(inner))
-            return _refusal(f"{checkpoint} (.distcp data)",
-                            name.group(1) if name else "a construct weights-only loading refuses")
+            return _refusal(
+                f"{checkpoint} (.distcp data)", name.group(1) if name else "a construct weights-only loading refuses"
+            )
         # torch.load's zip reader on an item whose bytes are cut or garbled (the sizes looked right).
         if isinstance(inner, EOFError) or (isinstance(inner, RuntimeError) and "PytorchStreamReader" in str(inner)):
             return _damaged(f"{checkpoint} (.distcp data)", _first_line(inner))
@@ -386,8 +395,11 @@ def load_dcp(state_dict: dict[str, Any], checkpoint: str | os.PathLike, **planne
 
     _check_data_files(checkpoint, read_dcp_metadata(checkpoint))
     try:
-        dcp.load(state_dict, storage_reader=safe_dcp_reader(checkpoint),
-                 planner=safe_dcp_planner(checkpoint, **planner_kwargs))
+        dcp.load(
+            state_dict,
+            storage_reader=safe_dcp_reader(checkpoint),
+            planner=safe_dcp_planner(checkpoint, **planner_kwargs),
+        )
     except CheckpointException as err:
         refusal = _unwrap(err, checkpoint)
         if refusal is not None:

@@ -173,7 +173,8 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
         )
     elif sglang_ids is not None and from_sglang_layer_ids(sglang_ids) != list(vllm_ids):
         error(
-            f"aux layer ids disagree: SGLang {sglang_ids} (output of layer j) should equal vLLM {vllm_ids} (input to layer j) minus 1"
+            f"aux layer ids disagree: SGLang {sglang_ids} (output of layer j) should equal vLLM {vllm_ids} (input "
+            "to layer j) minus 1"
         )
 
     expected = _expected_shapes(config)
@@ -188,7 +189,8 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
                 error("lm_head.weight is missing (engines need it, also for a full vocabulary)")
             if "embed_tokens.weight" not in keys and config.hidden_size != config.target_hidden_size:
                 error(
-                    f"embed_tokens.weight is missing but hidden_size ({config.hidden_size}) differs from target_hidden_size "
+                    f"embed_tokens.weight is missing but hidden_size ({config.hidden_size}) differs from "
+                    "target_hidden_size "
                     f"({config.target_hidden_size}): SGLang and vLLM cannot use the target's table and keep an "
                     "uninitialised one; export the draft's own embedding"
                 )
@@ -209,7 +211,9 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
                         error(f"d2t has dtype {d2t.dtype}; engines expect int64 offsets")
                     target_ids = torch.arange(d2t.numel()) + d2t.long()
                     if target_ids.min() < 0 or target_ids.max() >= config.vocab_size:
-                        error("d2t offsets map draft ids outside the target vocabulary (d2t must hold offsets, not ids)")
+                        error(
+                            "d2t offsets map draft ids outside the target vocabulary (d2t must hold offsets, not ids)"
+                        )
                     elif target_ids.unique().numel() != target_ids.numel():
                         error("d2t maps two draft ids to the same target id")
                     elif "t2d" in keys:

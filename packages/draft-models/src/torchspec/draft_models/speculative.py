@@ -22,14 +22,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from torchspec.draft_models.aux_layers import aux_layer_ids_from_config, select_aux_hidden_states, validate_aux_layer_ids
+from torchspec.draft_models.aux_layers import (
+    aux_layer_ids_from_config,
+    select_aux_hidden_states,
+    validate_aux_layer_ids,
+)
 from torchspec.draft_models.draft_model import Eagle3DraftModel
 from torchspec.draft_models.ttt_attention import DecodeMask
 
 __all__ = ["SpeculativeGenerator", "SpeculativeResult", "rejection_sample", "target_greedy_generate"]
 
 
-def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, drafted: int, generator=None) -> tuple[bool, int]:
+def rejection_sample(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, drafted: int, generator=None
+) -> tuple[bool, int]:
     """Speculative sampling for one drafted token over the target vocabulary.
 
     Returns ``(accepted, token)``: the drafted token if accepted, else a token from the residual
@@ -63,14 +69,19 @@ class SpeculativeResult:
 
     def position_acceptance(self) -> list[float]:
         """Share of rounds in which draft position ``i`` (1-based) was accepted."""
-        return [sum(a >= i for a in self.accepted_per_round) / max(self.rounds, 1) for i in range(1, self.num_draft_tokens + 1)]
+        return [
+            sum(a >= i for a in self.accepted_per_round) / max(self.rounds, 1)
+            for i in range(1, self.num_draft_tokens + 1)
+        ]
 
 
 def _target_step(target, input_ids, cache, start: int):
     positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
     # transformers renamed `past_key_values` to `cache` (5.x); accept either generation.
     cache_kwarg = "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
-    out = target(input_ids=input_ids, position_ids=positions, use_cache=True, output_hidden_states=True, **{cache_kwarg: cache})
+    out = target(
+        input_ids=input_ids, position_ids=positions, use_cache=True, output_hidden_states=True, **{cache_kwarg: cache}
+    )
     return out.logits[0].float(), out.hidden_states, cache
 
 
@@ -81,7 +92,9 @@ def _crop(cache, length: int) -> None:
 
 
 @torch.no_grad()
-def target_greedy_generate(target, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> tuple[list[int], float]:
+def target_greedy_generate(
+    target, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None
+) -> tuple[list[int], float]:
     """Plain greedy decoding with a KV cache (the baseline and the reference output)."""
     from transformers import DynamicCache
 
@@ -120,7 +133,8 @@ class SpeculativeGenerator:
         self.num_draft_tokens = num_draft_tokens
         self.temperature = temperature
         self.aux_layer_ids = (
-            validate_aux_layer_ids(aux_layer_ids, num_layers) if aux_layer_ids is not None
+            validate_aux_layer_ids(aux_layer_ids, num_layers)
+            if aux_layer_ids is not None
             else aux_layer_ids_from_config(draft.config.extra, num_layers)
         )
         self.vocab_size = target.config.vocab_size
@@ -142,7 +156,9 @@ class SpeculativeGenerator:
         return int(torch.multinomial(self._target_probs(target_logits), 1, generator=self.generator))
 
     def _draft_forward(self, embeds, hidden, positions, cache):
-        hidden, keys, values = self.draft.backbone(embeds, hidden, DecodeMask(), positions, cache[0], cache[1], use_cache=True)
+        hidden, keys, values = self.draft.backbone(
+            embeds, hidden, DecodeMask(), positions, cache[0], cache[1], use_cache=True
+        )
         hidden = hidden[:, -1:]
         normed = self.draft.norm(hidden)
         logits = self.draft.lm_head(normed).float()[0, -1]
@@ -162,7 +178,9 @@ class SpeculativeGenerator:
         device = new_tokens.device
         positions = torch.arange(start, start + new_tokens.shape[1], device=device)[None]
         hidden = self.draft.project_hidden_states(aux.to(self.draft.fc.weight.dtype))
-        hidden, token, probs, cache = self._draft_forward(self.draft.embed_input_ids(new_tokens), hidden, positions, prefix_cache)
+        hidden, token, probs, cache = self._draft_forward(
+            self.draft.embed_input_ids(new_tokens), hidden, positions, prefix_cache
+        )
         prefix_cache = (list(cache[0]), list(cache[1]))
         chain, chain_probs, position = [token], [probs], start + new_tokens.shape[1] - 1
         for _ in range(self.num_draft_tokens - 1):
@@ -182,13 +200,17 @@ class SpeculativeGenerator:
                 if drafted != int(target_logits[i].argmax()):
                     return i, int(target_logits[i].argmax())
                 continue
-            accepted, token = rejection_sample(self._target_probs(target_logits[i]), chain_probs[i], drafted, self.generator)
+            accepted, token = rejection_sample(
+                self._target_probs(target_logits[i]), chain_probs[i], drafted, self.generator
+            )
             if not accepted:
                 return i, token
         return chain.shape[1], self._pick(target_logits[chain.shape[1]])
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> SpeculativeResult:
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None
+    ) -> SpeculativeResult:
         from transformers import DynamicCache
 
         if len(prompt_ids) < 1:
@@ -207,7 +229,9 @@ class SpeculativeGenerator:
         verified = len(prompt_ids)  # tokens in the target cache
         draft_cache = ([], [])
         while len(result.tokens) < max_new_tokens and result.tokens[-1] != eos_token_id:
-            chain, chain_probs, draft_cache = self._draft_chain(aux, row_tokens, verified - row_tokens.shape[1], draft_cache)
+            chain, chain_probs, draft_cache = self._draft_chain(
+                aux, row_tokens, verified - row_tokens.shape[1], draft_cache
+            )
             candidates = torch.cat([next_token, chain], dim=1)  # last accepted token + drafts
             logits, hidden_states, cache = _target_step(self.target, candidates, cache, verified)
             accepted, bonus = self._verify(chain, chain_probs, logits)

@@ -232,8 +232,11 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         latest = find_latest(self.output_dir)
-        still = (f"{latest} is still the latest complete checkpoint and training.resume=auto continues from it"
-                 if latest is not None else "no complete checkpoint was saved yet")
+        still = (
+            f"{latest} is still the latest complete checkpoint and training.resume=auto continues from it"
+            if latest is not None
+            else "no complete checkpoint was saved yet"
+        )
         return ConfigError(
             f"training.output_dir {self.output_dir}: saving checkpoint {name} failed ({reason}); {still}; "
             "free space there (or set training.output_dir to another folder) and run the same command again"
@@ -276,8 +279,13 @@ class Checkpointer:
 
     # --- load -----------------------------------------------------------------------------------
 
-    def load(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-             restore_rng: bool = True) -> dict[str, Any]:
+    def load(
+        self,
+        path: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        restore_rng: bool = True,
+    ) -> dict[str, Any]:
         """Restore ``model`` (and ``optimizer``, RNG states) from checkpoint ``path``; returns its trainer state.
 
         With ``optimizer=None`` only the model weights are read (``continual_training``).
@@ -291,7 +299,9 @@ class Checkpointer:
 
         path = Path(path)
         if not is_complete(path):
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker or DCP metadata)")
+            raise FileNotFoundError(
+                f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker or DCP metadata)"
+            )
         with _quiet_dcp():
             if optimizer is not None:
                 model_state, optimizer_state = get_state_dict(model, optimizer)

@@ -23,10 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a draft against a live target")
     train.add_argument("--config", help="YAML config file (default: the embedded demo config)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. training.learning_rate=5e-5")
-    commands.add_parser("evaluate", help="real speculative decoding of an exported draft (see evaluate --help)",
-                        add_help=False)
-    commands.add_parser("verify", help="serve the draft in vLLM beside the evaluator (see verify --help)",
-                        add_help=False)
+    commands.add_parser(
+        "evaluate", help="real speculative decoding of an exported draft (see evaluate --help)", add_help=False
+    )
+    commands.add_parser(
+        "verify", help="serve the draft in vLLM beside the evaluator (see verify --help)", add_help=False
+    )
     return parser
 
 
@@ -95,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint (training.resume=auto)",
-              file=sys.stderr)
+        print(
+            "interrupted; run the same command again to resume from the last checkpoint (training.resume=auto)",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -163,7 +163,9 @@ _FLOAT = re.compile(
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for _first in "-+0123456789.":
     _Loader.yaml_implicit_resolvers[_first] = [
-        (tag, regexp) for tag, regexp in _Loader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
+        (tag, regexp)
+        for tag, regexp in _Loader.yaml_implicit_resolvers.get(_first, [])
+        if tag != "tag:yaml.org,2002:float"
     ]
     _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, [_first])
 
@@ -267,7 +269,9 @@ def config_from_dict(values: dict, source: str | None = None, base: TrainConfig 
     if values is None:
         return config
     if not isinstance(values, dict):
-        raise ConfigError(f"{source or 'config'}: expected a mapping of sections (model, data, training), got {type(values).__name__}")
+        raise ConfigError(
+            f"{source or 'config'}: expected a mapping of sections (model, data, training), got {type(values).__name__}"
+        )
     sections = _section_classes()
     layer = set()
     for section, section_values in values.items():
@@ -312,9 +316,7 @@ def _set_field(section_obj: Any, section: str, key: str, value: Any, source: str
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``section.key=value`` strings (values read as YAML scalars)."""
-    config = dataclasses.replace(
-        config, **{name: dataclasses.replace(getattr(config, name)) for name in _SECTIONS}
-    )
+    config = dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name)) for name in _SECTIONS})
     layer = set()
     for override in overrides:
         where = f"command-line override {override!r}"

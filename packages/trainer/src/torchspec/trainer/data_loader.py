@@ -33,7 +33,9 @@ class MicroBatch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        return MicroBatch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.loss_mask)))
+        return MicroBatch(
+            *(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.loss_mask))
+        )
 
 
 def collate(samples: list[dict[str, Any]], pad_token_id: int, max_seq_length: int | None = None) -> MicroBatch:
@@ -127,7 +129,9 @@ class DistributedBatchLoader:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         samples = _take(self.dataset, indices)
         size = self.micro_batch_size
-        return [collate(samples[i : i + size], self.pad_token_id, self.max_seq_length) for i in range(0, len(samples), size)]
+        return [
+            collate(samples[i : i + size], self.pad_token_id, self.max_seq_length) for i in range(0, len(samples), size)
+        ]
 
     def _identity(self) -> dict[str, int]:
         # What the position means: resuming it under other values would silently change the data order.
@@ -154,8 +158,15 @@ class EvalBatches:
     which counts nothing.
     """
 
-    def __init__(self, dataset, micro_batch_size: int, pad_token_id: int, rank: int = 0, world_size: int = 1,
-                 max_seq_length: int | None = None):
+    def __init__(
+        self,
+        dataset,
+        micro_batch_size: int,
+        pad_token_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+        max_seq_length: int | None = None,
+    ):
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.pad_token_id = pad_token_id

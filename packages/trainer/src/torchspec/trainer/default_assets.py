@@ -94,9 +94,12 @@ def build_tiny_target(output_dir: str | os.PathLike, recipe: TinyTargetRecipe | 
     recipe = recipe or TinyTargetRecipe()
     output_dir = Path(output_dir)
     started = time.monotonic()
-    logger.info("building the default tiny target once (then cached): a tokenizer, then %d training steps of the "
-                "model; the progress and an ETA follow (on 2 CPU cores this takes minutes). Folder: %s",
-                recipe.train_steps, output_dir)
+    logger.info(
+        "building the default tiny target once (then cached): a tokenizer, then %d training steps of the "
+        "model; the progress and an ETA follow (on 2 CPU cores this takes minutes). Folder: %s",
+        recipe.train_steps,
+        output_dir,
+    )
     tokenizer = build_local_tokenizer(output_dir, vocab_size=recipe.vocab_size, template=recipe.chat_template)
     with tempfile.TemporaryDirectory() as data_cache:
         dataset, _ = build_training_dataset(
@@ -125,15 +128,26 @@ def build_tiny_target(output_dir: str | os.PathLike, recipe: TinyTargetRecipe | 
     data_loss = _language_model_loss(model, sequences, tokenizer.pad_token_id)
     model.save_pretrained(output_dir)
     (output_dir / "torchspec_build.json").write_text(
-        json.dumps({"recipe": asdict(recipe), "final_train_loss": final_loss, "data_loss": data_loss,
-                    "build_seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n"
+        json.dumps(
+            {
+                "recipe": asdict(recipe),
+                "final_train_loss": final_loss,
+                "data_loss": data_loss,
+                "build_seconds": round(time.monotonic() - started, 1),
+            },
+            indent=2,
+        )
+        + "\n"
     )
-    logger.info("built the tiny target in %.0fs (LM loss on its conversations %.3f)", time.monotonic() - started,
-                data_loss)
+    logger.info(
+        "built the tiny target in %.0fs (LM loss on its conversations %.3f)", time.monotonic() - started, data_loss
+    )
     return output_dir
 
 
-def _length_sorted_batches(lengths: list[int], batch_size: int, steps: int, generator: torch.Generator) -> list[list[int]]:
+def _length_sorted_batches(
+    lengths: list[int], batch_size: int, steps: int, generator: torch.Generator
+) -> list[list[int]]:
     """``steps`` batches of sequence indices. Each epoch: the sequences in a random order, stably
     sorted by length (equal lengths mix differently every epoch), cut into batches (a last partial
     batch dropped), the batches shuffled. Every sequence is seen once per epoch, and a batch pads
@@ -165,8 +179,11 @@ def _language_model_loss(model, sequences: list[torch.Tensor], pad_token_id: int
         input_ids, labels = _padded([sequences[i] for i in order[start : start + batch_size]], pad_token_id)
         logits = model(input_ids=input_ids).logits[:, :-1].float()
         targets = labels[:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                                         reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
+        )
         count += int((targets != -100).sum())
     return total / max(count, 1)
 

@@ -29,8 +29,10 @@ def _rope_fields(target_config, architecture: str) -> dict[str, Any]:
     if rope_parameters:  # transformers 5: theta and scaling in one dict
         return {"rope_parameters": servable(dict(rope_parameters))}
     rope_scaling = getattr(target_config, "rope_scaling", None)
-    return {"rope_theta": getattr(target_config, "rope_theta", 10000.0),
-            "rope_scaling": servable(dict(rope_scaling)) if rope_scaling else None}
+    return {
+        "rope_theta": getattr(target_config, "rope_theta", 10000.0),
+        "rope_scaling": servable(dict(rope_scaling)) if rope_scaling else None,
+    }
 
 
 def _mla_dimensions(target_config, hidden: int, head_dim: int) -> dict[str, int]:
@@ -39,8 +41,13 @@ def _mla_dimensions(target_config, hidden: int, head_dim: int) -> dict[str, int]
         dims = {name: int(getattr(target_config, name)) for name in names}
         dims["q_lora_rank"] = int(getattr(target_config, "q_lora_rank", None) or min(3 * dims["kv_lora_rank"], hidden))
         return dims
-    return dict(q_lora_rank=min(1536, hidden), kv_lora_rank=512, qk_nope_head_dim=head_dim, qk_rope_head_dim=64,
-                v_head_dim=head_dim)
+    return dict(
+        q_lora_rank=min(1536, hidden),
+        kv_lora_rank=512,
+        qk_nope_head_dim=head_dim,
+        qk_rope_head_dim=64,
+        v_head_dim=head_dim,
+    )
 
 
 def _dtype_name(target_config) -> str:
@@ -101,7 +108,9 @@ def resolve_draft_config(model: ModelConfig, target_config) -> Eagle3DraftConfig
         path = Path(model.draft_config)
         source = f"model.draft_config {path}"
         if not path.is_file():
-            raise ConfigError(f"{source} does not exist; pass a draft config.json or null to generate one from the target")
+            raise ConfigError(
+                f"{source} does not exist; pass a draft config.json or null to generate one from the target"
+            )
         try:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as err:
@@ -158,4 +167,3 @@ def build_draft(draft_config: Eagle3DraftConfig, target, vocab_mapping=None) -> 
             raise ValueError("a pruned draft vocabulary needs a vocab mapping")
         draft.set_vocab_mapping(vocab_mapping.d2t, vocab_mapping.t2d)
     return draft
-

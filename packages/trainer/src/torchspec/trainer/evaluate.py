@@ -57,11 +57,17 @@ class EvaluationResult:
             f"draft                 {self.draft}",
             f"target                {self.target}",
             f"prompts               {self.num_prompts} ({self.generated_tokens} generated tokens)",
-            f"acceptance length     {self.acceptance_length:.3f} tokens/round (accepted drafts + 1 bonus, K={self.num_draft_tokens})",
+            f"acceptance length     {self.acceptance_length:.3f} tokens/round (accepted drafts + 1 bonus, "
+            f"K={self.num_draft_tokens})",
             "position acceptance   " + "  ".join(f"{i + 1}:{a:.2f}" for i, a in enumerate(self.position_acceptance)),
-            f"wall time             speculative {self.speculative_seconds:.2f}s vs target alone {self.target_only_seconds:.2f}s "
-            f"(x{self.speedup:.2f})",
-            f"output                {'identical to target greedy decoding' if self.identical_to_target else 'DIFFERS from target greedy decoding'}",
+            f"wall time             speculative {self.speculative_seconds:.2f}s vs target alone "
+            f"{self.target_only_seconds:.2f}s (x{self.speedup:.2f})",
+            "output                "
+            + (
+                "identical to target greedy decoding"
+                if self.identical_to_target
+                else "DIFFERS from target greedy decoding"
+            ),
         ]
         return "\n".join(lines)
 
@@ -106,8 +112,16 @@ def evaluate_draft(
     draft, target = load_for_evaluation(draft_path, target_path)
     tokenizer = AutoTokenizer.from_pretrained(target_path)
     prompts = prompts_from_conversations(data_path, tokenizer, prompt_key, num_prompts)
-    return evaluate_prompts(draft, target, prompts, max_new_tokens, num_draft_tokens, tokenizer.eos_token_id,
-                            draft_name=str(draft_path), target_name=str(target_path))
+    return evaluate_prompts(
+        draft,
+        target,
+        prompts,
+        max_new_tokens,
+        num_draft_tokens,
+        tokenizer.eos_token_id,
+        draft_name=str(draft_path),
+        target_name=str(target_path),
+    )
 
 
 def load_for_evaluation(draft_path: str, target_path: str):
@@ -157,8 +171,9 @@ def evaluate_prompts(
 
     from tqdm.auto import tqdm
 
-    for prompt in tqdm(prompts, desc="speculative decoding", unit="prompt", leave=False,
-                       disable=not sys.stderr.isatty()):
+    for prompt in tqdm(
+        prompts, desc="speculative decoding", unit="prompt", leave=False, disable=not sys.stderr.isatty()
+    ):
         expected, seconds = target_greedy_generate(target, prompt, max_new_tokens, eos_token_id)
         plain_seconds += seconds
         target_outputs.append(expected)
@@ -170,12 +185,20 @@ def evaluate_prompts(
         produced += len(result.tokens)
     rounds = max(len(accepted), 1)
     return EvaluationResult(
-        draft=draft_name, target=target_name, num_prompts=len(prompts), num_draft_tokens=num_draft_tokens,
+        draft=draft_name,
+        target=target_name,
+        num_prompts=len(prompts),
+        num_draft_tokens=num_draft_tokens,
         acceptance_length=sum(a + 1 for a in accepted) / rounds,
         position_acceptance=[sum(a >= i for a in accepted) / rounds for i in range(1, num_draft_tokens + 1)],
-        generated_tokens=produced, speculative_seconds=spec_seconds, target_only_seconds=plain_seconds,
-        identical_to_target=identical, per_prompt_acceptance=per_prompt,
-        num_rounds=len(accepted), num_accepted_tokens=sum(accepted), target_outputs=target_outputs,
+        generated_tokens=produced,
+        speculative_seconds=spec_seconds,
+        target_only_seconds=plain_seconds,
+        identical_to_target=identical,
+        per_prompt_acceptance=per_prompt,
+        num_rounds=len(accepted),
+        num_accepted_tokens=sum(accepted),
+        target_outputs=target_outputs,
     )
 
 
@@ -214,8 +237,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, max_new_tokens: int)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchspec-evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="torchspec-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_decoding_arguments(parser, max_new_tokens=64)
     parser.add_argument("--output", help="JSON result file (default: <draft>/speculative_eval.json)")
     return parser
@@ -256,16 +280,25 @@ def _recorded_model_and_data(run_dir: Path) -> dict:
         saved = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         return {}
-    return {"target_model_path": (saved.get("model") or {}).get("target_model_path"),
-            "train_path": (saved.get("data") or {}).get("train_path")}
+    return {
+        "target_model_path": (saved.get("model") or {}).get("target_model_path"),
+        "train_path": (saved.get("data") or {}).get("train_path"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         apply_defaults(args)
-        result = evaluate_draft(args.draft, args.target, args.data, args.num_prompts, args.max_new_tokens,
-                                args.num_draft_tokens, args.prompt_key)
+        result = evaluate_draft(
+            args.draft,
+            args.target,
+            args.data,
+            args.num_prompts,
+            args.max_new_tokens,
+            args.num_draft_tokens,
+            args.prompt_key,
+        )
     except ValueError as err:  # user mistakes: torchspec errors are ValueErrors with one-line messages
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -66,5 +66,7 @@ def warmup_steps_for(total_steps: int, warmup_steps: int | None, warmup_ratio: f
     return round((warmup_ratio or 0.0) * total_steps)
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupDecaySchedule) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: WarmupDecaySchedule
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -217,8 +217,13 @@ class TensorBoardWriter:
 class MetricsSink:
     """Fan-out of metric records to JSONL and, optionally, TensorBoard (rank 0 only)."""
 
-    def __init__(self, output_dir: str | os.PathLike, tensorboard: bool = False, append: bool = False,
-                 keep_through_step: int | None = None):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        tensorboard: bool = False,
+        append: bool = False,
+        keep_through_step: int | None = None,
+    ):
         self.writers: list[Any] = [JsonlWriter(Path(output_dir) / "metrics.jsonl", append, keep_through_step)]
         if tensorboard:
             self.writers.append(TensorBoardWriter(Path(output_dir) / "tensorboard"))
@@ -262,14 +267,29 @@ class ProgressBar:
     above the bar instead of through it.
     """
 
-    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None, initial: int = 0,
-                 desc: str = "train", unit: str = "step"):
+    def __init__(
+        self,
+        total: int,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        initial: int = 0,
+        desc: str = "train",
+        unit: str = "step",
+    ):
         from tqdm import tqdm
 
         self.stream = stream or sys.stderr
         self.enabled = bool(enabled) and _is_terminal(self.stream)
-        self._bar = tqdm(total=max(int(total), 1), initial=initial, desc=desc, unit=unit, file=self.stream,
-                         disable=not self.enabled, dynamic_ncols=True, leave=True)
+        self._bar = tqdm(
+            total=max(int(total), 1),
+            initial=initial,
+            desc=desc,
+            unit=unit,
+            file=self.stream,
+            disable=not self.enabled,
+            dynamic_ncols=True,
+            leave=True,
+        )
 
     def update(self, step: int, message: str = "") -> None:
         """Move the bar to ``step`` (absolute), showing ``message`` after the rate and ETA."""

@@ -53,8 +53,16 @@ class OutputDirLock:
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                                 "command": " ".join(sys.argv)}))
+        handle.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.time(),
+                    "command": " ".join(sys.argv),
+                }
+            )
+        )
         handle.flush()
         self._file = handle
 

@@ -50,8 +50,9 @@ def _decoder_layers(decoder: nn.Module, num_layers: int) -> nn.ModuleList:
     )
 
 
-def load_causal_lm(path: str | os.PathLike, setting: str, dtype: torch.dtype = torch.float32,
-                   trust_remote_code: bool = False) -> nn.Module:
+def load_causal_lm(
+    path: str | os.PathLike, setting: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> nn.Module:
     """A local Hugging Face causal LM (``config.json`` + weights) in evaluation mode. A folder that is
     not one, lacks its weights or holds a damaged weight file is a ``ConfigError`` (a
     ``DamagedCheckpointError`` naming the file) that names ``setting``, the option that gave ``path``."""

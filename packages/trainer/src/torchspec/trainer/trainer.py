@@ -123,8 +123,13 @@ class Trainer:
 
         # The target, its tokenizer, the data.
         target_path = _target_path(m.target_model_path)
-        self.target = TargetModel.from_pretrained(target_path, m.aux_layer_ids, _dtype(m.dtype, ctx.device),
-                                                  "cpu" if t.shard_target else ctx.device, m.trust_remote_code)
+        self.target = TargetModel.from_pretrained(
+            target_path,
+            m.aux_layer_ids,
+            _dtype(m.dtype, ctx.device),
+            "cpu" if t.shard_target else ctx.device,
+            m.trust_remote_code,
+        )
         tokenizer = _load_tokenizer(m.tokenizer_path or target_path, m.trust_remote_code)
         data = load_training_data(config.data, tokenizer, t.seed, ctx.is_main)
         _log(ctx, f"data: {data.summary}")
@@ -132,7 +137,9 @@ class Trainer:
 
         # The draft, checked against the target, wrapped for TTT and sharded.
         self.draft_config = resolve_draft_config(m, self.target.config)
-        check_draft_against_target(self.draft_config, self.target, tokenizer, m.draft_config or "the generated draft config")
+        check_draft_against_target(
+            self.draft_config, self.target, tokenizer, m.draft_config or "the generated draft config"
+        )
         self.vocab_mapping = _vocab_mapping(self.draft_config, t.continual_training, data.train)
         torch.manual_seed(t.seed)  # the same initial draft on every rank
         self.draft = build_draft(self.draft_config, self.target, self.vocab_mapping).to(ctx.device)
@@ -140,29 +147,43 @@ class Trainer:
         apply_fsdp(self.model, ctx.mesh, mixed_precision_policy(_dtype(t.dtype, ctx.device)))
         if t.shard_target:
             self.target.shard(ctx.mesh, ctx.device)
-        _log(ctx, f"target: {target_path} ({self.target.num_layers} layers, aux layers {self.target.aux_layer_ids}"
-                  f"{', sharded' if t.shard_target else ''}); draft: {self.draft_config.architectures[0]}, "
-                  f"{_count(self.draft):,} trainable parameters, vocab {self.draft_config.draft_vocab_size}/"
-                  f"{self.draft_config.vocab_size}; world size {ctx.world_size} on {ctx.device}")
+        _log(
+            ctx,
+            f"target: {target_path} ({self.target.num_layers} layers, aux layers {self.target.aux_layer_ids}"
+            f"{', sharded' if t.shard_target else ''}); draft: {self.draft_config.architectures[0]}, "
+            f"{_count(self.draft):,} trainable parameters, vocab {self.draft_config.draft_vocab_size}/"
+            f"{self.draft_config.vocab_size}; world size {ctx.world_size} on {ctx.device}",
+        )
 
         # Optimizer, schedule, data order.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=t.learning_rate, betas=tuple(t.betas),
-                                           weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=t.learning_rate, betas=tuple(t.betas), weight_decay=t.weight_decay
+        )
         pad_id = _pad_id(tokenizer)
         try:
-            self.loader = DistributedBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, pad_id,
-                                                 ctx.rank, ctx.world_size, t.seed, config.data.max_seq_length)
+            self.loader = DistributedBatchLoader(
+                data.train,
+                t.global_batch_size,
+                t.micro_batch_size,
+                pad_id,
+                ctx.rank,
+                ctx.world_size,
+                t.seed,
+                config.data.max_seq_length,
+            )
         except ValueError as err:
             raise ConfigError(f"training.global_batch_size: {err}") from None
         self.total_steps = t.max_steps or t.num_epochs * self.loader.steps_per_epoch
         warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
-        self.scheduler = build_lr_scheduler(self.optimizer, WarmupDecaySchedule(
-            self.total_steps, warmup, t.lr_schedule, t.min_lr_ratio, t.decay_ratio))
+        self.scheduler = build_lr_scheduler(
+            self.optimizer, WarmupDecaySchedule(self.total_steps, warmup, t.lr_schedule, t.min_lr_ratio, t.decay_ratio)
+        )
         self.eval_batches = None
         if data.eval is not None and len(data.eval) > 0:
-            self.eval_batches = EvalBatches(data.eval, t.micro_batch_size, pad_id, ctx.rank, ctx.world_size,
-                                            config.data.max_seq_length)
+            self.eval_batches = EvalBatches(
+                data.eval, t.micro_batch_size, pad_id, ctx.rank, ctx.world_size, config.data.max_seq_length
+            )
         self.step, self.best = 0, None
 
     # --- resume, save -----------------------------------------------------------------------------
@@ -192,14 +213,20 @@ class Trainer:
         target = self.target
         files = {
             "config.json": lambda path: self.draft_config.save_pretrained(path.parent),
-            "aux_layers.json": lambda path: path.write_text(json.dumps(
-                {"aux_layer_ids": target.aux_layer_ids, "num_target_layers": target.num_layers}) + "\n"),
+            "aux_layers.json": lambda path: path.write_text(
+                json.dumps({"aux_layer_ids": target.aux_layer_ids, "num_target_layers": target.num_layers}) + "\n"
+            ),
             "training_config.yaml": lambda path: dump_config(self.config, path),
         }
         if self.vocab_mapping is not None:
             files[VOCAB_MAPPING_FILE] = self.vocab_mapping.save
-        state = {"lr_scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(), "best": self.best,
-                 "aux_layer_ids": target.aux_layer_ids, "world_size": self.ctx.world_size}
+        state = {
+            "lr_scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "best": self.best,
+            "aux_layer_ids": target.aux_layer_ids,
+            "world_size": self.ctx.world_size,
+        }
         return self.checkpointer.save(self.step, self.draft, self.optimizer, state, files)
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -210,11 +237,19 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.config, self.output_dir / "training_config.yaml")
         resumed = self.resume_from is not None
-        sink = MetricsSink(self.output_dir, t.tensorboard, append=resumed,
-                           keep_through_step=self.step if resumed else None) if ctx.is_main else None
-        _log(ctx, f"training {self.total_steps} steps ({self.loader.steps_per_epoch} per epoch, "
-                  f"{self.loader.accumulation_steps} micro-batches of {t.micro_batch_size} per rank per step); "
-                  f"metrics: {self.output_dir / 'metrics.jsonl'} (acceptance_length = 1 + sum_k prod_{{i<=k}} cond_acc_i)")
+        sink = (
+            MetricsSink(
+                self.output_dir, t.tensorboard, append=resumed, keep_through_step=self.step if resumed else None
+            )
+            if ctx.is_main
+            else None
+        )
+        _log(
+            ctx,
+            f"training {self.total_steps} steps ({self.loader.steps_per_epoch} per epoch, "
+            f"{self.loader.accumulation_steps} micro-batches of {t.micro_batch_size} per rank per step); "
+            f"metrics: {self.output_dir / 'metrics.jsonl'} (acceptance_length = 1 + sum_k prod_{{i<=k}} cond_acc_i)",
+        )
         # A tqdm bar on a terminal (main rank, training.progress_bar); log lines are printed above it.
         progress = ProgressBar(self.total_steps, enabled=t.progress_bar and ctx.is_main, initial=self.step)
         try:
@@ -230,8 +265,9 @@ class Trainer:
         _log(ctx, f"next: hatch run converter:export  (exports this run to {serving_folder(self.output_dir)})")
         return TrainResult(self.output_dir, checkpoint, self.step, history, eval_metrics, speculative)
 
-    def _loop(self, progress: ProgressBar, sink: MetricsSink | None,
-              step_callback: Callable[[int, dict], None] | None) -> tuple[list[dict], dict | None, Path | None]:
+    def _loop(
+        self, progress: ProgressBar, sink: MetricsSink | None, step_callback: Callable[[int, dict], None] | None
+    ) -> tuple[list[dict], dict | None, Path | None]:
         t, ctx = self.config.training, self.ctx
         history, eval_metrics, checkpoint = [], None, self.resume_from
         while self.step < self.total_steps:
@@ -254,8 +290,11 @@ class Trainer:
                 _log(ctx, "eval " + format_metrics(eval_metrics))
                 new_best = self.best is None or eval_metrics["acceptance_length"] > self.best["acceptance_length"]
                 if new_best:
-                    self.best = {"step": self.step, "acceptance_length": eval_metrics["acceptance_length"],
-                                 "checkpoint": checkpoint_name(self.step)}
+                    self.best = {
+                        "step": self.step,
+                        "acceptance_length": eval_metrics["acceptance_length"],
+                        "checkpoint": checkpoint_name(self.step),
+                    }
             # A new best eval is always saved, so that best.json points at a checkpoint.
             if (t.save_interval and self.step % t.save_interval == 0) or last or new_best:
                 checkpoint = self.save()
@@ -285,9 +324,18 @@ class Trainer:
         target = self.target.model
         draft = draft.to(device=ctx.device, dtype=next(target.parameters()).dtype)
         prompts = prompts_from_tokenized(self.eval_dataset, t.speculative_eval_prompts)
-        result = evaluate_prompts(draft, target, prompts, eos_token_id=self.eos_token_id,
-                                  draft_name=str(self.output_dir), target_name=self.config.model.target_model_path)
-        _log(ctx, "speculative decoding on held-out prompts (acceptance length counts the bonus token)\n" + result.table())
+        result = evaluate_prompts(
+            draft,
+            target,
+            prompts,
+            eos_token_id=self.eos_token_id,
+            draft_name=str(self.output_dir),
+            target_name=self.config.model.target_model_path,
+        )
+        _log(
+            ctx,
+            "speculative decoding on held-out prompts (acceptance length counts the bonus token)\n" + result.table(),
+        )
         record = {**asdict(result), "speedup": result.speedup, "step": self.step}
         (self.output_dir / "speculative_eval.json").write_text(json.dumps(record, indent=2) + "\n")
         return record
@@ -306,8 +354,10 @@ class Trainer:
         started = time.perf_counter()
         # 1. The target on every micro-batch, and the positions each TTT step counts, over all ranks.
         targets = [self._target_pass(batch) for batch in micro_batches]
-        local_counts = sum(model.count_positions(mask, batch.attention_mask, valid).double()
-                           for batch, (_, mask, valid) in zip(micro_batches, targets))
+        local_counts = sum(
+            model.count_positions(mask, batch.attention_mask, valid).double()
+            for batch, (_, mask, valid) in zip(micro_batches, targets)
+        )
         _synchronize(ctx.device)
         target_seconds = time.perf_counter() - started
         global_counts = all_reduce_sum(local_counts.clone())
@@ -317,9 +367,16 @@ class Trainer:
         counts = TTTCounts.zeros(t.ttt_length, ctx.device)
         for index, (batch, (out, loss_mask, valid)) in enumerate(zip(micro_batches, targets)):
             model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            result = model(batch.input_ids, out.aux_hidden_states, loss_mask, batch.attention_mask,
-                           target_hidden=out.final_hidden, target_head_weight=self.target.lm_head_weight,
-                           target_valid=valid, loss_normalizer=global_counts)
+            result = model(
+                batch.input_ids,
+                out.aux_hidden_states,
+                loss_mask,
+                batch.attention_mask,
+                target_hidden=out.final_hidden,
+                target_head_weight=self.target.lm_head_weight,
+                target_valid=valid,
+                loss_normalizer=global_counts,
+            )
             result.total_loss(t.loss_decay).backward()
             counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
 
@@ -356,9 +413,15 @@ class Trainer:
         for batch in self.eval_batches:
             batch = batch.to(self.ctx.device)
             out, loss_mask, valid = self._target_pass(batch)
-            result = self.model(batch.input_ids, out.aux_hidden_states, loss_mask, batch.attention_mask,
-                                target_hidden=out.final_hidden, target_head_weight=self.target.lm_head_weight,
-                                target_valid=valid)
+            result = self.model(
+                batch.input_ids,
+                out.aux_hidden_states,
+                loss_mask,
+                batch.attention_mask,
+                target_hidden=out.final_hidden,
+                target_head_weight=self.target.lm_head_weight,
+                target_valid=valid,
+            )
             counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
         self.model.reshard()  # no backward follows, so FSDP would otherwise keep the root gathered
         totals = all_reduce_sum(counts.as_tensor().clone())
@@ -401,11 +464,15 @@ def _load_tokenizer(path, trust_remote_code: bool):
 
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"tokenizer folder {path} does not exist; set model.tokenizer_path or model.target_model_path")
+        raise ConfigError(
+            f"tokenizer folder {path} does not exist; set model.tokenizer_path or model.target_model_path"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); set model.tokenizer_path") from None
+        raise ConfigError(
+            f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); set model.tokenizer_path"
+        ) from None
 
 
 def _pad_id(tokenizer) -> int:
@@ -430,7 +497,8 @@ def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
         return _complete_checkpoint(resume, "training.resume")
     if list_checkpoints(output_dir):
         raise ConfigError(
-            f"training.output_dir {output_dir} already holds checkpoints; set training.resume=auto to continue that run, "
+            f"training.output_dir {output_dir} already holds checkpoints; set training.resume=auto to continue "
+            "that run, "
             "or choose another output_dir"
         )
     return None
@@ -439,8 +507,10 @@ def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
 def _resume_hint(resume: str, output_dir: Path, checkpoint: Path, step: int, total_steps: int) -> str:
     """The one line a resumed run starts with."""
     if resume == "auto":
-        return (f"resuming {output_dir} from step {step} of {total_steps} (training.resume=auto); "
-                f"to start over instead, delete {output_dir} or set training.output_dir to another folder")
+        return (
+            f"resuming {output_dir} from step {step} of {total_steps} (training.resume=auto); "
+            f"to start over instead, delete {output_dir} or set training.output_dir to another folder"
+        )
     return f"resuming from {checkpoint} at step {step} of {total_steps} (training.resume={resume})"
 
 
@@ -473,13 +543,18 @@ def completed_run(config: TrainConfig) -> TrainResult | None:
     if step < total:
         return None
     where = output_dir if t.resume == "auto" else checkpoint
-    message = (f"the run in {where} is already complete at step {step} ({checkpoint}, training.resume={t.resume}); "
-               f"to start over, delete {output_dir} or set training.output_dir to another folder; "
-               f"to train longer, raise training.max_steps or training.num_epochs")
+    message = (
+        f"the run in {where} is already complete at step {step} ({checkpoint}, training.resume={t.resume}); "
+        f"to start over, delete {output_dir} or set training.output_dir to another folder; "
+        f"to train longer, raise training.max_steps or training.num_epochs"
+    )
     differing = _config_differences(checkpoint / "training_config.yaml", config)
     if differing:
-        message += f" (note: that run's config differs from this one in {', '.join(differing[:3])}" + \
-                   (", ..." if len(differing) > 3 else "") + ")"
+        message += (
+            f" (note: that run's config differs from this one in {', '.join(differing[:3])}"
+            + (", ..." if len(differing) > 3 else "")
+            + ")"
+        )
     if _is_main_process():
         logger.info(message)
     return TrainResult(output_dir, checkpoint, step, already_complete=True)

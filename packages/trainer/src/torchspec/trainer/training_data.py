@@ -61,7 +61,9 @@ def load_training_data(config: DataConfig, tokenizer, seed: int, is_main: bool) 
         held_out = max(1, round(config.eval_split * len(train)))
         evaluation = train.select(sorted(order[:held_out]), keep_in_memory=True)
         train = train.select(sorted(order[held_out:]), keep_in_memory=True)
-    summary = stats.summary() + f"; {len(train)} for training, {len(evaluation) if evaluation is not None else 0} held out"
+    summary = (
+        stats.summary() + f"; {len(train)} for training, {len(evaluation) if evaluation is not None else 0} held out"
+    )
     return TrainingData(train, evaluation, summary)
 
 
@@ -72,6 +74,10 @@ def vocab_mapping_from_data(dataset, vocab_size: int, draft_vocab_size: int):
     counts = count_supervised_tokens(dataset, vocab_size)
     mapping = build_vocab_mapping(counts, vocab_size, draft_vocab_size)
     covered = counts[mapping.draft_to_target_ids()].sum().item() / max(counts.sum().item(), 1)
-    logger.info("draft vocabulary: %d of %d tokens, covering %.1f%% of supervised tokens", draft_vocab_size, vocab_size,
-                100 * covered)
+    logger.info(
+        "draft vocabulary: %d of %d tokens, covering %.1f%% of supervised tokens",
+        draft_vocab_size,
+        vocab_size,
+        100 * covered,
+    )
     return mapping

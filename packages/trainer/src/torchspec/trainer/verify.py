@@ -47,7 +47,9 @@ class VerifyReport:
     @property
     def counts_agree(self) -> bool:
         return (self.engine_num_drafts, self.engine_num_accepted_tokens) == (
-            self.evaluator_num_rounds, self.evaluator_num_accepted_tokens)
+            self.evaluator_num_rounds,
+            self.evaluator_num_accepted_tokens,
+        )
 
     def table(self) -> str:
         def positions(shares):
@@ -59,15 +61,22 @@ class VerifyReport:
         rows = [
             ("", f"vLLM {self.engine_version}", "evaluator"),
             ("acceptance length", f"{self.engine_acceptance_length:.3f}", f"{self.evaluator_acceptance_length:.3f}"),
-            ("position acceptance", positions(self.engine_position_acceptance),
-             positions(self.evaluator_position_acceptance)),
+            (
+                "position acceptance",
+                positions(self.engine_position_acceptance),
+                positions(self.evaluator_position_acceptance),
+            ),
             ("rounds with a draft", str(self.engine_num_drafts), str(self.evaluator_num_rounds)),
             ("accepted draft tokens", str(self.engine_num_accepted_tokens), str(self.evaluator_num_accepted_tokens)),
         ]
         width = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [f"draft   {self.draft}", f"target  {self.target}",
-                 f"{self.num_prompts} prompts x {self.max_new_tokens} tokens, K={self.num_draft_tokens}, greedy, "
-                 "EOS ignored (both sides verify the same rounds)", ""]
+        lines = [
+            f"draft   {self.draft}",
+            f"target  {self.target}",
+            f"{self.num_prompts} prompts x {self.max_new_tokens} tokens, K={self.num_draft_tokens}, greedy, "
+            "EOS ignored (both sides verify the same rounds)",
+            "",
+        ]
         lines += ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
         lines += [
             "",
@@ -101,19 +110,35 @@ def verify_draft(
         tokenizer = AutoTokenizer.from_pretrained(target_path)
         prompts = prompts_from_conversations(data_path, tokenizer, prompt_key, num_prompts)
     plain = run_vllm(target_path, prompts, max_new_tokens, dtype=dtype)
-    served = run_vllm(target_path, prompts, max_new_tokens, draft=draft_path, num_draft_tokens=num_draft_tokens,
-                      dtype=dtype)
+    served = run_vllm(
+        target_path, prompts, max_new_tokens, draft=draft_path, num_draft_tokens=num_draft_tokens, dtype=dtype
+    )
     draft, target = load_for_evaluation(draft_path, target_path)
-    evaluated = evaluate_prompts(draft, target, prompts, max_new_tokens, num_draft_tokens, eos_token_id=None,
-                                 draft_name=draft_path, target_name=target_path)
+    evaluated = evaluate_prompts(
+        draft,
+        target,
+        prompts,
+        max_new_tokens,
+        num_draft_tokens,
+        eos_token_id=None,
+        draft_name=draft_path,
+        target_name=target_path,
+    )
     return VerifyReport(
-        draft=str(draft_path), target=str(target_path), num_prompts=len(prompts), max_new_tokens=max_new_tokens,
-        num_draft_tokens=num_draft_tokens, engine_version=served.engine_version,
-        engine_acceptance_length=served.acceptance_length, engine_position_acceptance=served.position_acceptance,
-        engine_num_drafts=served.num_drafts, engine_num_accepted_tokens=served.num_accepted_tokens,
+        draft=str(draft_path),
+        target=str(target_path),
+        num_prompts=len(prompts),
+        max_new_tokens=max_new_tokens,
+        num_draft_tokens=num_draft_tokens,
+        engine_version=served.engine_version,
+        engine_acceptance_length=served.acceptance_length,
+        engine_position_acceptance=served.position_acceptance,
+        engine_num_drafts=served.num_drafts,
+        engine_num_accepted_tokens=served.num_accepted_tokens,
         evaluator_acceptance_length=evaluated.acceptance_length,
         evaluator_position_acceptance=evaluated.position_acceptance,
-        evaluator_num_rounds=evaluated.num_rounds, evaluator_num_accepted_tokens=evaluated.num_accepted_tokens,
+        evaluator_num_rounds=evaluated.num_rounds,
+        evaluator_num_accepted_tokens=evaluated.num_accepted_tokens,
         engine_output_identical_with_and_without_draft=served.outputs == plain.outputs,
         engine_output_identical_to_evaluator=served.outputs == evaluated.target_outputs,
     )
@@ -122,11 +147,16 @@ def verify_draft(
 def build_parser() -> argparse.ArgumentParser:
     from torchspec.trainer.evaluate import add_decoding_arguments
 
-    parser = argparse.ArgumentParser(prog="torchspec-verify", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="torchspec-verify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_decoding_arguments(parser, max_new_tokens=48)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="engine dtype (the evaluator runs float32; counts agree exactly only in float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="engine dtype (the evaluator runs float32; counts agree exactly only in float32)",
+    )
     parser.add_argument("--output", help="JSON report (default: <draft>/engine_verify.json)")
     return parser
 
@@ -138,8 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         apply_defaults(args)
-        report = verify_draft(args.draft, args.target, args.data, args.num_prompts, args.max_new_tokens,
-                              args.num_draft_tokens, args.prompt_key, args.dtype)
+        report = verify_draft(
+            args.draft,
+            args.target,
+            args.data,
+            args.num_prompts,
+            args.max_new_tokens,
+            args.num_draft_tokens,
+            args.prompt_key,
+            args.dtype,
+        )
     except (ValueError, EngineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
