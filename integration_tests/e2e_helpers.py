@@ -59,6 +59,18 @@ def export(run_dir: Path, out: Path, **kwargs) -> Path:
     return export_checkpoint(run_dir, out, force=True, **kwargs).output
 
 
+def prune_after_training(run_dir: Path, out: Path, tokenizer: Path, draft_vocab_size: int = 600) -> Path:
+    """``converter export --prune-vocab`` on the bundled samples, through the command line users run."""
+    from torchspec.converter.cli import main as converter_main
+
+    args = ["export", "--input", str(run_dir), "--output", str(out), "--prune-vocab"]
+    args += ["--draft-vocab-size", str(draft_vocab_size), "--dataset-path", SAMPLES]
+    args += ["--tokenizer", str(tokenizer), "--chat-template", "qwen"]
+    assert converter_main(args) == 0
+    assert read_config(out)["draft_vocab_size"] == draft_vocab_size
+    return out
+
+
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

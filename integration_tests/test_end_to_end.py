@@ -8,11 +8,19 @@ length is 1.0 (only the bonus token is ever accepted). Acceptance length counts 
 import pytest
 import torch
 
-from torchspec.converter.cli import main as converter_main
 from torchspec.draft_models import AutoEagle3DraftModel
 from torchspec.trainer.evaluate import evaluate_draft
 
-from e2e_helpers import PRUNED_ALT_AUX, SAMPLES, export, load_weights, read_config, train_default, untrained_draft
+from e2e_helpers import (
+    PRUNED_ALT_AUX,
+    SAMPLES,
+    export,
+    load_weights,
+    prune_after_training,
+    read_config,
+    train_default,
+    untrained_draft,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,27 +69,7 @@ def test_trained_draft_is_accepted_far_more_than_an_untrained_one(trained, targe
 
 
 def test_post_training_pruning_keeps_acceptance(trained, target, tmp_path):
-    out = tmp_path / "pruned_hf"
-    code = converter_main(
-        [
-            "export",
-            "--input",
-            str(trained["run"]),
-            "--output",
-            str(out),
-            "--prune-vocab",
-            "--draft-vocab-size",
-            "600",
-            "--dataset-path",
-            SAMPLES,
-            "--tokenizer",
-            str(target),
-            "--chat-template",
-            "qwen",
-        ]
-    )
-    assert code == 0
-    assert read_config(out)["draft_vocab_size"] == 600
+    out = prune_after_training(trained["run"], tmp_path / "pruned_hf", target)
     full, pruned = _evaluate(trained["exported"], target), _evaluate(out, target)
     print(
         f"\n{trained['arch']}: acceptance full vocab {full.acceptance_length:.3f}, pruned to 600 "

@@ -20,7 +20,15 @@ import torch
 from torchspec.trainer.engine import EngineError, run_vllm, vllm_available
 from torchspec.trainer.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
 
-from e2e_helpers import PRUNED_ALT_AUX, SAMPLES, export, load_weights, read_config, untrained_draft
+from e2e_helpers import (
+    PRUNED_ALT_AUX,
+    SAMPLES,
+    export,
+    load_weights,
+    prune_after_training,
+    read_config,
+    untrained_draft,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -88,31 +96,7 @@ def test_full_vocabulary_llama_export(default_target, trained_run, prompts, targ
 
 
 def test_post_training_pruned_export(default_target, trained_run, prompts, target_alone, tmp_path):
-    from torchspec.converter.cli import main as converter_main
-
-    out = tmp_path / "pruned_hf"
-    assert (
-        converter_main(
-            [
-                "export",
-                "--input",
-                str(trained_run("llama")),
-                "--output",
-                str(out),
-                "--prune-vocab",
-                "--draft-vocab-size",
-                "600",
-                "--dataset-path",
-                SAMPLES,
-                "--tokenizer",
-                str(default_target),
-                "--chat-template",
-                "qwen",
-            ]
-        )
-        == 0
-    )
-    assert read_config(out)["draft_vocab_size"] == 600
+    out = prune_after_training(trained_run("llama"), tmp_path / "pruned_hf", default_target)
     _assert_engine_agrees(out, default_target, prompts, target_alone)
 
 

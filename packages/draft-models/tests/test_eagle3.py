@@ -50,6 +50,21 @@ def _reference_ttt(draft, batch, length, token_loss_mask, pruned=False):
     return loss_sums, counts, corrects
 
 
+def _forward(model, batch, loss_mask=None, **kwargs):
+    """``model`` on a :func:`make_batch` batch, the target given as hidden states and head weight."""
+    if loss_mask is None:
+        loss_mask = step0_loss_mask(batch["token_loss_mask"])
+    return model(
+        batch["input_ids"],
+        batch["hidden_states"],
+        loss_mask,
+        batch["attention_mask"],
+        target_hidden=batch["target_hidden"],
+        target_head_weight=batch["target_head_weight"],
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("variant", sorted(EAGLE3_1_VARIANTS))
 @pytest.mark.parametrize("pruned", [False, True])
 def test_losses_match_the_row_by_row_formula(draft_kind, pruned, variant):
@@ -57,14 +72,7 @@ def test_losses_match_the_row_by_row_formula(draft_kind, pruned, variant):
     batch = make_batch()
     length = 4
     model = Eagle3Model(draft, length=length, loss_chunk_elements=97 * 5)  # several chunks
-    out = model(
-        batch["input_ids"],
-        batch["hidden_states"],
-        step0_loss_mask(batch["token_loss_mask"]),
-        batch["attention_mask"],
-        target_hidden=batch["target_hidden"],
-        target_head_weight=batch["target_head_weight"],
-    )
+    out = _forward(model, batch)
     loss_sums, counts, corrects = _reference_ttt(draft, batch, length, batch["token_loss_mask"], pruned)
     assert out.counted.tolist() == counts
     assert out.counted_mask.sum().item() == sum(counts)
@@ -94,14 +102,7 @@ def test_pruned_vocab_reports_and_excludes_positions_outside_the_draft_vocab():
     assert torch.equal(valid, expected_valid)
     assert 0 < valid.sum() < valid.numel()  # the test exercises both cases
     loss_mask = step0_loss_mask(torch.ones_like(batch["input_ids"]))
-    out = model(
-        batch["input_ids"],
-        batch["hidden_states"],
-        loss_mask,
-        batch["attention_mask"],
-        target_hidden=batch["target_hidden"],
-        target_head_weight=batch["target_head_weight"],
-    )
+    out = _forward(model, batch, loss_mask)
     k, b, t = out.counted_mask.nonzero(as_tuple=True)
     assert valid[b, t + 1 + k].all()
     assert torch.equal(out.counted, model.count_positions(loss_mask, batch["attention_mask"], valid))
@@ -112,14 +113,7 @@ def test_dense_target_probs_equal_the_lazy_target(draft_kind):
     batch = make_batch()
     loss_mask = step0_loss_mask(batch["token_loss_mask"])
     model = Eagle3Model(draft, length=3)
-    lazy = model(
-        batch["input_ids"],
-        batch["hidden_states"],
-        loss_mask,
-        batch["attention_mask"],
-        target_hidden=batch["target_hidden"],
-        target_head_weight=batch["target_head_weight"],
-    )
+    lazy = _forward(model, batch, loss_mask)
     probs = torch.softmax(batch["target_hidden"] @ batch["target_head_weight"].T, -1)
     dense = model(batch["input_ids"], batch["hidden_states"], loss_mask, batch["attention_mask"], target_probs=probs)
     torch.testing.assert_close(lazy.loss_sums, dense.loss_sums, rtol=1e-5, atol=1e-5)
@@ -140,15 +134,7 @@ def test_loss_normalizer_divides_the_sums():
     draft = build_draft("mla")
     batch = make_batch()
     model = Eagle3Model(draft, length=2)
-    out = model(
-        batch["input_ids"],
-        batch["hidden_states"],
-        step0_loss_mask(batch["token_loss_mask"]),
-        batch["attention_mask"],
-        target_hidden=batch["target_hidden"],
-        target_head_weight=batch["target_head_weight"],
-        loss_normalizer=torch.tensor([100.0, 50.0]),
-    )
+    out = _forward(model, batch, loss_normalizer=torch.tensor([100.0, 50.0]))
     torch.testing.assert_close(out.losses, out.loss_sums / torch.tensor([100.0, 50.0]))
     assert out.total_loss(0.5).item() == pytest.approx((out.losses[0] + 0.5 * out.losses[1]).item())
 
@@ -158,14 +144,7 @@ def test_gradients_reach_every_trainable_parameter_and_not_the_frozen_embedding(
     draft.freeze_embedding()
     batch = make_batch()
     model = Eagle3Model(draft, length=3)
-    out = model(
-        batch["input_ids"],
-        batch["hidden_states"],
-        step0_loss_mask(batch["token_loss_mask"]),
-        batch["attention_mask"],
-        target_hidden=batch["target_hidden"],
-        target_head_weight=batch["target_head_weight"],
-    )
+    out = _forward(model, batch)
     out.total_loss().backward()
     assert draft.embed_tokens.weight.grad is None
     for name, param in draft.named_parameters():
@@ -179,14 +158,7 @@ def test_gradient_checkpointing_gives_identical_gradients(draft_kind):
     for checkpointing in (False, True):
         draft = build_draft(draft_kind)
         model = Eagle3Model(draft, length=3, gradient_checkpointing=checkpointing)
-        out = model(
-            batch["input_ids"],
-            batch["hidden_states"],
-            step0_loss_mask(batch["token_loss_mask"]),
-            batch["attention_mask"],
-            target_hidden=batch["target_hidden"],
-            target_head_weight=batch["target_head_weight"],
-        )
+        out = _forward(model, batch)
         out.total_loss().backward()
         grads.append({n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -243,14 +215,7 @@ def test_a_batch_without_counted_rows_gives_zero_loss_and_zero_gradients():
     produce a graph (zero gradients) so collective gradient reduction does not hang."""
     draft = build_draft("llama")
     batch = make_batch()
-    out = Eagle3Model(draft, length=3)(
-        batch["input_ids"],
-        batch["hidden_states"],
-        torch.zeros_like(batch["input_ids"]),
-        batch["attention_mask"],
-        target_hidden=batch["target_hidden"],
-        target_head_weight=batch["target_head_weight"],
-    )
+    out = _forward(Eagle3Model(draft, length=3), batch, torch.zeros_like(batch["input_ids"]))
     assert out.counted.tolist() == [0, 0, 0] and out.losses.tolist() == [0.0, 0.0, 0.0]
     out.total_loss().backward()
     assert draft.lm_head.weight.grad is not None and draft.lm_head.weight.grad.abs().sum() == 0

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 
 from torchspec.trainer.cli import main
 
-from trainer_test_helpers import assert_one_line_error, small_overrides
+from trainer_test_helpers import assert_one_line_error, save_small_llama_draft, small_overrides
 
 
 @dataclass
@@ -50,21 +49,7 @@ class Case:
 @pytest.fixture(scope="module")
 def fitting_draft(assets, tmp_path_factory):
     """A small Llama draft for the assets' target (vocab 2048, hidden 64), in serving format."""
-    from torchspec.draft_models import AutoEagle3DraftModel, LlamaEagle3Config
-
-    config = LlamaEagle3Config(
-        hidden_size=32,
-        target_hidden_size=64,
-        vocab_size=2048,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=48,
-        max_position_embeddings=256,
-        torch_dtype="float32",
-    )
-    torch.manual_seed(0)
-    return AutoEagle3DraftModel.from_config(config).save_pretrained(tmp_path_factory.mktemp("draft") / "draft")
+    return save_small_llama_draft(tmp_path_factory.mktemp("draft") / "draft", 2048, 32, 64, seed=0)
 
 
 @pytest.fixture

@@ -7,10 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from torchspec.draft_models import AutoEagle3DraftModel, LlamaEagle3Config
 from torchspec.trainer.evaluate import evaluate_draft, load_for_evaluation
 
-from trainer_test_helpers import save_tiny_qwen3
+from trainer_test_helpers import save_small_llama_draft, save_tiny_qwen3
 
 TARGET_HIDDEN = 64
 
@@ -30,20 +29,8 @@ def _save_draft(folder, target_dir, hidden_size: int, include_embeddings: bool):
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(target_dir).vocab_size
-    config = LlamaEagle3Config(
-        hidden_size=hidden_size,
-        target_hidden_size=TARGET_HIDDEN,
-        vocab_size=vocab,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=48,
-        max_position_embeddings=256,
-        torch_dtype="float32",
-    )
-    torch.manual_seed(1)
-    draft = AutoEagle3DraftModel.from_config(config)  # its random embed_tokens differs from the target's
-    draft.save_pretrained(folder, include_embeddings=include_embeddings)
+    # its random embed_tokens differs from the target's
+    save_small_llama_draft(folder, vocab, hidden_size, TARGET_HIDDEN, seed=1, include_embeddings=include_embeddings)
     return folder
 
 

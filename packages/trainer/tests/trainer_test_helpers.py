@@ -155,3 +155,22 @@ def trained_small_model(seed=0):
 
 def save_small_checkpoint(checkpointer, step, model, optimizer, files=None):
     return checkpointer.save(step, model, optimizer, {"data": {"epoch": 0, "step_in_epoch": step}}, files)
+
+
+def save_small_llama_draft(folder, vocab: int, hidden_size: int, target_hidden: int, seed: int, **save_kwargs):
+    """A small random Llama draft in serving format (its own random embed_tokens, float32)."""
+    from torchspec.draft_models import AutoEagle3DraftModel, LlamaEagle3Config
+
+    config = LlamaEagle3Config(
+        hidden_size=hidden_size,
+        target_hidden_size=target_hidden,
+        vocab_size=vocab,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        max_position_embeddings=256,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    return AutoEagle3DraftModel.from_config(config).save_pretrained(folder, **save_kwargs)

@@ -349,6 +349,19 @@ class Trainer:
             valid = self.model.target_in_draft_vocab(out.final_hidden, self.target.lm_head_weight)
         return out, step0_loss_mask(batch.loss_mask), valid
 
+    def _draft_pass(self, batch: MicroBatch, out, loss_mask, valid, loss_normalizer=None):
+        """The unrolled draft and its losses on one micro-batch, against the target's pass ``out``."""
+        return self.model(
+            batch.input_ids,
+            out.aux_hidden_states,
+            loss_mask,
+            batch.attention_mask,
+            target_hidden=out.final_hidden,
+            target_head_weight=self.target.lm_head_weight,
+            target_valid=valid,
+            loss_normalizer=loss_normalizer,
+        )
+
     def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, Any]:
         t, ctx, model = self.config.training, self.ctx, self.model
         started = time.perf_counter()
@@ -367,16 +380,7 @@ class Trainer:
         counts = TTTCounts.zeros(t.ttt_length, ctx.device)
         for index, (batch, (out, loss_mask, valid)) in enumerate(zip(micro_batches, targets)):
             model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            result = model(
-                batch.input_ids,
-                out.aux_hidden_states,
-                loss_mask,
-                batch.attention_mask,
-                target_hidden=out.final_hidden,
-                target_head_weight=self.target.lm_head_weight,
-                target_valid=valid,
-                loss_normalizer=global_counts,
-            )
+            result = self._draft_pass(batch, out, loss_mask, valid, loss_normalizer=global_counts)
             result.total_loss(t.loss_decay).backward()
             counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
 
@@ -412,16 +416,7 @@ class Trainer:
         counts = TTTCounts.zeros(t.ttt_length, self.ctx.device)
         for batch in self.eval_batches:
             batch = batch.to(self.ctx.device)
-            out, loss_mask, valid = self._target_pass(batch)
-            result = self.model(
-                batch.input_ids,
-                out.aux_hidden_states,
-                loss_mask,
-                batch.attention_mask,
-                target_hidden=out.final_hidden,
-                target_head_weight=self.target.lm_head_weight,
-                target_valid=valid,
-            )
+            result = self._draft_pass(batch, *self._target_pass(batch))
             counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
         self.model.reshard()  # no backward follows, so FSDP would otherwise keep the root gathered
         totals = all_reduce_sum(counts.as_tensor().clone())
