@@ -7,8 +7,9 @@ from torch.distributed.fsdp import FSDPModule
 
 from torchspec.draft_models import Eagle3Model
 from torchspec.trainer.config import ModelConfig
-from torchspec.trainer.distributed import all_reduce_sum, apply_fsdp, init_distributed, mixed_precision_policy
+from torchspec.trainer.distributed import all_reduce_sum, init_distributed, mixed_precision_policy
 from torchspec.trainer.draft import build_draft, resolve_draft_config
+from torchspec.trainer.parallelize import draft_fsdp_units, parallelize_draft
 from torchspec.trainer.target import TargetModel
 
 from trainer_test_helpers import VOCAB, tiny_qwen3
@@ -34,13 +35,14 @@ def test_every_linear_but_lm_head_is_its_own_unit_and_numerics_are_unchanged(one
     target = TargetModel(tiny_qwen3(num_layers=6))
     draft = build_draft(resolve_draft_config(ModelConfig(), target.config), target)
     reference = Eagle3Model(copy.deepcopy(draft), length=3)
-    model = apply_fsdp(Eagle3Model(draft, length=3), one_process_group.mesh)
+    model = parallelize_draft(Eagle3Model(draft, length=3), one_process_group.mesh)
 
     linear_names = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     sharded = {name for name, module in model.named_modules() if isinstance(module, FSDPModule)}
     assert "" in sharded  # the root
     assert sharded - {""} == linear_names - {"draft.lm_head"}
     assert "draft.fc" in sharded and "draft.midlayer.self_attn.q_proj" in sharded
+    assert sharded - {""} == {name for name, _ in draft_fsdp_units(model)}
 
     ids = torch.randint(0, VOCAB, (2, 10))
     out = target(ids)

@@ -1,4 +1,4 @@
-"""Process group, device mesh and FSDP2 sharding: one code path for 1 process, N processes, N nodes.
+"""Process group and device mesh: one code path for 1 process, N processes, N nodes.
 
 ``init_distributed`` always creates a process group. Under ``torchrun`` it reads the usual
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...); a plain ``python`` run
@@ -14,12 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 __all__ = [
     "DistributedContext",
     "all_reduce_sum",
-    "apply_fsdp",
     "barrier",
     "destroy_distributed",
     "init_distributed",
@@ -94,29 +92,3 @@ def mixed_precision_policy(compute_dtype: torch.dtype):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-
-
-def apply_fsdp(model: nn.Module, mesh, mp_policy=None, keep_in_root: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Shard every ``nn.Linear`` of ``model`` as its own FSDP2 unit, then ``model`` as the root;
-    gradients are reduced as sums over ranks.
-
-    Linears whose attribute name is in ``keep_in_root`` stay in the root unit: the draft's loss reads
-    ``lm_head.weight`` directly inside the root's forward, never through ``lm_head.forward``, so a
-    separate unit would never be gathered.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    kwargs = {"mesh": mesh}
-    if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy
-    units = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in keep_in_root:
-            units.append(fully_shard(module, **kwargs))
-    units.append(fully_shard(model, **kwargs))
-    for unit in units:
-        # Gradients are summed over ranks, not averaged: each rank's loss is already divided by the
-        # global count of positions. Plain sums also work on gloo, which has no pre-scaled reduction.
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)
-    return model

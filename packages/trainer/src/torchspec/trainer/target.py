@@ -181,21 +181,12 @@ class TargetModel:
             self._captured = {}
         return TargetOutput(torch.cat(captured, dim=-1), out.last_hidden_state)
 
-    # --- distribution ---------------------------------------------------------------------------
+    # --- distribution (applied from outside: torchspec.trainer.parallelize) ----------------------
 
-    def shard(self, mesh, device: torch.device, mp_policy=None) -> None:
-        """FSDP2-shard the decoder (each layer, then the decoder as root) onto ``device``, for
-        targets too large for one device. The head stays whole and replicated: the loss reads it
-        for every position anyway."""
-        from torch.distributed.fsdp import fully_shard
-
-        head = self.model.get_output_embeddings()
-        self._lm_head_weight = head.weight.detach().to(device)  # before a tied table is sharded
-        kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
-        for layer in self.layers:
-            fully_shard(layer, **kwargs)
-        fully_shard(self.decoder, **kwargs)  # moves the shards to the mesh's device
-        head.to(device)
+    def keep_lm_head_weight(self, device: torch.device) -> None:
+        """Keep a whole copy of the head's weight on ``device`` for the loss, which reads it at every
+        position; taken before the decoder (and a tied embedding table) is sharded."""
+        self._lm_head_weight = self.model.get_output_embeddings().weight.detach().to(device)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

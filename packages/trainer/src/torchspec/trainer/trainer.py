@@ -43,7 +43,6 @@ from torchspec.trainer.data_loader import DistributedBatchLoader, EvalBatches, M
 from torchspec.trainer.distributed import (
     DistributedContext,
     all_reduce_sum,
-    apply_fsdp,
     init_distributed,
     mixed_precision_policy,
 )
@@ -58,6 +57,7 @@ from torchspec.trainer.metrics import (
     summary_writer_class,
     ttt_counts,
 )
+from torchspec.trainer.parallelize import parallelize_draft, parallelize_target
 from torchspec.trainer.run_lock import OutputDirLock
 from torchspec.trainer.target import TargetModel
 from torchspec.trainer.training_data import load_training_data, vocab_mapping_from_data
@@ -144,9 +144,9 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same initial draft on every rank
         self.draft = build_draft(self.draft_config, self.target, self.vocab_mapping).to(ctx.device)
         self.model = Eagle3Model(self.draft, t.ttt_length, t.attention_backend, t.gradient_checkpointing)
-        apply_fsdp(self.model, ctx.mesh, mixed_precision_policy(_dtype(t.dtype, ctx.device)))
+        parallelize_draft(self.model, ctx.mesh, mixed_precision_policy(_dtype(t.dtype, ctx.device)))
         if t.shard_target:
-            self.target.shard(ctx.mesh, ctx.device)
+            parallelize_target(self.target, ctx.mesh, ctx.device)
         _log(
             ctx,
             f"target: {target_path} ({self.target.num_layers} layers, aux layers {self.target.aux_layer_ids}"

@@ -1,0 +1,58 @@
+"""How the draft and the target are spread over devices, applied to them from outside (in the
+style of torchtitan's ``parallelize``): the model files hold the math only.
+
+* The draft: ``fc`` and every projection of its decoder layer (attention and MLP) are FSDP2 units,
+  the TTT wrapper (``Eagle3Model``) is the root. ``lm_head`` stays in the root with the embedding
+  and the norms: the chunked loss reads ``lm_head.weight`` inside the root's forward rather than
+  calling ``lm_head``, so a unit of its own would never be gathered.
+* The target (``training.shard_target``): each decoder layer, then the decoder, are FSDP2 units; its
+  head stays whole and replicated because the loss reads it at every position.
+* Gradients are summed over ranks, not averaged: each rank's loss is already divided by the global
+  count of positions. Plain sums also work on gloo, which has no pre-scaled reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchspec.draft_models import Eagle3Model
+from torchspec.trainer.target import TargetModel
+
+__all__ = ["draft_fsdp_units", "parallelize_draft", "parallelize_target"]
+
+
+def draft_fsdp_units(model: Eagle3Model) -> list[tuple[str, nn.Module]]:
+    """The draft's FSDP2 units below the root, by qualified name."""
+    units = [("draft.fc", model.draft.fc)]
+    for name, module in model.draft.midlayer.named_modules():
+        if isinstance(module, nn.Linear):
+            units.append((f"draft.midlayer.{name}", module))
+    return units
+
+
+def parallelize_draft(model: Eagle3Model, mesh, mp_policy=None) -> Eagle3Model:
+    """FSDP2-shard the draft over ``mesh`` (``mp_policy``: see ``distributed.mixed_precision_policy``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    units = [fully_shard(module, **kwargs) for _, module in draft_fsdp_units(model)]
+    units.append(fully_shard(model, **kwargs))
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def parallelize_target(target: TargetModel, mesh, device: torch.device, mp_policy=None) -> TargetModel:
+    """FSDP2-shard the target's decoder onto ``device``, for targets too large for one device."""
+    from torch.distributed.fsdp import fully_shard
+
+    head = target.model.get_output_embeddings()
+    target.keep_lm_head_weight(device)  # before a tied embedding table is sharded
+    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    for layer in target.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(target.decoder, **kwargs)  # moves the shards to the mesh's device
+    head.to(device)
+    return target
