@@ -25,11 +25,10 @@ from torchspec.converter.safetensors_stream import TensorSpec, write_safetensors
 from torchspec.converter.vocab_pruning import head_rows_for
 from torchspec.draft_models import open_safetensors
 from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, TrainingCheckpoint
+from torchspec.draft_models.config import DTYPES
 from torchspec.draft_models.serving_folder import Finding, check_serving_folder, serving_config
 
 __all__ = ["ExportResult", "export_checkpoint"]
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -108,7 +107,7 @@ def export_checkpoint(
 
     # By default the dtype the draft config names: the serving dtype (the trainer writes the target's,
     # which is what vLLM and SGLang run the draft in), not the float32 master weights.
-    out_dtype = DTYPES[dtype] if dtype else DTYPES.get(str(config.torch_dtype), torch.bfloat16)
+    out_dtype = DTYPES[dtype] if dtype else (config.declared_dtype or torch.bfloat16)
 
     def from_checkpoint(name, rows=None):
         def produce():

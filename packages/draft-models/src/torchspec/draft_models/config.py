@@ -14,16 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from torchspec.draft_models.rope import normalize_rope_scaling
 
 __all__ = [
     "AutoDraftModelConfig",
+    "DTYPES",
     "DeepseekEagle3Config",
     "DraftConfigError",
     "EAGLE3_1_OPTIONS",
     "Eagle3DraftConfig",
     "LlamaEagle3Config",
 ]
+
+
+# The dtype names config.json uses (torch_dtype), for the serving dtype and every --dtype option.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DraftConfigError(ValueError):
@@ -179,6 +186,11 @@ class Eagle3DraftConfig:
         """Why a serving engine would refuse this config although the model here can run it (empty
         when none). Training refuses such a config up front, ``converter check`` reports it."""
         return []
+
+    @property
+    def declared_dtype(self) -> torch.dtype | None:
+        """The serving dtype ``torch_dtype`` names, or None when the config declares none."""
+        return DTYPES.get(str(self.torch_dtype))
 
     @property
     def is_vocab_pruned(self) -> bool:

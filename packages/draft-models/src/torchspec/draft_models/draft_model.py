@@ -36,7 +36,6 @@ from torchspec.draft_models.ttt_attention import DecodeMask, TTTMask
 __all__ = ["DraftCheckpointError", "Eagle3DraftModel"]
 
 WEIGHTS_NAME = "model.safetensors"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DraftCheckpointError(ValueError):
@@ -165,7 +164,7 @@ class Eagle3DraftModel(nn.Module):
                 tensor = tensor.to(dtype)
             tensors[name] = tensor.detach().contiguous().cpu()
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        serving_dtype = dtype or _DTYPES.get(str(self.config.torch_dtype)) or _stored_dtype(tensors.values())
+        serving_dtype = dtype or self.config.declared_dtype or _stored_dtype(tensors.values())
         config = serving_config(self.config, serving_dtype)
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return directory
@@ -186,7 +185,8 @@ class Eagle3DraftModel(nn.Module):
             model = model_class(config)
         state = read_serving_weights(directory / WEIGHTS_NAME)
         model.load_serving_state_dict(state, source=str(directory / WEIGHTS_NAME), device=device)
-        return model.to(dtype=dtype or _folder_dtype(config, state))
+        # the declared dtype, else the weights' own, as transformers does (never a class default)
+        return model.to(dtype=dtype or config.declared_dtype or _stored_dtype(state.values()))
 
     def load_serving_state_dict(self, state: dict[str, torch.Tensor], source: str, device="cpu") -> None:
         """Load serving-format weights, accepting ``layers.0.*`` for ``midlayer.*``. The model may
@@ -219,14 +219,6 @@ class Eagle3DraftModel(nn.Module):
                 else:
                     value.zero_()
         self.midlayer.self_attn.reset_rotary_buffers()
-
-
-def _folder_dtype(config: Eagle3DraftConfig, state: dict[str, torch.Tensor]) -> torch.dtype:
-    """The dtype config.json declares (``torch_dtype``, or transformers 5's ``dtype``), else the
-    weights' own, as transformers does (a float32 folder without the key stays float32)."""
-    if str(config.torch_dtype) in _DTYPES:
-        return _DTYPES[str(config.torch_dtype)]
-    return _stored_dtype(state.values())
 
 
 def _stored_dtype(tensors) -> torch.dtype:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from torchspec.draft_models import AutoDraftModelConfig, DraftConfigError, Eagle3Model, step0_loss_mask
 from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, resolve_checkpoint
+from torchspec.draft_models.config import DTYPES
 from torchspec.draft_models.run_pointer import serving_folder
 from torchspec.trainer.checkpoint import (
     TRAINER_STATE,
@@ -67,7 +68,6 @@ __all__ = ["TrainResult", "Trainer", "completed_run", "train"]
 logger = logging.getLogger("torchspec.trainer")
 
 VOCAB_MAPPING_FILE = "vocab_mapping.safetensors"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -443,7 +443,7 @@ def _count(module: torch.nn.Module) -> int:
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def _target_path(path: str) -> Path:
