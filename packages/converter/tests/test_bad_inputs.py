@@ -276,3 +276,22 @@ def test_a_failed_rename_puts_the_previous_export_back(env, monkeypatch):
     monkeypatch.undo()
     assert (env.served / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in env.root.iterdir()) == ["run", "served"]
+
+
+def test_converter_error_is_a_torchspec_error():
+    from torchspec.converter import ConverterError
+    from torchspec.draft_models.errors import TorchSpecError, UserInputError
+
+    assert issubclass(ConverterError, UserInputError) and issubclass(ConverterError, TorchSpecError)
+    assert issubclass(ConverterError, ValueError)
+
+
+def test_a_bug_in_a_command_keeps_its_traceback(env, monkeypatch):
+    """Only torchspec's errors become one line (exit 2); anything else is a bug and is raised."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("not a user mistake")
+
+    monkeypatch.setattr(export_module, "export_checkpoint", broken)
+    with pytest.raises(ValueError, match="not a user mistake"):
+        main(["export", "--input", str(env.checkpoint), "--output", str(env.root / "out")])

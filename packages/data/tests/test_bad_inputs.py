@@ -153,3 +153,10 @@ def test_only_the_explicit_hub_form_reaches_the_hub(tmp_path, monkeypatch):
     loaded = load_conversation_dataset("hf://datasets/some-org/some-chats", cache_dir=tmp_path)
     assert calls == [("some-org/some-chats", "train")]
     assert loaded["source"] == ["hf://datasets/some-org/some-chats[0]"]
+
+
+def test_data_error_is_a_torchspec_error():
+    from torchspec.draft_models.errors import TorchSpecError, UserInputError
+
+    assert issubclass(DataError, UserInputError) and issubclass(DataError, TorchSpecError)
+    assert issubclass(DataError, ValueError)

@@ -1,7 +1,7 @@
 """Bad inputs to `trainer train` and `trainer evaluate`, one row a case, through the CLI.
 
 The standard: a user mistake gives exactly one ``error: ...`` line on stderr naming the key, file or
-line and the fix, a non-zero exit (train 1, evaluate 2), no traceback, and nothing written where
+line and the fix, exit status 2 (every command's code for a user error), no traceback, and nothing written where
 the command writes: no checkpoint, metrics or config in ``training.output_dir`` (the run lock,
 ``.lock``, may be there: it is taken before the target loads so that a second run stops early, and
 it stays so the lock keeps working), no result file for evaluate and no change to its draft folder.
@@ -43,7 +43,7 @@ class Case:
     id: str
     make: Callable[[Env], list[str]]  # the CLI arguments
     words: list[str]  # "{root}" stands for the test's folder
-    code: int = 1
+    code: int = 2
 
 
 @pytest.fixture(scope="module")
@@ -241,43 +241,36 @@ CASES = [
         "evaluate-draft-without-config",
         evaluate_with(lambda env: {"--draft": str(env.root / "nope")}),
         ["--draft {root}/nope: no config.json there"],
-        code=2,
     ),
     Case(
         "evaluate-draft-weights-cut",
         evaluate_with(_cut_draft_weights),
         ["{root}/draft/model.safetensors is damaged or truncated"],
-        code=2,
     ),
     Case(
         "evaluate-target-without-weights",
         evaluate_with(lambda env: {"--target": _target_without_weights(env)}),
         ["--target {root}/target has a config.json but no weights"],
-        code=2,
     ),
     Case(
         "evaluate-target-weights-cut",
         evaluate_with(lambda env: {"--target": _target_with_cut_weights(env)}),
         ["{root}/target/model.safetensors is damaged or truncated"],
-        code=2,
     ),
     Case(
         "evaluate-wrong-prompt-key",
         evaluate(**{"--prompt-key": "msgs"}),
         ["--prompt-key msgs", "no 'msgs' key (keys: ['conversations'])"],
-        code=2,
     ),
     Case(
         "evaluate-data-empty",
         evaluate_with(lambda env: {"--data": _file(env, "empty.jsonl", "")}),
         ["{root}/empty.jsonl: no records in the file (empty)"],
-        code=2,
     ),
     Case(
         "evaluate-data-missing",
         evaluate_with(lambda env: {"--data": str(env.root / "nope.jsonl")}),
         ["no such file or directory: {root}/nope.jsonl"],
-        code=2,
     ),
 ]
 
@@ -304,3 +297,12 @@ def test_bad_input_is_one_line_and_writes_nothing(case, env, capsys):
     assert_one_line_error(code, err, *[w.replace("{root}", str(env.root)) for w in case.words], expected_code=case.code)
     assert _written(env) == []
     assert _snapshot(env.draft) == draft_before
+
+
+def test_trainer_errors_are_torchspec_errors():
+    from torchspec.draft_models.errors import TorchSpecError, UserInputError
+    from torchspec.trainer import ConfigError
+    from torchspec.trainer.engine import EngineError
+
+    assert issubclass(ConfigError, UserInputError) and issubclass(ConfigError, ValueError)
+    assert issubclass(EngineError, TorchSpecError) and issubclass(EngineError, RuntimeError)

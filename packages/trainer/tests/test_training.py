@@ -124,7 +124,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_complete_checkpoint(assets, tm
             yield FullDiskFile(stream, room=500) if ".tmp_iter_0000004" in str(path) else stream
 
     monkeypatch.setattr(FileSystem, "create_stream", full_disk_at_step_4)
-    assert main(["train", *overrides]) == 1
+    assert main(["train", *overrides]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert line.startswith(
         f"error: training.output_dir {output_dir}: saving checkpoint iter_0000004 failed (No space left on device); "

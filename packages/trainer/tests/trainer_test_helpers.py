@@ -109,7 +109,7 @@ def small_overrides(assets: dict, output_dir: Path, **extra) -> list[str]:
     return [f"{key}={'null' if value is None else value}" for key, value in values.items()]
 
 
-def assert_one_line_error(code, err, *fragments, expected_code=1):
+def assert_one_line_error(code, err, *fragments, expected_code=2):
     """The CLI standard for a user mistake: exit ``expected_code``, exactly one non-empty stderr line,
     starting with ``error: `` and holding every fragment, and no traceback."""
     assert code == expected_code, err

@@ -5,6 +5,9 @@ export [--input CKPT] [--output DIR] [--dtype float16|bfloat16|float32] [--inclu
        [--prune-vocab --draft-vocab-size N --dataset-path P --tokenizer DIR --chat-template NAME]
        [--analyze-vocab --dataset-path P --tokenizer DIR --chat-template NAME]
 check FOLDER
+
+Exit codes (``torchspec.draft_models.errors``): 0 done; 1 ``check`` found errors in the folder;
+2 a user error, one ``error: ...`` line on stderr; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import sys
 
 from torchspec.converter.errors import ConverterError
+from torchspec.draft_models.errors import cli_main
 from torchspec.draft_models.run_pointer import last_run, serving_folder
 
 COVERAGE_SIZES = (1000, 2000, 4000, 8000, 16000, 32000, 64000)
@@ -142,18 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except ConverterError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # DataError and DraftConfigError are ValueErrors with one-line messages
-        if type(err).__module__.startswith("torchspec."):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
+from torchspec.draft_models.errors import UserInputError
+
 __all__ = ["ConverterError"]
 
 
-class ConverterError(ValueError):
-    """A user mistake the converter reports as one line (the CLI exits non-zero, no traceback)."""
+class ConverterError(UserInputError):
+    """A user mistake the converter reports as one ``error: ...`` line (exit 2, no traceback)."""

@@ -91,7 +91,7 @@ class HFChatTemplateRenderer:
                 chat, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as error:  # Jinja raises its own types, and templates call raise_exception()
-            raise DataError(f"the tokenizer's chat_template failed to render: {error}") from None
+            raise DataError(f"the tokenizer's chat_template failed to render: {error}") from error
         if not isinstance(text, str):
             raise DataError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not text")
         return text

@@ -150,7 +150,7 @@ def _hub_records(name: str, prompt_key: str, split: str, cache_dir: str | None) 
         raise DataError(
             f"{HUB_PREFIX}{name}: cannot load this hub dataset ({type(error).__name__}: {first_line}); "
             "check the name and the network, or pass a local .jsonl/.json/.parquet file or directory"
-        ) from None
+        ) from error
     return _normalize_dataset(loaded, prompt_key, f"{HUB_PREFIX}{name}", cache_dir)
 
 

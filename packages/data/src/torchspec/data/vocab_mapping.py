@@ -83,7 +83,7 @@ class VocabMapping:
                 metadata = handle.metadata() or {}
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except Exception as error:  # safetensors raises its own error types for corrupt headers
-            raise DataError(f"{path}: not a safetensors vocab mapping ({error})") from None
+            raise DataError(f"{path}: not a safetensors vocab mapping ({error})") from error
         if metadata.get("format") != _FORMAT or not {"d2t", "t2d"} <= tensors.keys():
             raise DataError(f"{path}: not a vocab mapping file (needs format={_FORMAT!r} metadata and d2t/t2d tensors)")
         if metadata.get("format_version") != _FORMAT_VERSION:

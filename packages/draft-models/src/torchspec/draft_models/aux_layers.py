@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from torchspec.draft_models.errors import UserInputError
+
 __all__ = [
     "aux_layer_ids_from_config",
     "default_aux_layer_ids",
@@ -39,10 +41,10 @@ def from_sglang_layer_ids(layer_ids: Sequence[int]) -> list[int]:
 def validate_aux_layer_ids(layer_ids: Sequence[int], num_layers: int, source: str = "aux_layer_ids") -> list[int]:
     layer_ids = [int(i) for i in layer_ids]
     if len(layer_ids) != 3:
-        raise ValueError(f"{source} must list 3 layers (low, mid, high), got {layer_ids}")
+        raise UserInputError(f"{source} must list 3 layers (low, mid, high), got {layer_ids}")
     bad = [i for i in layer_ids if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(
+        raise UserInputError(
             f"{source} {layer_ids} has ids outside the target's {num_layers} layers; use ids in [0, {num_layers - 1}]"
         )
     return layer_ids

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from torchspec.draft_models.config import AutoDraftModelConfig, Eagle3DraftConfig
+from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.safe_checkpoint import load_dcp, read_dcp_metadata
 
 __all__ = [
@@ -56,7 +57,7 @@ MODEL_PREFIX = "model."  # the draft's tensors in the DCP state
 _NAME = re.compile(r"^iter_(\d{7,})$")
 
 
-class CheckpointNotFoundError(ValueError):
+class CheckpointNotFoundError(UserInputError):
     """No complete checkpoint where one was asked for; the message names the path and what to pass."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.rope import normalize_rope_scaling
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DraftConfigError(ValueError):
+class DraftConfigError(UserInputError):
     """A draft config that cannot describe a model; the message names the key and the fix."""
 
 
@@ -227,7 +228,9 @@ class Eagle3DraftConfig:
                 and f.default_factory is dataclasses.MISSING
                 and f.name not in kwargs
             ]
-            raise DraftConfigError(f"draft config lacks required keys: {', '.join(missing) or err}") from None
+            if not missing:  # a TypeError of the constructor itself: keep it
+                raise DraftConfigError(f"draft config {cls.__name__}: {err}") from err
+            raise DraftConfigError(f"draft config lacks required keys: {', '.join(missing)}") from None
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

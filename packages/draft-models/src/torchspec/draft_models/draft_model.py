@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from torchspec.draft_models.config import AutoDraftModelConfig, Eagle3DraftConfig
+from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.layers import Eagle3DecoderLayer, RMSNorm
 from torchspec.draft_models.safe_checkpoint import open_safetensors
 from torchspec.draft_models.serving_folder import serving_config
@@ -38,7 +39,7 @@ __all__ = ["DraftCheckpointError", "Eagle3DraftModel"]
 WEIGHTS_NAME = "model.safetensors"
 
 
-class DraftCheckpointError(ValueError):
+class DraftCheckpointError(UserInputError):
     """A draft folder whose weights do not match its config; the message names the keys."""
 
 

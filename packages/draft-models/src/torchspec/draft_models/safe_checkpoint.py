@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from torchspec.draft_models.errors import UserInputError
+
 __all__ = [
     "DCP_METADATA_ALLOWED_GLOBALS",
     "DamagedCheckpointError",
@@ -52,12 +54,12 @@ __all__ = [
 ]
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserInputError):
     """A checkpoint file that would run code when loaded (or points outside its folder); nothing of
     it was built. One line naming the file."""
 
 
-class DamagedCheckpointError(ValueError):
+class DamagedCheckpointError(UserInputError):
     """A checkpoint file that is missing, cut short or corrupt, so it cannot be read (nothing of it
     was loaded). One line naming the file."""
 
@@ -190,7 +192,7 @@ def _load_metadata_stream(stream, source: str | os.PathLike):
     except UnsafeCheckpointError:
         raise
     except Exception as err:  # cut short or corrupt (nothing outside the allow-list was built)
-        raise _damaged(source, f"not readable as DCP metadata: {_first_line(err)}") from None
+        raise _damaged(source, f"not readable as DCP metadata: {_first_line(err)}") from err
     return _validated(metadata, source)
 
 

@@ -28,6 +28,7 @@ from torchspec.draft_models.aux_layers import (
     validate_aux_layer_ids,
 )
 from torchspec.draft_models.draft_model import Eagle3DraftModel
+from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.ttt_attention import DecodeMask
 
 __all__ = ["SpeculativeGenerator", "SpeculativeResult", "rejection_sample", "target_greedy_generate"]
@@ -140,7 +141,7 @@ class SpeculativeGenerator:
         self.vocab_size = target.config.vocab_size
         self.draft_to_target = draft.draft_to_target_ids()
         if draft.embed_tokens.weight.shape[0] != self.vocab_size:
-            raise ValueError(
+            raise UserInputError(
                 f"draft vocab_size {draft.embed_tokens.weight.shape[0]} != target vocab_size {self.vocab_size}"
             )
         device = next(target.parameters()).device

@@ -3,7 +3,8 @@ and ``python -m torchspec.trainer.cli evaluate ...`` (``torchspec.trainer.evalua
 
 With no ``--config`` the embedded default runs (a tiny built-in target, the bundled sample
 conversations, a small Llama-style draft); ``configs/default_llama.yaml`` spells out the same values.
-Mistakes in the config or the data end the run with one ``error: ...`` line and exit status 1.
+Mistakes in the config or the data end the run with one ``error: ...`` line and exit status 2
+(``torchspec.draft_models.errors``: the exit codes of every torchspec command).
 Launch on several processes with ``torchrun --nproc-per-node N -m torchspec.trainer.cli train ...``.
 """
 
@@ -13,6 +14,8 @@ import argparse
 import logging
 import os
 import sys
+
+from torchspec.draft_models.errors import cli_main
 
 __all__ = ["main"]
 
@@ -55,6 +58,9 @@ def _quiet_library_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+@cli_main(
+    interrupted="interrupted; run the same command again to resume from the last checkpoint (training.resume=auto)"
+)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["evaluate"]:
@@ -76,32 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *late_overrides]
 
-    from torchspec.data import DataError
-    from torchspec.draft_models import DamagedCheckpointError, DraftConfigError, UnsafeCheckpointError
-    from torchspec.trainer.config import ConfigError, load_config
+    from torchspec.trainer.config import load_config
 
     _setup_logging()
-    try:
-        config = load_config(args.config, args.overrides)
-        from torchspec.trainer.trainer import train
+    config = load_config(args.config, args.overrides)
+    from torchspec.trainer.trainer import train
 
-        if os.environ.get("RANK", "0") == "0":  # `converter:export` etc. without a path then use this run
-            from torchspec.draft_models.run_pointer import record_last_run
+    if os.environ.get("RANK", "0") == "0":  # `converter:export` etc. without a path then use this run
+        from torchspec.draft_models.run_pointer import record_last_run
 
-            record_last_run(config.training.output_dir)
+        record_last_run(config.training.output_dir)
 
-        train(config)
-    except (ConfigError, DataError, DraftConfigError, UnsafeCheckpointError, DamagedCheckpointError) as err:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(
-            "interrupted; run the same command again to resume from the last checkpoint (training.resume=auto)",
-            file=sys.stderr,
-        )
-        return 130
+    train(config)
     return 0
 
 

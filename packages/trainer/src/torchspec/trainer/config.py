@@ -23,6 +23,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from torchspec.draft_models.errors import UserInputError
+
 __all__ = [
     "BUILTIN_SAMPLE_CONVERSATIONS",
     "BUILTIN_TINY_TARGET",
@@ -43,7 +45,7 @@ BUILTIN_TINY_TARGET = "builtin:tiny-qwen3"
 BUILTIN_SAMPLE_CONVERSATIONS = "builtin:sample-conversations"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A configuration mistake the user can fix; the message is one line naming the key and the fix."""
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from torchspec.draft_models.errors import UserInputError
+
 __all__ = ["DistributedBatchLoader", "EvalBatches", "MicroBatch", "collate", "steps_per_epoch"]
 
 
@@ -79,12 +81,12 @@ class DistributedBatchLoader:
     ):
         per_rank, remainder = divmod(global_batch_size, world_size)
         if remainder or per_rank % micro_batch_size:
-            raise ValueError(
+            raise UserInputError(
                 f"global_batch_size {global_batch_size} must split into {world_size} ranks x whole micro-batches of "
                 f"{micro_batch_size}; make it a multiple of {world_size * micro_batch_size}"
             )
         if len(dataset) < global_batch_size:
-            raise ValueError(
+            raise UserInputError(
                 f"the training set has {len(dataset)} samples, fewer than one global batch ({global_batch_size}); "
                 "lower training.global_batch_size or add data"
             )
@@ -143,7 +145,7 @@ class DistributedBatchLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key, mine in self._identity().items():
             if key in state and state[key] != mine:
-                raise ValueError(
+                raise UserInputError(
                     f"the checkpoint's data position was recorded with {key}={state[key]}, this run has {mine}; "
                     "resume with the same data, seed and global batch size, or use training.continual_training"
                 )

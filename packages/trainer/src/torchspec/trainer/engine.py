@@ -26,6 +26,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torchspec.draft_models.errors import TorchSpecError
+
 __all__ = ["EngineError", "EngineRun", "run_vllm", "vllm_available"]
 
 # Defaults for the child, each overridable from the caller's environment. The CPU backend sizes its
@@ -44,7 +46,7 @@ _INSTALL_HINT = (
 )
 
 
-class EngineError(RuntimeError):
+class EngineError(TorchSpecError, RuntimeError):
     """The engine is missing, refused the folder, or failed; the message quotes its reason."""
 
 

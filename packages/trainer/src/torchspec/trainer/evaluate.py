@@ -19,6 +19,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from torchspec.draft_models.errors import UserInputError, cli_main
+
 __all__ = [
     "EvaluationResult",
     "apply_defaults",
@@ -28,6 +30,7 @@ __all__ = [
     "main",
     "prompts_from_conversations",
     "prompts_from_tokenized",
+    "require_model_folders",
 ]
 
 
@@ -94,7 +97,9 @@ def prompts_from_conversations(data_path: str, tokenizer, prompt_key: str, limit
         if len(prompts) >= limit:
             break
     if not prompts:
-        raise ValueError(f"{data_path}: no conversation with a user turn before an assistant turn to use as a prompt")
+        raise UserInputError(
+            f"{data_path}: no conversation with a user turn before an assistant turn to use as a prompt"
+        )
     return prompts
 
 
@@ -124,6 +129,12 @@ def evaluate_draft(
     )
 
 
+def require_model_folders(draft_path: str, target_path: str) -> None:
+    for label, path in (("--draft", draft_path), ("--target", target_path)):
+        if not (Path(path) / "config.json").is_file():
+            raise UserInputError(f"{label} {path}: no config.json there")
+
+
 def load_for_evaluation(draft_path: str, target_path: str):
     """``(draft, target)`` in float32, the draft with the embedding table a serving engine gives it."""
     import torch
@@ -131,9 +142,7 @@ def load_for_evaluation(draft_path: str, target_path: str):
     from torchspec.draft_models import AutoEagle3DraftModel
     from torchspec.trainer.target import load_causal_lm
 
-    for label, path in (("--draft", draft_path), ("--target", target_path)):
-        if not (Path(path) / "config.json").is_file():
-            raise ValueError(f"{label} {path}: no config.json there")
+    require_model_folders(draft_path, target_path)
     target = load_causal_lm(target_path, "--target", torch.float32)
     draft = AutoEagle3DraftModel.from_pretrained(draft_path, dtype=torch.float32)
     # vLLM serves a draft with the embed_tokens.weight its folder holds (SGLang too when the hidden
@@ -141,7 +150,7 @@ def load_for_evaluation(draft_path: str, target_path: str):
     if not draft.has_own_embedding:
         target_embedding = target.get_input_embeddings().weight
         if target_embedding.shape != draft.embed_tokens.weight.shape:
-            raise ValueError(
+            raise UserInputError(
                 f"--draft {draft_path}: model.safetensors has no embed_tokens.weight and the target's table "
                 f"{tuple(target_embedding.shape)} does not fit the draft's {tuple(draft.embed_tokens.weight.shape)}; "
                 "export the draft with its own embedding"
@@ -286,22 +295,19 @@ def _recorded_model_and_data(run_dir: Path) -> dict:
     }
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        apply_defaults(args)
-        result = evaluate_draft(
-            args.draft,
-            args.target,
-            args.data,
-            args.num_prompts,
-            args.max_new_tokens,
-            args.num_draft_tokens,
-            args.prompt_key,
-        )
-    except ValueError as err:  # user mistakes: torchspec errors are ValueErrors with one-line messages
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    apply_defaults(args)
+    result = evaluate_draft(
+        args.draft,
+        args.target,
+        args.data,
+        args.num_prompts,
+        args.max_new_tokens,
+        args.num_draft_tokens,
+        args.prompt_key,
+    )
     print(result.table())
     output = Path(args.output or Path(args.draft) / "speculative_eval.json")
     output.write_text(json.dumps({**asdict(result), "speedup": result.speedup}, indent=2) + "\n")

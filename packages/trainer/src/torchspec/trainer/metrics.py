@@ -182,13 +182,13 @@ def summary_writer_class():
     (``train`` asks before anything loads, so the run stops before it writes anything)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
+    except ImportError as err:  # chained: a broken install raises ImportError too
         from torchspec.trainer.config import ConfigError
 
         raise ConfigError(
             "training.tensorboard is true but the tensorboard package is not installed; "
             "pip install tensorboard, or set training.tensorboard=false"
-        ) from None
+        ) from err
     return SummaryWriter
 
 

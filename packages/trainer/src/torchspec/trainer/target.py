@@ -23,6 +23,7 @@ from torch import nn
 
 from torchspec.draft_models import default_aux_layer_ids
 from torchspec.draft_models.aux_layers import validate_aux_layer_ids
+from torchspec.draft_models.errors import UserInputError
 from torchspec.trainer.config import ConfigError
 
 __all__ = ["TargetModel", "TargetOutput", "load_causal_lm"]
@@ -86,7 +87,7 @@ def load_causal_lm(
                 pass
         raise
     except OSError as err:  # e.g. a shard the index names is missing
-        raise ConfigError(f"{setting} {path}: the weights cannot be loaded ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{setting} {path}: the weights cannot be loaded ({str(err).splitlines()[0]})") from err
     return model.eval()
 
 
@@ -140,7 +141,7 @@ class TargetModel:
             return self.default_aux_layer_ids()
         try:
             return validate_aux_layer_ids(aux_layer_ids, self.num_layers, source="model.aux_layer_ids")
-        except ValueError as err:
+        except UserInputError as err:
             raise ConfigError(f"{err} (default {self.default_aux_layer_ids()})") from None
 
     # --- weights the draft needs ----------------------------------------------------------------

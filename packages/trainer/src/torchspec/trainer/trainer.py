@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torchspec.draft_models import AutoDraftModelConfig, DraftConfigError, Eagle3Model, step0_loss_mask
 from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, resolve_checkpoint
 from torchspec.draft_models.config import DTYPES
+from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.run_pointer import serving_folder
 from torchspec.trainer.checkpoint import (
     TRAINER_STATE,
@@ -172,7 +173,7 @@ class Trainer:
                 t.seed,
                 config.data.max_seq_length,
             )
-        except ValueError as err:
+        except UserInputError as err:
             raise ConfigError(f"training.global_batch_size: {err}") from None
         self.total_steps = t.max_steps or t.num_epochs * self.loader.steps_per_epoch
         warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
@@ -199,7 +200,7 @@ class Trainer:
             self.scheduler.load_state_dict({**state["lr_scheduler"], "lr_lambdas": [None]})
             try:
                 self.loader.load_state_dict(state["data"])
-            except ValueError as err:
+            except UserInputError as err:
                 raise ConfigError(f"training.resume {self.resume_from}: {err}") from None
             self.step, self.best = int(state["step"]), state.get("best")
             _log(self.ctx, _resume_hint(t.resume, self.output_dir, self.resume_from, self.step, self.total_steps))
@@ -467,7 +468,7 @@ def _load_tokenizer(path, trust_remote_code: bool):
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); set model.tokenizer_path"
-        ) from None
+        ) from err
 
 
 def _pad_id(tokenizer) -> int:

@@ -22,6 +22,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from torchspec.draft_models.errors import cli_main
+
 __all__ = ["VerifyReport", "main", "verify_draft"]
 
 
@@ -101,11 +103,14 @@ def verify_draft(
     from transformers import AutoTokenizer
 
     from torchspec.trainer.engine import run_vllm
-    from torchspec.trainer.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
+    from torchspec.trainer.evaluate import (
+        evaluate_prompts,
+        load_for_evaluation,
+        prompts_from_conversations,
+        require_model_folders,
+    )
 
-    for label, path in (("--draft", draft_path), ("--target", target_path)):
-        if not (Path(path) / "config.json").is_file():
-            raise ValueError(f"{label} {path}: no config.json there")
+    require_model_folders(draft_path, target_path)
     if prompts is None:
         tokenizer = AutoTokenizer.from_pretrained(target_path)
         prompts = prompts_from_conversations(data_path, tokenizer, prompt_key, num_prompts)
@@ -161,26 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    from torchspec.trainer.engine import EngineError
     from torchspec.trainer.evaluate import apply_defaults
 
     args = build_parser().parse_args(argv)
-    try:
-        apply_defaults(args)
-        report = verify_draft(
-            args.draft,
-            args.target,
-            args.data,
-            args.num_prompts,
-            args.max_new_tokens,
-            args.num_draft_tokens,
-            args.prompt_key,
-            args.dtype,
-        )
-    except (ValueError, EngineError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    apply_defaults(args)
+    report = verify_draft(
+        args.draft,
+        args.target,
+        args.data,
+        args.num_prompts,
+        args.max_new_tokens,
+        args.num_draft_tokens,
+        args.prompt_key,
+        args.dtype,
+    )
     print(report.table())
     output = Path(args.output or Path(args.draft) / "engine_verify.json")
     output.write_text(json.dumps({**asdict(report), "counts_agree": report.counts_agree}, indent=2) + "\n")
