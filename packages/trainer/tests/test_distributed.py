@@ -9,7 +9,7 @@ from torchspec.draft_models import Eagle3Model
 from torchspec.trainer.config import ModelConfig
 from torchspec.trainer.distributed import all_reduce_sum, init_distributed, mixed_precision_policy
 from torchspec.trainer.draft import build_draft, resolve_draft_config
-from torchspec.trainer.parallelize import draft_fsdp_units, parallelize_draft
+from torchspec.trainer.parallelize import apply_activation_checkpointing, draft_fsdp_units, parallelize_draft
 from torchspec.trainer.target import TargetModel
 
 from trainer_test_helpers import VOCAB, tiny_qwen3
@@ -58,6 +58,33 @@ def test_every_linear_but_lm_head_is_its_own_unit_and_numerics_are_unchanged(one
             assert param.grad is None, name
             continue
         torch.testing.assert_close(param.grad.full_tensor(), ref.grad, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["mlp", "layer"])
+def test_activation_checkpointing_under_fsdp_keeps_the_units_and_the_numerics(one_process_group, mode):
+    """The trainer's order (torchtitan's): checkpoint wrappers first, then FSDP2 units inside them."""
+    torch.manual_seed(0)
+    target = TargetModel(tiny_qwen3(num_layers=6))
+    draft = build_draft(resolve_draft_config(ModelConfig(), target.config), target)
+    reference = Eagle3Model(copy.deepcopy(draft), length=3)
+    plain_units = [name for name, _ in draft_fsdp_units(Eagle3Model(copy.deepcopy(draft), length=3))]
+    model = apply_activation_checkpointing(Eagle3Model(draft, length=3), mode)
+    model = parallelize_draft(model, one_process_group.mesh)
+    assert [name for name, _ in draft_fsdp_units(model)] == plain_units
+    assert all(isinstance(module, FSDPModule) for _, module in draft_fsdp_units(model))
+
+    ids = torch.randint(0, VOCAB, (2, 10))
+    out = target(ids)
+    mask = torch.ones_like(ids)
+    kwargs = {"target_hidden": out.final_hidden, "target_head_weight": target.lm_head_weight}
+    loss = model(ids, out.aux_hidden_states, mask, **kwargs).total_loss()
+    expected = reference(ids, out.aux_hidden_states, mask, **kwargs).total_loss()
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+        if ref.grad is not None:
+            torch.testing.assert_close(param.grad.full_tensor(), ref.grad, msg=name)
 
 
 def test_mixed_precision_policy():

@@ -226,6 +226,15 @@ def test_pruned_vocabulary_run_stores_its_mapping_with_the_draft(assets, tmp_pat
     assert torch.equal(checkpoint.load_tensor("d2t"), mapping.d2t)
 
 
+def test_gradient_checkpointing_repeats_the_losses_bitwise(assets, reference_run, tmp_path):
+    """training.gradient_checkpointing recomputes the whole draft layer instead of its MLP only (the
+    default): memory policy, not math."""
+    _, reference = reference_run
+    result = run(assets, tmp_path, **{"training.save_interval": 2, "training.gradient_checkpointing": "true"})
+    assert [r["loss"] for r in result.train_history] == [r["loss"] for r in reference.train_history]
+    assert [r["grad_norm"] for r in result.train_history] == [r["grad_norm"] for r in reference.train_history]
+
+
 def test_mla_draft_trains(assets, tmp_path):
     result = run(
         assets, tmp_path, **{"model.draft_architecture": "mla", "training.max_steps": 6, "training.eval_interval": 0}

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from torchspec.draft_models.draft_model import Eagle3DraftModel
 from torchspec.draft_models.loss import (
@@ -69,13 +68,10 @@ class Eagle3Model(nn.Module):
         draft: Eagle3DraftModel,
         length: int = 7,
         attention_backend: str = "sdpa",
-        gradient_checkpointing: bool = False,
-        recompute_mlp: bool = True,
         loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ):
-        """``gradient_checkpointing`` recomputes each whole backbone step in backward;
-        ``recompute_mlp`` (default) recomputes only the MLP block, the largest activations for the
-        least compute."""
+        """The math of TTT only: what activations are kept for backward (activation checkpointing)
+        and how the draft is sharded are applied from outside, by the trainer's ``parallelize``."""
         super().__init__()
         if length < 1:
             raise ValueError(f"TTT length must be >= 1, got {length}")
@@ -84,8 +80,6 @@ class Eagle3Model(nn.Module):
         self.draft = draft
         self.length = length
         self.attention_backend = attention_backend
-        self.gradient_checkpointing = gradient_checkpointing
-        draft.midlayer.recompute_mlp = recompute_mlp and not gradient_checkpointing
         self.loss_chunk_elements = loss_chunk_elements
 
     # --- which rows count --------------------------------------------------------------------------
@@ -162,11 +156,9 @@ class Eagle3Model(nn.Module):
             step_embeds = torch.cat(
                 [embeds[:, k + 1 :], embeds.new_zeros(batch, min(k + 1, seq_len), embeds.shape[-1])], 1
             )
-            args = (step_embeds, hidden, mask, position_ids + k, cache_keys, cache_values, True)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                hidden, cache_keys, cache_values = checkpoint(draft.backbone, *args, use_reentrant=False)
-            else:
-                hidden, cache_keys, cache_values = draft.backbone(*args)
+            hidden, cache_keys, cache_values = draft.backbone(
+                step_embeds, hidden, mask, position_ids + k, cache_keys, cache_values, True
+            )
             normed.append(draft.norm(hidden))
             hidden = draft.next_step_hidden(hidden, normed[-1])
         return torch.stack(normed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["Eagle3DecoderLayer", "GatedMLP", "RMSNorm"]
 
@@ -50,12 +49,6 @@ class Eagle3DecoderLayer(nn.Module):
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
         self.mlp = GatedMLP(hidden_size, intermediate_size)
-        # TTT keeps every step's activations for backward; the MLP's [T, intermediate] tensors are
-        # the largest of them and cheap to recompute, so training can trade ~5% compute for them.
-        self.recompute_mlp = False
-
-    def _mlp_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.post_attention_layernorm(hidden_states))
 
     def forward(self, input_embeds, hidden_states, mask, position_ids, cache_keys, cache_values, use_cache):
         residual = hidden_states
@@ -64,8 +57,5 @@ class Eagle3DecoderLayer(nn.Module):
             attn_input, mask, position_ids, cache_keys, cache_values, use_cache
         )
         hidden_states = residual + attn_out
-        if self.recompute_mlp and torch.is_grad_enabled():
-            hidden_states = hidden_states + checkpoint(self._mlp_block, hidden_states, use_reentrant=False)
-        else:
-            hidden_states = hidden_states + self._mlp_block(hidden_states)
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, cache_keys, cache_values

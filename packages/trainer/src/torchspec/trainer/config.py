@@ -119,6 +119,7 @@ class TrainingConfig:
     ttt_length: int = 7
     loss_decay: float = 0.8
     attention_backend: Literal["sdpa", "flex_attention"] = "sdpa"
+    # false: the draft's MLP is recomputed in backward; true: its whole decoder layer (parallelize.py).
     gradient_checkpointing: bool = False
     # Steps between checkpoints (0 = only at the end); the default run saves every 20 of its 108 steps.
     save_interval: int = 20

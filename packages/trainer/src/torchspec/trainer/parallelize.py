@@ -1,5 +1,14 @@
-"""How the draft and the target are spread over devices, applied to them from outside (in the
-style of torchtitan's ``parallelize``): the model files hold the math only.
+"""How the draft and the target are spread over devices and which activations the draft keeps
+for backward, applied to them from outside (in the style of torchtitan's ``parallelize``): the
+model files hold the math only.
+
+* Activation checkpointing of the draft (:func:`apply_activation_checkpointing`, applied before
+  sharding): TTT keeps every step's activations for backward, ``ttt_length`` times per position.
+  ``"mlp"`` (the trainer's default) recomputes the decoder layer's MLP (``draft.midlayer.mlp``) in
+  backward: its ``[T, intermediate]`` tensors are the largest activations and the cheapest to
+  recompute (about 5% more compute). ``"layer"`` (``training.gradient_checkpointing: true``)
+  recomputes the whole decoder layer (``draft.midlayer``) of every TTT step, keeping only its inputs.
+  ``"none"`` keeps everything. Gradients are the same in every mode.
 
 * The draft: ``fc`` and every projection of its decoder layer (attention and MLP) are FSDP2 units,
   the TTT wrapper (``Eagle3Model``) is the root. ``lm_head`` stays in the root with the embedding
@@ -19,15 +28,50 @@ from torch import nn
 from torchspec.draft_models import Eagle3Model
 from torchspec.trainer.target import TargetModel
 
-__all__ = ["draft_fsdp_units", "parallelize_draft", "parallelize_target"]
+__all__ = [
+    "ACTIVATION_CHECKPOINTING",
+    "apply_activation_checkpointing",
+    "checkpointed_modules",
+    "draft_fsdp_units",
+    "parallelize_draft",
+    "parallelize_target",
+]
+
+# Mode -> the draft's module (qualified name under the draft) recomputed in backward.
+ACTIVATION_CHECKPOINTING = {"none": None, "mlp": "midlayer.mlp", "layer": "midlayer"}
+
+
+def apply_activation_checkpointing(model: Eagle3Model, mode: str) -> Eagle3Model:
+    """Wrap the draft's module that ``mode`` names in torch's checkpoint wrapper (non-reentrant), so
+    that its activations are recomputed in backward. Parameter and state-dict names do not change
+    (the wrapper strips its prefix), so checkpoints are the same in every mode."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"activation checkpointing mode {mode!r}; choose one of {', '.join(ACTIVATION_CHECKPOINTING)}")
+    name = ACTIVATION_CHECKPOINTING[mode]
+    if name is not None:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.draft.get_submodule(parent_name)
+        setattr(parent, child, checkpoint_wrapper(getattr(parent, child)))
+    return model
+
+
+def checkpointed_modules(model: Eagle3Model) -> list[str]:
+    """Qualified names (under ``model``) of the modules recomputed in backward."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    return [name for name, module in model.named_modules() if isinstance(module, CheckpointWrapper)]
 
 
 def draft_fsdp_units(model: Eagle3Model) -> list[tuple[str, nn.Module]]:
     """The draft's FSDP2 units below the root, by qualified name."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+
     units = [("draft.fc", model.draft.fc)]
     for name, module in model.draft.midlayer.named_modules():
         if isinstance(module, nn.Linear):
-            units.append((f"draft.midlayer.{name}", module))
+            units.append((f"draft.midlayer.{name}".replace(_CHECKPOINT_PREFIX, ""), module))
     return units
 
 

@@ -59,7 +59,7 @@ from torchspec.trainer.metrics import (
     summary_writer_class,
     ttt_counts,
 )
-from torchspec.trainer.parallelize import parallelize_draft, parallelize_target
+from torchspec.trainer.parallelize import apply_activation_checkpointing, parallelize_draft, parallelize_target
 from torchspec.trainer.run_lock import OutputDirLock
 from torchspec.trainer.target import TargetModel
 from torchspec.trainer.training_data import load_training_data, vocab_mapping_from_data
@@ -144,7 +144,8 @@ class Trainer:
         self.vocab_mapping = _vocab_mapping(self.draft_config, t.continual_training, data.train)
         torch.manual_seed(t.seed)  # the same initial draft on every rank
         self.draft = build_draft(self.draft_config, self.target, self.vocab_mapping).to(ctx.device)
-        self.model = Eagle3Model(self.draft, t.ttt_length, t.attention_backend, t.gradient_checkpointing)
+        self.model = Eagle3Model(self.draft, t.ttt_length, t.attention_backend)
+        apply_activation_checkpointing(self.model, "layer" if t.gradient_checkpointing else "mlp")
         parallelize_draft(self.model, ctx.mesh, mixed_precision_policy(_dtype(t.dtype, ctx.device)))
         if t.shard_target:
             parallelize_target(self.target, ctx.mesh, ctx.device)
