@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from torchspec.trainer.checkpoint import COMPLETE_MARKER, Checkpointer, find_latest, is_complete, list_checkpoints
+from torchspec.trainer.states import ModelState
 
+from trainer_test_helpers import SMALL_AUX_LAYERS, small_states
 from trainer_test_helpers import SmallCheckpointModel as Small
 from trainer_test_helpers import save_small_checkpoint as save
 from trainer_test_helpers import trained_small_model as trained
@@ -25,8 +27,13 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):
 
     other, other_optimizer = trained(seed=1)
     torch.manual_seed(999)
-    state = Checkpointer(tmp_path).load(path, other, other_optimizer)
-    assert state == {"step": 5, "data": {"epoch": 0, "step_in_epoch": 5}}
+    states = small_states(other, other_optimizer)
+    Checkpointer(tmp_path).load(path, states)
+    assert states["train"].step == 5 and states["train"].aux_layer_ids == SMALL_AUX_LAYERS
+    assert json.loads((path / "trainer_state.json").read_text()) == {
+        "step": 5,
+        "train": {"step": 5, "best": None, "aux_layer_ids": SMALL_AUX_LAYERS, "world_size": 1},
+    }
     for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), name
     for group_a, group_b in zip(
@@ -42,7 +49,11 @@ def test_weights_only_load_leaves_the_optimizer_alone(tmp_path):
     model, optimizer = trained(seed=0)
     path = save(Checkpointer(tmp_path), 1, model, optimizer)
     fresh = Small()
-    Checkpointer(tmp_path).load(path, fresh, None, restore_rng=False)
+    torch.manual_seed(7)
+    expected_rng = torch.rand(3)
+    torch.manual_seed(7)
+    Checkpointer(tmp_path).load(path, {"model": ModelState(fresh)})
+    assert torch.equal(torch.rand(3), expected_rng)  # only what was asked for: the RNG was not restored
     assert torch.equal(fresh.fc.weight, model.fc.weight) and torch.equal(fresh.d2t, model.d2t)
 
 
@@ -79,7 +90,9 @@ KILLER = textwrap.dedent(
         if point == "extras":
             os._exit(9)
     checkpointer = Checkpointer(sys.argv[1])
-    checkpointer.save(1, model, optimizer, {}, {"config.json": lambda p: p.write_text("{}")})
+    from torchspec.trainer.states import ModelState, OptimizerState
+    states = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
+    checkpointer.save(1, states, {"config.json": lambda p: p.write_text("{}")})
     if point == "marker":
         import torchspec.trainer.checkpoint as module
         real = module._write_atomic
@@ -88,7 +101,7 @@ KILLER = textwrap.dedent(
                 os._exit(9)
             real(path, data)
         module._write_atomic = write
-    checkpointer.save(2, model, optimizer, {}, {"config.json": die})
+    checkpointer.save(2, states, {"config.json": die})
     """
 )
 
@@ -175,7 +188,7 @@ def test_find_latest_ignores_incomplete_folders(tmp_path):
     assert find_latest(tmp_path) == tmp_path / "iter_0000003"
     assert find_latest(tmp_path / "missing") is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        checkpointer.load(newest, model, optimizer)
+        checkpointer.load(newest, small_states(model, optimizer))
 
 
 def test_retention_keeps_the_last_k_and_the_best(tmp_path):
@@ -207,3 +220,86 @@ def test_the_shared_layout_reads_what_the_checkpointer_writes(tmp_path):
     reader.path = path
     assert sorted(reader.weight_names()) == ["d2t", "fc.bias", "fc.weight", "head.weight"]
     assert torch.equal(reader.load_tensor("fc.weight"), model.fc.weight.detach())
+
+
+def _schedule(total_steps: int):
+    from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler
+
+    model, optimizer = trained()
+    return model, optimizer, build_lr_scheduler(optimizer, WarmupDecaySchedule(total_steps, 2, "cosine", 0.1))
+
+
+def test_the_lr_schedule_state_is_its_position_and_the_shape_comes_from_the_config():
+    from torchspec.trainer.states import LRScheduleState
+
+    _, optimizer, scheduler = _schedule(10)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    state = json.loads(json.dumps(LRScheduleState(scheduler).state_dict()))  # as trainer_state.json keeps it
+    assert "lr_lambdas" not in state and state["last_epoch"] == 4
+
+    # The same config: the rates continue exactly.
+    _, same_optimizer, same = _schedule(10)
+    LRScheduleState(same).load_state_dict(state)
+    assert same.last_epoch == 4 and same.get_last_lr() == scheduler.get_last_lr()
+    for _ in range(3):
+        for s, o in ((scheduler, optimizer), (same, same_optimizer)):
+            o.step()
+            s.step()
+        assert same.get_last_lr() == scheduler.get_last_lr()
+
+    # A config that trains longer: the position from the checkpoint, the longer schedule's rates.
+    _, longer_optimizer, longer = _schedule(40)
+    LRScheduleState(longer).load_state_dict(state)
+    longer_optimizer.step()
+    longer.step()
+    assert longer.get_last_lr() == [0.1 * longer.lr_lambdas[0](5)]
+    assert longer.lr_lambdas[0].total_steps == 40
+
+
+def test_a_checkpoint_written_before_0_4_0_still_resumes(tmp_path):
+    """torchspec-trainer 0.3.0 kept the train state's entries at the top of trainer_state.json and
+    recorded the LR schedule's shape (LambdaLR's lr_lambdas) beside its position."""
+    from torchspec.trainer.states import LRScheduleState
+
+    model, optimizer, scheduler = _schedule(10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    path = save(Checkpointer(tmp_path), 3, model, optimizer)
+    legacy = {
+        "step": 3,
+        "lr_scheduler": scheduler.state_dict(),  # with "lr_lambdas": [{"total_steps": 10, ...}]
+        "data": {"epoch": 0, "step_in_epoch": 3},
+        "best": {"step": 2, "acceptance_length": 1.5, "checkpoint": "iter_0000002"},
+        "aux_layer_ids": SMALL_AUX_LAYERS,
+        "world_size": 1,
+    }
+    assert legacy["lr_scheduler"]["lr_lambdas"][0]["total_steps"] == 10
+    (path / "trainer_state.json").write_text(json.dumps(legacy))
+
+    other, other_optimizer, other_scheduler = _schedule(10)
+    states = {**small_states(other, other_optimizer), "lr_scheduler": LRScheduleState(other_scheduler)}
+    Checkpointer(tmp_path).load(path, states)
+    assert states["train"].step == 3 and states["train"].best == legacy["best"]
+    assert other_scheduler.last_epoch == 3 and other_scheduler.get_last_lr() == scheduler.get_last_lr()
+    assert torch.equal(other.fc.weight, model.fc.weight)
+
+
+def test_a_checkpoint_of_other_aux_layers_or_without_a_component_is_one_config_error(tmp_path):
+    from torchspec.trainer.config import ConfigError
+    from torchspec.trainer.states import TrainState
+
+    model, optimizer = trained()
+    path = save(Checkpointer(tmp_path), 2, model, optimizer)
+    states = {"train": TrainState([0, 1, 3])}
+    with pytest.raises(ConfigError) as err:
+        Checkpointer(tmp_path).load(path, states, source="training.resume")
+    assert str(err.value) == (
+        f"training.resume {path}: the checkpoint was trained on aux layers [0, 1, 2], this run uses [0, 1, 3]; "
+        "set model.aux_layer_ids=[0, 1, 2]"
+    )
+    assert states["train"].step == 0
+    with pytest.raises(ConfigError, match=r"trainer_state.json has no 'data' state to restore"):
+        Checkpointer(tmp_path).load(path, {"data": TrainState([0, 1, 2])}, source="training.resume")

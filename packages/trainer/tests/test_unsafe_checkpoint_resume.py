@@ -12,9 +12,11 @@ from torchspec.draft_models import UnsafeCheckpointError
 from torchspec.draft_models.testing import CodeRunningPayload as Payload
 from torchspec.draft_models.testing import rewrite_dcp_metadata
 from torchspec.trainer.checkpoint import Checkpointer
+from torchspec.trainer.states import ModelState
 
 from trainer_test_helpers import SmallCheckpointModel as Small
 from trainer_test_helpers import save_small_checkpoint as save
+from trainer_test_helpers import small_states
 from trainer_test_helpers import trained_small_model as trained
 
 
@@ -42,9 +44,9 @@ def test_crafted_metadata_is_refused(tmp_path, mode):
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(UnsafeCheckpointError) as err:
         if mode == "resume":
-            Checkpointer(tmp_path / "run").load(path, fresh, fresh_optimizer)
+            Checkpointer(tmp_path / "run").load(path, small_states(fresh, fresh_optimizer))
         else:
-            Checkpointer(tmp_path / "run").load(path, fresh, None, restore_rng=False)
+            Checkpointer(tmp_path / "run").load(path, {"model": ModelState(fresh)})
     _refused(err, str(path / ".metadata"), tmp_path / "MARKER")
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
@@ -59,7 +61,7 @@ def test_crafted_optimizer_item_is_refused(tmp_path):
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path))
     fresh, fresh_optimizer = trained(seed=1)
     with pytest.raises(UnsafeCheckpointError) as err:
-        Checkpointer(tmp_path / "run").load(path, fresh, fresh_optimizer)
+        Checkpointer(tmp_path / "run").load(path, small_states(fresh, fresh_optimizer))
     _refused(err, f"{path} (.distcp entry 'optimizer.param_groups.0.lr')", tmp_path / "MARKER")
 
 
@@ -71,7 +73,7 @@ def test_crafted_rng_state_is_refused(tmp_path):
         {"python": random.getstate(), "torch": torch.get_rng_state(), "x": Payload(tmp_path / "MARKER")}, rng_file
     )
     with pytest.raises(UnsafeCheckpointError) as err:
-        Checkpointer(tmp_path / "run").load(path, Small(), None)
+        Checkpointer(tmp_path / "run").load(path, small_states(Small()))
     _refused(err, str(rng_file), tmp_path / "MARKER")
 
 

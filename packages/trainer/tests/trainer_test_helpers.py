@@ -153,8 +153,22 @@ def trained_small_model(seed=0):
     return model, optimizer
 
 
+SMALL_AUX_LAYERS = [0, 1, 2]
+
+
+def small_states(model, optimizer=None, step: int = 0) -> dict:
+    """The ``states`` mapping of a checkpoint round trip: model, optimizer (when given), a train
+    state at ``step`` and this rank's RNG, the trainer's own components."""
+    from torchspec.trainer.states import ModelState, OptimizerState, RNGState, TrainState
+
+    states = {"model": ModelState(model)}
+    if optimizer is not None:
+        states["optimizer"] = OptimizerState(model, optimizer)
+    return {**states, "train": TrainState(list(SMALL_AUX_LAYERS), step=step), "rng": RNGState()}
+
+
 def save_small_checkpoint(checkpointer, step, model, optimizer, files=None):
-    return checkpointer.save(step, model, optimizer, {"data": {"epoch": 0, "step_in_epoch": step}}, files)
+    return checkpointer.save(step, small_states(model, optimizer, step), files)
 
 
 def save_small_llama_draft(folder, vocab: int, hidden_size: int, target_hidden: int, seed: int, **save_kwargs):

@@ -14,7 +14,8 @@ One folder per saved step::
         aux_layers.json             {"aux_layer_ids": [...], "num_target_layers": L}
         vocab_mapping.safetensors   d2t/t2d, when the draft vocabulary is pruned
         training_config.yaml        the fully resolved training config
-        trainer_state.json          step, LR scheduler, data position
+        trainer_state.json          step, LR scheduler position, data position, train state (step, best,
+                                    aux layers, world size; top-level keys before trainer 0.4.0)
         rng_state_rank{r}.pt        each rank's RNG states
         COMPLETE                    marker, written after every rank finished, before the rename
 

@@ -7,6 +7,7 @@ from torchspec.trainer.data_loader import DistributedBatchLoader, EvalBatches, M
 from torchspec.trainer.default_assets import ensure_default_target
 from torchspec.trainer.lr_schedule import WarmupDecaySchedule
 from torchspec.trainer.metrics import TTTCounts, acceptance_length, summarize, ttt_counts
+from torchspec.trainer.states import TrainState
 from torchspec.trainer.target import TargetModel, TargetOutput
 from torchspec.trainer.trainer import Trainer, TrainResult, train
 
@@ -21,6 +22,7 @@ __all__ = [
     "TargetOutput",
     "TrainConfig",
     "TrainResult",
+    "TrainState",
     "Trainer",
     "WarmupDecaySchedule",
     "__version__",

@@ -14,10 +14,19 @@ on every rank alike, instead of leaving the others waiting at a barrier: the sta
 removed and a ``ConfigError`` names the output folder, the reason, and the checkpoint that is still
 the latest complete one (the one ``training.resume=auto`` and the converter pick).
 
-DCP stores each tensor by name with its global shape, so a checkpoint written by N ranks loads on
-M ranks (each reads the slices of its own shards). Model and optimizer state go through
-``get_state_dict``/``set_state_dict``, which handle FSDP2's sharded DTensors and plain modules alike;
-without a process group DCP saves and loads in-process.
+What is saved is one ``states`` mapping of ``Stateful`` components (``torchspec.trainer.states``:
+model, optimizer, LR schedule, data position, train state, RNG); :meth:`Checkpointer.save` writes
+each where the layout keeps it and :meth:`Checkpointer.load` restores exactly the components it is
+given (all of them to resume, the model alone for ``continual_training``):
+
+* ``model`` and ``optimizer`` (:data:`SHARDED_STATES`): one DCP save. DCP stores each tensor by name
+  with its global shape, so a checkpoint written by N ranks loads on M ranks (each reads the slices
+  of its own shards); ``get_model_state_dict``/``get_optimizer_state_dict`` handle FSDP2's sharded
+  DTensors and plain modules alike; without a process group DCP saves and loads in-process.
+* ``rng`` (:data:`PER_RANK_STATES`): ``rng_state_rank{r}.pt`` from every rank; a rank with no file
+  (a resume on more ranks) keeps its generators.
+* every other component: one entry of ``trainer_state.json`` (rank 0; the same on every rank),
+  beside ``step``.
 
 Loading never runs code from the files (they may come from another team): DCP metadata and data go
 through ``torchspec.draft_models.load_dcp`` (an allow-list unpickler for ``.metadata``, weights-only
@@ -30,18 +39,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.stateful import Stateful
 
 from torchspec.draft_models.checkpoint_layout import (
     COMPLETE_MARKER,
@@ -51,12 +59,17 @@ from torchspec.draft_models.checkpoint_layout import (
     is_complete,
     list_checkpoints,
 )
+from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.safe_checkpoint import load_dcp, load_torch
 from torchspec.trainer.config import ConfigError
 from torchspec.trainer.distributed import barrier
+from torchspec.trainer.states import rng_state, set_rng_state
 
 __all__ = [
     "COMPLETE_MARKER",
+    "PER_RANK_STATES",
+    "SHARDED_STATES",
+    "TRAINER_STATE",
     "Checkpointer",
     "checkpoint_name",
     "find_latest",
@@ -67,21 +80,14 @@ __all__ = [
 ]
 
 TRAINER_STATE = "trainer_state.json"
+SHARDED_STATES = ("model", "optimizer")  # tensors, in DCP
+PER_RANK_STATES = ("rng",)  # <key>_state_rank{r}.pt, read weights-only
+# Before torchspec-trainer 0.4.0 the train state's entries were top-level keys of trainer_state.json.
+_LEGACY_TRAIN_KEYS = ("step", "best", "aux_layer_ids", "world_size")
 
 
-def rng_state() -> dict[str, Any]:
-    # Tensors, ints and tuples only: the file is read back with weights_only=True.
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _per_rank_file(checkpoint: Path, key: str, rank: int) -> Path:
+    return checkpoint / f"{key}_state_rank{rank}.pt"
 
 
 def _write_atomic(path: Path, data: str | bytes) -> None:
@@ -173,15 +179,11 @@ class Checkpointer:
     def save(
         self,
         step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None,
-        trainer_state: dict[str, Any],
+        states: Mapping[str, Stateful],
         files: dict[str, Callable[[Path], None]] | None = None,
     ) -> Path:
-        """Write checkpoint ``step``. ``trainer_state`` (JSON) and ``files`` (name -> writer called
-        with the path to write) are written by rank 0; DCP tensors and RNG states by every rank."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
+        """Write checkpoint ``step`` of ``states`` (see the module docstring for where each goes).
+        ``files`` (name -> writer called with the path to write) are written by rank 0."""
         name = checkpoint_name(step)
         final = self.output_dir / name
         staging = self.output_dir / f".tmp_{name}"
@@ -194,16 +196,16 @@ class Checkpointer:
                 staging.mkdir()
 
         def write() -> None:
-            if optimizer is not None:
-                model_state, optimizer_state = get_state_dict(model, optimizer)
-                state = {"model": model_state, "optimizer": optimizer_state}
-            else:
-                state = {"model": get_model_state_dict(model)}
-            with _quiet_dcp():
-                dcp.save(state, checkpoint_id=str(staging))
-            torch.save(rng_state(), staging / f"rng_state_rank{self.rank}.pt")
+            sharded = {key: state for key, state in states.items() if key in SHARDED_STATES}
+            if sharded:
+                with _quiet_dcp():
+                    dcp.save(sharded, checkpoint_id=str(staging))  # DCP calls each one's state_dict()
+            for key in PER_RANK_STATES:
+                if key in states:
+                    torch.save(states[key].state_dict(), _per_rank_file(staging, key, self.rank))
             if self.rank == 0:
-                (staging / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+                small = {key: state.state_dict() for key, state in states.items() if key not in _FILED_APART}
+                (staging / TRAINER_STATE).write_text(json.dumps({"step": step, **small}, indent=2) + "\n")
                 for file_name, write_file in (files or {}).items():
                     write_file(staging / file_name)
 
@@ -279,41 +281,45 @@ class Checkpointer:
 
     # --- load -----------------------------------------------------------------------------------
 
-    def load(
-        self,
-        path: str | os.PathLike,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
-        restore_rng: bool = True,
-    ) -> dict[str, Any]:
-        """Restore ``model`` (and ``optimizer``, RNG states) from checkpoint ``path``; returns its trainer state.
-
-        With ``optimizer=None`` only the model weights are read (``continual_training``).
-        """
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_state_dict,
-            set_model_state_dict,
-            set_state_dict,
-        )
-
+    def load(self, path: str | os.PathLike, states: Mapping[str, Stateful], source: str = "checkpoint") -> None:
+        """Restore ``states`` (only those given) from checkpoint ``path``. A component that refuses
+        its saved state (a different data order or aux layers) is a ``ConfigError`` naming
+        ``source`` (the key the path came from) and ``path``."""
         path = Path(path)
         if not is_complete(path):
             raise FileNotFoundError(
                 f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker or DCP metadata)"
             )
-        with _quiet_dcp():
-            if optimizer is not None:
-                model_state, optimizer_state = get_state_dict(model, optimizer)
-                state = {"model": model_state, "optimizer": optimizer_state}
-                load_dcp(state, path)
-                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-            else:
-                state = {"model": get_model_state_dict(model)}
-                load_dcp(state, path)
-                set_model_state_dict(model, state["model"])
-        rng_file = path / f"rng_state_rank{self.rank}.pt"
-        if restore_rng and rng_file.is_file():
-            set_rng_state(load_torch(rng_file))
-        trainer_state = path / TRAINER_STATE
-        return json.loads(trainer_state.read_text()) if trainer_state.is_file() else {}
+        sharded = {key: state for key, state in states.items() if key in SHARDED_STATES}
+        if sharded:
+            with _quiet_dcp():
+                load_dcp(sharded, path)  # DCP fills each one's state_dict() and calls its load_state_dict
+        small = {key: state for key, state in states.items() if key not in _FILED_APART}
+        saved = _read_trainer_state(path) if small else {}
+        for key, state in small.items():
+            if key not in saved:
+                raise ConfigError(f"{source} {path}: {TRAINER_STATE} has no {key!r} state to restore")
+            _restore(state, saved[key], f"{source} {path}")
+        for key in PER_RANK_STATES:
+            file = _per_rank_file(path, key, self.rank)
+            if key in states and file.is_file():
+                _restore(states[key], load_torch(file), f"{source} {path}")
+
+
+def _restore(state: Stateful, saved: Any, where: str) -> None:
+    """``state.load_state_dict(saved)``; a refusal (the saved state does not fit this run) names ``where``."""
+    try:
+        state.load_state_dict(saved)
+    except UserInputError as err:  # its message says what differs and the fix
+        raise ConfigError(f"{where}: {err}") from None
+
+
+_FILED_APART = SHARDED_STATES + PER_RANK_STATES
+
+
+def _read_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.json`` by component key, also as written before torchspec-trainer 0.4.0."""
+    saved = json.loads((path / TRAINER_STATE).read_text())
+    if "train" not in saved:
+        saved["train"] = {key: saved[key] for key in _LEGACY_TRAIN_KEYS if key in saved}
+    return saved

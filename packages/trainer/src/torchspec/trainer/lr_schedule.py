@@ -8,8 +8,9 @@ the base learning rate, so it plugs into ``torch.optim.lr_scheduler.LambdaLR``:
 * constant: 1;
 * wsd: 1 until the last ``D = round(decay_ratio * N)`` steps, then linear from 1 down to ``m``.
 
-``N`` is the total number of optimizer steps and ``m`` the ``min_lr_ratio``. The schedule is a
-small object rather than a closure so ``LambdaLR.state_dict()`` records its parameters.
+``N`` is the total number of optimizer steps and ``m`` the ``min_lr_ratio``. The schedule's shape
+comes from the config and is not checkpointed: a checkpoint keeps the scheduler's position only
+(``states.LRScheduleState``), so a resumed run that trains longer follows the longer schedule.
 """
 
 from __future__ import annotations

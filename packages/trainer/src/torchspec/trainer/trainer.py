@@ -61,6 +61,7 @@ from torchspec.trainer.metrics import (
 )
 from torchspec.trainer.parallelize import apply_activation_checkpointing, parallelize_draft, parallelize_target
 from torchspec.trainer.run_lock import OutputDirLock
+from torchspec.trainer.states import LRScheduleState, ModelState, OptimizerState, RNGState, TrainState
 from torchspec.trainer.target import TargetModel
 from torchspec.trainer.training_data import load_training_data, vocab_mapping_from_data
 
@@ -186,7 +187,34 @@ class Trainer:
             self.eval_batches = EvalBatches(
                 data.eval, t.micro_batch_size, pad_id, ctx.rank, ctx.world_size, config.data.max_seq_length
             )
-        self.step, self.best = 0, None
+        self.train_state = TrainState(self.target.aux_layer_ids, ctx.world_size)
+        # What a checkpoint holds, each component Stateful (torchspec.trainer.states).
+        self.states = {
+            "model": ModelState(self.draft),
+            "optimizer": OptimizerState(self.draft, self.optimizer),
+            "lr_scheduler": LRScheduleState(self.scheduler),
+            "data": self.loader,
+            "train": self.train_state,
+            "rng": RNGState(),
+        }
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (kept in ``train_state``, which checkpoints hold)."""
+        return self.train_state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.train_state.step = value
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The best evaluation so far (``train_state``)."""
+        return self.train_state.best
+
+    @best.setter
+    def best(self, value: dict[str, Any] | None) -> None:
+        self.train_state.best = value
 
     # --- resume, save -----------------------------------------------------------------------------
 
@@ -195,20 +223,12 @@ class Trainer:
         t = self.config.training
         if self.resume_from is not None:
             _check_same_draft(self.resume_from, self.draft_config, "training.resume")
-            state = self.checkpointer.load(self.resume_from, self.draft, self.optimizer)
-            _check_same_aux_layers(state, self.target.aux_layer_ids, self.resume_from)
-            # The position comes from the checkpoint, the shape of the schedule from this config.
-            self.scheduler.load_state_dict({**state["lr_scheduler"], "lr_lambdas": [None]})
-            try:
-                self.loader.load_state_dict(state["data"])
-            except UserInputError as err:
-                raise ConfigError(f"training.resume {self.resume_from}: {err}") from None
-            self.step, self.best = int(state["step"]), state.get("best")
+            self.checkpointer.load(self.resume_from, self.states, source="training.resume")
             _log(self.ctx, _resume_hint(t.resume, self.output_dir, self.resume_from, self.step, self.total_steps))
         elif t.continual_training is not None:
             source = _complete_checkpoint(t.continual_training, "training.continual_training")
             _check_same_draft(source, self.draft_config, "training.continual_training")
-            self.checkpointer.load(source, self.draft, None, restore_rng=False)
+            self.checkpointer.load(source, {"model": self.states["model"]}, source="training.continual_training")
             _log(self.ctx, f"draft weights from {source}; optimizer, schedule and data start fresh")
 
     def save(self) -> Path:
@@ -222,14 +242,7 @@ class Trainer:
         }
         if self.vocab_mapping is not None:
             files[VOCAB_MAPPING_FILE] = self.vocab_mapping.save
-        state = {
-            "lr_scheduler": self.scheduler.state_dict(),
-            "data": self.loader.state_dict(),
-            "best": self.best,
-            "aux_layer_ids": target.aux_layer_ids,
-            "world_size": self.ctx.world_size,
-        }
-        return self.checkpointer.save(self.step, self.draft, self.optimizer, state, files)
+        return self.checkpointer.save(self.step, self.states, files)
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -529,7 +542,7 @@ def completed_run(config: TrainConfig) -> TrainResult | None:
         return None
     try:
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        step, data = int(state["step"]), state.get("data") or {}
+        step, data = int(state["step"]), state.get("data") or {}  # the checkpointer's step, the data position
     except (OSError, ValueError, KeyError, TypeError):
         return None
     total = t.max_steps
@@ -604,15 +617,6 @@ def _check_same_draft(path: Path, draft_config, key: str) -> None:
         raise ConfigError(
             f"{key} {path}: the checkpoint's draft has {key_name}={saved.get(key_name)!r}, this run's has "
             f"{current.get(key_name)!r}; use the draft config it was trained with (model.draft_config={saved_file})"
-        )
-
-
-def _check_same_aux_layers(state: dict, aux_layer_ids: list[int], path: Path) -> None:
-    saved = state.get("aux_layer_ids")
-    if saved is not None and list(saved) != list(aux_layer_ids):
-        raise ConfigError(
-            f"training.resume {path}: the checkpoint was trained on aux layers {saved}, this run uses {aux_layer_ids}; "
-            f"set model.aux_layer_ids={saved}"
         )
 
 
