@@ -36,8 +36,8 @@ VARIANTS = {
 def run_variant(arch: str, variant: str, output_dir: Path) -> dict:
     overrides = [
         f"training.output_dir={output_dir}",
-        "training.resume=null",
-        "training.progress_bar=false",
+        "checkpoint.resume=null",
+        "metrics.progress_bar=false",
         *VARIANTS[variant],
     ]
     start = time.perf_counter()

@@ -26,11 +26,11 @@ PRUNED_ALT_AUX = ("model.draft_vocab_size=600", "model.aux_layer_ids=[1,3,6]")
 # Small enough for CI on 2 cores, long enough for the draft to learn the tiny target.
 FAST = [
     "data.max_seq_length=256",
-    "training.progress_bar=false",
-    "training.log_interval=1000",
-    "training.eval_interval=0",
-    "training.tensorboard=false",
-    "training.speculative_eval_prompts=0",
+    "metrics.progress_bar=false",
+    "metrics.log_interval=1000",
+    "metrics.eval_interval=0",
+    "metrics.tensorboard=false",
+    "metrics.speculative_eval_prompts=0",
 ]
 
 

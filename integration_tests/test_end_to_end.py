@@ -94,7 +94,7 @@ def test_train_time_vocab_pruning(target, trained_run, tmp_path):
 
 def test_resume_mid_run_then_export_matches_the_uninterrupted_run(tmp_path):
     steps, every = 12, 6
-    train_default("llama", tmp_path / "straight", steps, f"training.save_interval={every}")
+    train_default("llama", tmp_path / "straight", steps, f"checkpoint.save_interval={every}")
 
     class Interrupted(Exception):
         pass
@@ -105,9 +105,13 @@ def test_resume_mid_run_then_export_matches_the_uninterrupted_run(tmp_path):
 
     with pytest.raises(Interrupted):
         train_default(
-            "llama", tmp_path / "resumed", steps, f"training.save_interval={every}", step_callback=stop_after_first_save
+            "llama",
+            tmp_path / "resumed",
+            steps,
+            f"checkpoint.save_interval={every}",
+            step_callback=stop_after_first_save,
         )
-    train_default("llama", tmp_path / "resumed", steps, f"training.save_interval={every}", "training.resume=auto")
+    train_default("llama", tmp_path / "resumed", steps, f"checkpoint.save_interval={every}", "checkpoint.resume=auto")
     a = load_weights(export(tmp_path / "straight", tmp_path / "a", include_embeddings=True))
     b = load_weights(export(tmp_path / "resumed", tmp_path / "b", include_embeddings=True))
     assert a.keys() == b.keys()

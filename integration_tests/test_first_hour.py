@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 SHORT = [
     "training.max_steps=12",
     "data.max_seq_length=256",
-    "training.speculative_eval_prompts=0",
-    "training.eval_interval=0",
+    "metrics.speculative_eval_prompts=0",
+    "metrics.eval_interval=0",
 ]
 
 

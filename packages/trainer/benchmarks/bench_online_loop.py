@@ -67,11 +67,11 @@ def _child(preset: str, steps: int, warmup: int, workdir: Path) -> dict:
     logging.basicConfig(level=logging.WARNING)
     overrides = [
         f"training.max_steps={warmup + steps}",
-        "training.eval_interval=0",
+        "metrics.eval_interval=0",
         "data.eval_split=0",
-        "training.progress_bar=false",
+        "metrics.progress_bar=false",
         f"training.output_dir={workdir / preset}",
-        "training.keep_last=1",
+        "checkpoint.keep_last=1",
         "training.device=cpu",
     ]
     if preset == "large":

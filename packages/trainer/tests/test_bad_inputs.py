@@ -137,8 +137,16 @@ CASES = [
     # The config: keys, values, files.
     Case(
         "override-typo",
-        train(**{"training.learnig_rate": "1e-3"}),
-        ["unknown key training.learnig_rate", "did you mean training.learning_rate?"],
+        train(**{"optimizer.learnig_rate": "1e-3"}),
+        ["unknown key optimizer.learnig_rate", "did you mean optimizer.learning_rate?"],
+    ),
+    Case(
+        "key-of-the-0.3-layout",
+        train(**{"training.learning_rate": "1e-3"}),
+        [
+            "training.learning_rate in command-line override",
+            "moved to optimizer.learning_rate in torchspec-trainer 0.4.0",
+        ],
     ),
     Case(
         "config-file-typo",
@@ -152,13 +160,13 @@ CASES = [
     ),
     Case(
         "warmup-set-twice",
-        train(**{"training.warmup_steps": 5}),  # small_overrides sets warmup_ratio too
-        ["training.warmup_steps and training.warmup_ratio are both set in the command-line overrides; keep one"],
+        train(**{"lr_schedule.warmup_steps": 5}),  # small_overrides sets warmup_ratio too
+        ["lr_schedule.warmup_steps and lr_schedule.warmup_ratio are both set in the command-line overrides; keep one"],
     ),
     Case(
         "learning-rate-nan",
-        train(**{"training.learning_rate": ".nan"}),
-        ["training.learning_rate must be a finite number > 0, got nan"],
+        train(**{"optimizer.learning_rate": ".nan"}),
+        ["optimizer.learning_rate must be a finite number > 0, got nan"],
     ),
     # The target.
     Case(
@@ -229,12 +237,14 @@ CASES = [
     ),
     # Resume and extras.
     Case(
-        "resume-missing", train(**{"training.resume": "/no/such/checkpoint"}), ["training.resume /no/such/checkpoint"]
+        "resume-missing",
+        train(**{"checkpoint.resume": "/no/such/checkpoint"}),
+        ["checkpoint.resume /no/such/checkpoint"],
     ),
     Case(
         "tensorboard-not-installed",
-        train(**{"training.tensorboard": "true"}),
-        ["pip install tensorboard, or set training.tensorboard=false"],
+        train(**{"metrics.tensorboard": "true"}),
+        ["pip install tensorboard, or set metrics.tensorboard=false"],
     ),
     # evaluate
     Case(

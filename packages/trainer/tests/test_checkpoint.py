@@ -168,7 +168,7 @@ def test_a_full_disk_fails_the_save_in_one_line_and_the_previous_checkpoint_stay
     assert message.startswith(
         f"training.output_dir {tmp_path}: saving checkpoint iter_0000020 failed (No space left on device); "
     )
-    assert f"{good} is still the latest complete checkpoint and training.resume=auto continues from it" in message
+    assert f"{good} is still the latest complete checkpoint and checkpoint.resume=auto continues from it" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000010", "latest"]  # no partial folder left
     assert find_latest(tmp_path) == good and (tmp_path / "latest").read_text().strip() == good.name
     monkeypatch.undo()
@@ -295,11 +295,11 @@ def test_a_checkpoint_of_other_aux_layers_or_without_a_component_is_one_config_e
     path = save(Checkpointer(tmp_path), 2, model, optimizer)
     states = {"train": TrainState([0, 1, 3])}
     with pytest.raises(ConfigError) as err:
-        Checkpointer(tmp_path).load(path, states, source="training.resume")
+        Checkpointer(tmp_path).load(path, states, source="checkpoint.resume")
     assert str(err.value) == (
-        f"training.resume {path}: the checkpoint was trained on aux layers [0, 1, 2], this run uses [0, 1, 3]; "
+        f"checkpoint.resume {path}: the checkpoint was trained on aux layers [0, 1, 2], this run uses [0, 1, 3]; "
         "set model.aux_layer_ids=[0, 1, 2]"
     )
     assert states["train"].step == 0
     with pytest.raises(ConfigError, match=r"trainer_state.json has no 'data' state to restore"):
-        Checkpointer(tmp_path).load(path, {"data": TrainState([0, 1, 2])}, source="training.resume")
+        Checkpointer(tmp_path).load(path, {"data": TrainState([0, 1, 2])}, source="checkpoint.resume")

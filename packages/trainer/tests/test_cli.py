@@ -29,7 +29,7 @@ def test_overrides_on_both_sides_of_config(capsys, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(trainer_module, "train", lambda config: seen.append(config))
     args = [
-        "training.learning_rate=1e-3",
+        "optimizer.learning_rate=1e-3",
         "training.max_steps=4",
         "--config",
         str(path),
@@ -38,11 +38,11 @@ def test_overrides_on_both_sides_of_config(capsys, tmp_path, monkeypatch):
     ]
     assert main(["train", *args]) == 0, capsys.readouterr().err
     (config,) = seen
-    assert config.training.learning_rate == 1e-3 and config.training.seed == 5
+    assert config.optimizer.learning_rate == 1e-3 and config.training.seed == 5
     assert config.training.max_steps == 6 and config.data.eval_split == 0.2
     # A mistake after --config is reported as an override, an unknown option still as one.
-    code, err = run_cli(capsys, ["--config", str(path), "training.learnig_rate=1"])
-    assert_one_line_error(code, err, "unknown key training.learnig_rate")
+    code, err = run_cli(capsys, ["--config", str(path), "optimizer.learnig_rate=1"])
+    assert_one_line_error(code, err, "unknown key optimizer.learnig_rate")
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "training.seed=1", "--cofig", str(path)])
     assert exit_info.value.code == 2 and "unrecognized arguments: --cofig" in capsys.readouterr().err

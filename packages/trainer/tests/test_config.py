@@ -5,12 +5,15 @@ import pytest
 import yaml
 
 from torchspec.trainer.config import (
+    MOVED_KEYS,
     ConfigError,
     TrainConfig,
     apply_overrides,
+    config_to_dict,
     dump_config,
     load_config,
     parse_yaml_scalar,
+    upgrade_saved_config,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -30,21 +33,22 @@ def test_file_values_and_overrides_land_in_typed_fields(tmp_path):
           target_model_path: /models/qwen
           aux_layer_ids: [1, 5, 9]
         training:
+          max_steps: 50
+        optimizer:
           learning_rate: 1e-4
           betas: [0.9, 0.99]
-          max_steps: 50
     """,
     )
-    config = load_config(path, ["training.learning_rate=5e-5", "training.lr_schedule=wsd", "data.eval_path=null"])
+    config = load_config(path, ["optimizer.learning_rate=5e-5", "lr_schedule.kind=wsd", "data.eval_path=null"])
     assert config.model.target_model_path == "/models/qwen"
     assert config.model.aux_layer_ids == [1, 5, 9]
-    assert config.training.learning_rate == 5e-5 and isinstance(config.training.learning_rate, float)
-    assert config.training.betas == [0.9, 0.99]
+    assert config.optimizer.learning_rate == 5e-5 and isinstance(config.optimizer.learning_rate, float)
+    assert config.optimizer.betas == [0.9, 0.99]
     assert config.training.max_steps == 50
-    assert config.training.lr_schedule == "wsd"
+    assert config.lr_schedule.kind == "wsd"
     assert config.data.eval_path is None
     # Untouched keys keep their defaults.
-    assert config.training.ttt_length == 7 and config.training.loss_decay == 0.8
+    assert config.ttt.length == 7 and config.ttt.loss_decay == 0.8
 
 
 @pytest.mark.parametrize(
@@ -66,25 +70,25 @@ def test_scalars_follow_yaml_rules_with_exponent_floats(text, value):
 
 
 def test_unknown_key_names_file_and_suggests_the_closest(tmp_path):
-    path = write(tmp_path, "training:\n  learnig_rate: 1.0e-4\n")
+    path = write(tmp_path, "optimizer:\n  learnig_rate: 1.0e-4\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"unknown key training.learnig_rate in {path}; did you mean training.learning_rate?"
+    assert str(err.value) == f"unknown key optimizer.learnig_rate in {path}; did you mean optimizer.learning_rate?"
 
 
 def test_key_in_wrong_place_points_to_its_section(tmp_path):
     path = write(tmp_path, "learning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match="did you mean training.learning_rate"):
+    with pytest.raises(ConfigError, match="did you mean optimizer.learning_rate"):
         load_config(path)
     path = write(tmp_path, "data:\n  ttt_length: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown key data.ttt_length .*did you mean training.ttt_length"):
+    with pytest.raises(ConfigError, match=r"unknown key data.ttt_length .*did you mean ttt.length"):
         load_config(path)
 
 
 def test_unknown_override_key_is_reported_with_the_override():
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["training.warmup_step=10"])
-    assert "training.warmup_step" in str(err.value) and "did you mean training.warmup_steps" in str(err.value)
+        load_config(None, ["lr_schedule.warmup_step=10"])
+    assert "lr_schedule.warmup_step" in str(err.value) and "did you mean lr_schedule.warmup_steps" in str(err.value)
     with pytest.raises(ConfigError, match="not key=value"):
         load_config(None, ["training.seed"])
     with pytest.raises(ConfigError, match="unknown key trainig.seed"):
@@ -100,8 +104,8 @@ def test_unknown_override_key_is_reported_with_the_override():
         ),
         ("training.micro_batch_size=2.5", "must be integer, got 2.5"),
         ("training.micro_batch_size=true", "must be integer, got True"),
-        ("training.tensorboard=1", "training.tensorboard .* must be true/false, got 1"),
-        ("training.lr_schedule=linear", r"must be 'cosine' \| 'constant' \| 'wsd', got 'linear'"),
+        ("metrics.tensorboard=1", "metrics.tensorboard .* must be true/false, got 1"),
+        ("lr_schedule.kind=linear", r"must be 'cosine' \| 'constant' \| 'wsd', got 'linear'"),
         ("model.aux_layer_ids=[1, x, 3]", "model.aux_layer_ids .* must be list of integer \\| null, got"),
         ("training.max_steps=[3]", "training.max_steps .* must be integer \\| null, got \\[3\\]"),
     ],
@@ -112,8 +116,8 @@ def test_wrong_types_fail_with_the_key_path(override, message):
 
 
 def test_integers_are_accepted_for_floats():
-    config = load_config(None, ["training.learning_rate=1", "training.max_grad_norm=2"])
-    assert config.training.learning_rate == 1.0 and isinstance(config.training.learning_rate, float)
+    config = load_config(None, ["optimizer.learning_rate=1", "training.max_grad_norm=2"])
+    assert config.optimizer.learning_rate == 1.0 and isinstance(config.optimizer.learning_rate, float)
 
 
 def test_cross_field_checks():
@@ -121,13 +125,13 @@ def test_cross_field_checks():
         load_config(None, ["training.global_batch_size=10", "training.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="model.aux_layer_ids .* 3 layer ids"):
         load_config(None, ["model.aux_layer_ids=[1, 2]"])
-    with pytest.raises(ConfigError, match="training.learning_rate must be a finite number > 0, got 0"):
-        load_config(None, ["training.learning_rate=0"])
+    with pytest.raises(ConfigError, match="optimizer.learning_rate must be a finite number > 0, got 0"):
+        load_config(None, ["optimizer.learning_rate=0"])
     for bad in (".nan", ".inf", "-.inf"):  # YAML spellings; NaN used to pass and fail inside AdamW
-        with pytest.raises(ConfigError, match="training.learning_rate must be a finite number > 0"):
-            load_config(None, [f"training.learning_rate={bad}"])
-    with pytest.raises(ConfigError, match="training.weight_decay must be a finite number >= 0, got nan"):
-        load_config(None, ["training.weight_decay=.nan"])
+        with pytest.raises(ConfigError, match="optimizer.learning_rate must be a finite number > 0"):
+            load_config(None, [f"optimizer.learning_rate={bad}"])
+    with pytest.raises(ConfigError, match="optimizer.weight_decay must be a finite number >= 0, got nan"):
+        load_config(None, ["optimizer.weight_decay=.nan"])
     with pytest.raises(ConfigError, match="data.eval_split must be in"):
         load_config(None, ["data.eval_split=1.5"])
 
@@ -137,39 +141,39 @@ def test_warmup_steps_alone_replaces_the_default_ratio(tmp_path):
     default ratio 0.05 used to make it a "both set" error), and the steps are what the schedule uses."""
     from torchspec.trainer.lr_schedule import warmup_steps_for
 
-    training = load_config(None, ["training.warmup_steps=10"]).training
-    assert (training.warmup_steps, training.warmup_ratio) == (10, None)
-    assert warmup_steps_for(1000, training.warmup_steps, training.warmup_ratio) == 10
+    lr_schedule = load_config(None, ["lr_schedule.warmup_steps=10"]).lr_schedule
+    assert (lr_schedule.warmup_steps, lr_schedule.warmup_ratio) == (10, None)
+    assert warmup_steps_for(1000, lr_schedule.warmup_steps, lr_schedule.warmup_ratio) == 10
     # The shipped configs spell out warmup_steps: null, warmup_ratio: 0.05; the command line still wins.
-    training = load_config(REPO / "configs" / "default_llama.yaml", ["training.warmup_steps=10"]).training
-    assert (training.warmup_steps, training.warmup_ratio) == (10, None)
+    lr_schedule = load_config(REPO / "configs" / "default_llama.yaml", ["lr_schedule.warmup_steps=10"]).lr_schedule
+    assert (lr_schedule.warmup_steps, lr_schedule.warmup_ratio) == (10, None)
     # A file's choice replaces the defaults, a command-line one the file's.
-    only_steps = write(tmp_path, "training:\n  warmup_steps: 7\n")
-    assert load_config(only_steps).training.warmup_ratio is None
-    training = load_config(only_steps, ["training.warmup_ratio=0.2"]).training
-    assert (training.warmup_steps, training.warmup_ratio) == (None, 0.2)
+    only_steps = write(tmp_path, "lr_schedule:\n  warmup_steps: 7\n")
+    assert load_config(only_steps).lr_schedule.warmup_ratio is None
+    lr_schedule = load_config(only_steps, ["lr_schedule.warmup_ratio=0.2"]).lr_schedule
+    assert (lr_schedule.warmup_steps, lr_schedule.warmup_ratio) == (None, 0.2)
     # null for one key chooses nothing: the other keeps its value.
-    assert load_config(None, ["training.warmup_steps=null"]).training.warmup_ratio == 0.05
+    assert load_config(None, ["lr_schedule.warmup_steps=null"]).lr_schedule.warmup_ratio == 0.05
 
 
 def test_warmup_steps_and_ratio_set_in_one_place_is_an_error(tmp_path):
     with pytest.raises(
         ConfigError,
-        match="training.warmup_steps and training.warmup_ratio are both set in the "
+        match="lr_schedule.warmup_steps and lr_schedule.warmup_ratio are both set in the "
         "command-line overrides; keep one of them",
     ):
-        load_config(None, ["training.warmup_steps=10", "training.warmup_ratio=0.1"])
-    both = write(tmp_path, "training:\n  warmup_steps: 10\n  warmup_ratio: 0.1\n")
+        load_config(None, ["lr_schedule.warmup_steps=10", "lr_schedule.warmup_ratio=0.1"])
+    both = write(tmp_path, "lr_schedule:\n  warmup_steps: 10\n  warmup_ratio: 0.1\n")
     with pytest.raises(ConfigError, match=f"both set in {both}; keep one of them"):
         load_config(both)
 
 
 def test_resume_auto_is_the_default_and_goes_with_continual_training():
     """A relaunched continual run resumes its own checkpoints; an explicit resume path still conflicts."""
-    assert load_config(None).training.resume == "auto" and load_config(None).training.save_interval == 20
-    assert load_config(None, ["training.continual_training=/ckpt"]).training.resume == "auto"
-    with pytest.raises(ConfigError, match="training.resume and training.continual_training are both set"):
-        load_config(None, ["training.continual_training=/ckpt", "training.resume=/other/iter_0000010"])
+    assert load_config(None).checkpoint.resume == "auto" and load_config(None).checkpoint.save_interval == 20
+    assert load_config(None, ["checkpoint.continual_training=/ckpt"]).checkpoint.resume == "auto"
+    with pytest.raises(ConfigError, match="checkpoint.resume and checkpoint.continual_training are both set"):
+        load_config(None, ["checkpoint.continual_training=/ckpt", "checkpoint.resume=/other/iter_0000010"])
 
 
 def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):
@@ -184,17 +188,74 @@ def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):
 
 
 def test_dump_is_the_resolved_config_and_reloads_identically(tmp_path):
-    config = load_config(None, ["training.learning_rate=5e-5", "model.aux_layer_ids=[1, 2, 3]", "training.seed=7"])
+    config = load_config(None, ["optimizer.learning_rate=5e-5", "model.aux_layer_ids=[1, 2, 3]", "training.seed=7"])
     path = tmp_path / "resolved.yaml"
     dump_config(config, path)
     raw = yaml.safe_load(path.read_text())
-    assert raw["training"]["learning_rate"] == 5e-5 and raw["model"]["aux_layer_ids"] == [1, 2, 3]
-    assert set(raw) == {"model", "data", "training"}
+    assert raw["optimizer"]["learning_rate"] == 5e-5 and raw["model"]["aux_layer_ids"] == [1, 2, 3]
+    assert list(raw) == ["model", "data", "training", "optimizer", "lr_schedule", "ttt", "checkpoint", "metrics"]
     assert load_config(path) == config
 
 
 def test_overrides_do_not_mutate_the_input_config():
     base = TrainConfig()
-    changed = apply_overrides(base, ["training.seed=5", "training.betas=[0.8, 0.9]"])
-    assert base.training.seed == 0 and base.training.betas == [0.9, 0.95]
-    assert changed.training.seed == 5 and changed.training.betas == [0.8, 0.9]
+    changed = apply_overrides(base, ["training.seed=5", "optimizer.betas=[0.8, 0.9]"])
+    assert base.training.seed == 0 and base.optimizer.betas == [0.9, 0.95]
+    assert changed.training.seed == 5 and changed.optimizer.betas == [0.8, 0.9]
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED_KEYS.items()))
+def test_every_key_of_the_old_layout_names_its_new_place(tmp_path, old, new):
+    """0.4.0 split `training`: an old key fails in one line naming the new key, on the command line and
+    in a file (with the file), and the new key takes the same value."""
+    value = {"training.lr_schedule": "wsd", "training.attention_backend": "flex_attention"}.get(old, "3")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{old}={value}"])
+    assert str(err.value) == (
+        f"{old} in command-line override '{old}={value}' moved to {new} in torchspec-trainer 0.4.0"
+    )
+    section, key = old.split(".")
+    path = write(tmp_path, f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{old} in {path} moved to {new} in torchspec-trainer 0.4.0"
+    assert new in _known_key_paths()
+
+
+def _known_key_paths() -> set[str]:
+    import dataclasses
+
+    config = TrainConfig()
+    return {
+        f"{s.name}.{f.name}" for s in dataclasses.fields(config) for f in dataclasses.fields(getattr(config, s.name))
+    }
+
+
+def test_the_training_section_keeps_only_the_run():
+    assert {p for p in _known_key_paths() if p.startswith("training.")} == {
+        f"training.{key}"
+        for key in (
+            "output_dir",
+            "seed",
+            "device",
+            "dtype",
+            "micro_batch_size",
+            "global_batch_size",
+            "num_epochs",
+            "max_steps",
+            "max_grad_norm",
+            "shard_target",
+        )
+    }
+    assert not set(MOVED_KEYS) & _known_key_paths()
+
+
+def test_a_config_saved_in_the_old_layout_reads_as_the_new_one():
+    """What a checkpoint of torchspec-trainer 0.3 holds in training_config.yaml."""
+    new = config_to_dict(load_config(REPO / "configs" / "default_llama.yaml"))
+    old = {"model": new["model"], "data": new["data"], "training": dict(new["training"])}
+    for old_path, new_path in MOVED_KEYS.items():
+        section, key = new_path.split(".")
+        old["training"][old_path.split(".")[1]] = new[section][key]
+    assert upgrade_saved_config(old) == new
+    assert upgrade_saved_config(new) == new

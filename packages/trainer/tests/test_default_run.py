@@ -28,7 +28,7 @@ def test_default_mla_yaml_differs_only_in_the_draft_and_output():
 def test_no_argument_run_trains_and_points_to_the_export(tmp_path):
     """The default run, shortened to 20 steps; the tiny target comes from (or goes to) the user cache."""
     result = subprocess.run(
-        [sys.executable, "-m", "torchspec.trainer.cli", "train", "training.max_steps=20", "training.eval_interval=10"],
+        [sys.executable, "-m", "torchspec.trainer.cli", "train", "training.max_steps=20", "metrics.eval_interval=10"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

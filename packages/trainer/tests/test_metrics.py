@@ -132,7 +132,7 @@ def test_tensorboard_without_the_package_is_a_config_error(tmp_path):
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        with pytest.raises(ConfigError, match="pip install tensorboard, or set training.tensorboard=false"):
+        with pytest.raises(ConfigError, match="pip install tensorboard, or set metrics.tensorboard=false"):
             MetricsSink(tmp_path, tensorboard=True)
     else:
         sink = MetricsSink(tmp_path, tensorboard=True)

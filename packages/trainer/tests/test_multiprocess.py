@@ -12,7 +12,7 @@ from torchspec.trainer.trainer import train
 
 from trainer_test_helpers import read_metrics, small_overrides
 
-EXTRA = {"training.save_interval": 4, "training.eval_interval": 4}
+EXTRA = {"checkpoint.save_interval": 4, "metrics.eval_interval": 4}
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
@@ -65,7 +65,9 @@ def test_two_processes_match_one_process(one_and_two_processes):
 def test_resume_on_a_different_world_size(assets, one_and_two_processes, tmp_path):
     one, two, _ = one_and_two_processes
     resumed = train(
-        load_config(None, small_overrides(assets, tmp_path, **EXTRA, **{"training.resume": str(two / "iter_0000004")}))
+        load_config(
+            None, small_overrides(assets, tmp_path, **EXTRA, **{"checkpoint.resume": str(two / "iter_0000004")})
+        )
     )
     assert [r["step"] for r in resumed.train_history] == [5, 6, 7, 8]
     expected = read_metrics(one)
@@ -86,7 +88,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_losses(assets, one_and_t
         "-m",
         "torchspec.trainer.cli",
         "train",
-        *small_overrides(assets, output_dir, **{**EXTRA, "training.save_interval": 1}),
+        *small_overrides(assets, output_dir, **{**EXTRA, "checkpoint.save_interval": 1}),
     ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = output_dir / "metrics.jsonl"
@@ -104,7 +106,9 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_losses(assets, one_and_t
     train(
         load_config(
             None,
-            small_overrides(assets, output_dir, **{**EXTRA, "training.save_interval": 1, "training.resume": "auto"}),
+            small_overrides(
+                assets, output_dir, **{**EXTRA, "checkpoint.save_interval": 1, "checkpoint.resume": "auto"}
+            ),
         )
     )
     expected, got = read_metrics(one), read_metrics(output_dir)

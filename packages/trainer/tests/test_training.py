@@ -21,12 +21,12 @@ def run(assets, output_dir, callback=None, **extra):
 def reference_run(assets, tmp_path_factory):
     """8 uninterrupted steps, checkpoints every 2."""
     output_dir = tmp_path_factory.mktemp("reference")
-    result = run(assets, output_dir, **{"training.save_interval": 2})
+    result = run(assets, output_dir, **{"checkpoint.save_interval": 2})
     return output_dir, result
 
 
 def test_loss_falls_and_accuracy_rises(assets, tmp_path):
-    result = run(assets, tmp_path, **{"training.max_steps": 24, "training.eval_interval": 12})
+    result = run(assets, tmp_path, **{"training.max_steps": 24, "metrics.eval_interval": 12})
     losses = [r["loss"] for r in result.train_history]
     accuracy = [r["acc"] for r in result.train_history]
     assert sum(losses[-4:]) / 4 < 0.75 * sum(losses[:4]) / 4
@@ -83,9 +83,9 @@ def test_interrupted_and_resumed_run_repeats_the_losses_bitwise(assets, referenc
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        run(assets, tmp_path, stop_at_5, **{"training.save_interval": 2})
+        run(assets, tmp_path, stop_at_5, **{"checkpoint.save_interval": 2})
     assert find_latest(tmp_path).name == "iter_0000004"
-    resumed = run(assets, tmp_path, **{"training.save_interval": 2, "training.resume": "auto"})
+    resumed = run(assets, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.resume": "auto"})
     assert [r["step"] for r in resumed.train_history] == [5, 6, 7, 8]
 
     expected, got = read_metrics(reference_dir), read_metrics(tmp_path)
@@ -98,6 +98,53 @@ def test_interrupted_and_resumed_run_repeats_the_losses_bitwise(assets, referenc
     a, b = TrainingCheckpoint.open(reference_dir / "iter_0000008"), TrainingCheckpoint.open(tmp_path / "iter_0000008")
     for name in a.weight_names():
         assert torch.equal(a.load_tensor(name), b.load_tensor(name)), name
+
+
+def _as_written_by_0_3(checkpoint, total_steps: int) -> None:
+    """Rewrite ``checkpoint``'s trainer_state.json and training_config.yaml as torchspec-trainer 0.3
+    wrote them: the train state at the top level, the LR schedule's shape beside its position, and
+    every moved key under `training`."""
+    from torchspec.trainer.config import MOVED_KEYS
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    shape = {"total_steps": total_steps, "warmup_steps": 1, "kind": "cosine", "min_lr_ratio": 0.1, "decay_steps": 1}
+    legacy = {
+        "step": state["step"],
+        "lr_scheduler": {**state["lr_scheduler"], "lr_lambdas": [shape]},
+        "data": state["data"],
+        **{key: state["train"][key] for key in ("best", "aux_layer_ids", "world_size")},
+    }
+    (checkpoint / "trainer_state.json").write_text(json.dumps(legacy))
+    config = yaml.safe_load((checkpoint / "training_config.yaml").read_text())
+    for old, new in MOVED_KEYS.items():
+        section, key = new.split(".")
+        config["training"][old.split(".")[1]] = config[section].pop(key)
+    config = {section: values for section, values in config.items() if values}
+    (checkpoint / "training_config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_a_checkpoint_of_torchspec_trainer_0_3_resumes_bitwise(assets, reference_run, tmp_path, caplog):
+    import shutil
+
+    reference_dir, _ = reference_run
+    shutil.copytree(reference_dir / "iter_0000004", tmp_path / "iter_0000004")
+    _as_written_by_0_3(tmp_path / "iter_0000004", total_steps=8)
+    resumed = run(assets, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.resume": "auto"})
+    assert [r["step"] for r in resumed.train_history] == [5, 6, 7, 8]
+    expected = read_metrics(reference_dir)
+    for record in resumed.train_history:
+        for key in ("loss", "grad_norm", "lr"):
+            assert record[key] == expected[record["step"]][key], (record["step"], key)
+
+    # A finished 0.3 run: the old layout of its saved config is read as the new one, so a changed
+    # (moved) key is still pointed out.
+    _as_written_by_0_3(tmp_path / "iter_0000008", total_steps=8)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="torchspec.trainer"):
+        result = run(assets, tmp_path, **{"checkpoint.resume": "auto", "ttt.loss_decay": 0.5})
+    assert result.already_complete and result.steps == 8
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.endswith("(note: that run's config differs from this one in ttt.loss_decay)"), line
 
 
 def test_a_full_disk_during_a_save_keeps_the_last_complete_checkpoint(assets, tmp_path, monkeypatch, capsys):
@@ -114,7 +161,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_complete_checkpoint(assets, tm
 
     output_dir = tmp_path / "run"
     overrides = small_overrides(
-        assets, output_dir, **{"training.save_interval": 2, "training.eval_interval": 0, "training.resume": "auto"}
+        assets, output_dir, **{"checkpoint.save_interval": 2, "metrics.eval_interval": 0, "checkpoint.resume": "auto"}
     )
     real_create_stream = FileSystem.create_stream
 
@@ -155,12 +202,12 @@ def test_a_resumed_run_says_where_it_continues_from(assets, reference_run, tmp_p
     shutil.copytree(reference_dir, output_dir)
     with caplog.at_level("INFO", logger="torchspec.trainer"):
         result = run(
-            assets, output_dir, **{"training.save_interval": 2, "training.resume": "auto", "training.max_steps": 10}
+            assets, output_dir, **{"checkpoint.save_interval": 2, "checkpoint.resume": "auto", "training.max_steps": 10}
         )
     assert [r["step"] for r in result.train_history] == [9, 10] and not result.already_complete
     hints = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming ")]
     assert hints == [
-        f"resuming {output_dir} from step 8 of 10 (training.resume=auto); "
+        f"resuming {output_dir} from step 8 of 10 (checkpoint.resume=auto); "
         f"to start over instead, delete {output_dir} or set training.output_dir to another folder"
     ]
 
@@ -177,14 +224,14 @@ def test_rerunning_a_completed_run_says_so_and_trains_nothing(assets, reference_
     shutil.copytree(reference_dir, output_dir)
     before = {path.relative_to(output_dir): path.stat().st_mtime_ns for path in output_dir.rglob("*")}
     monkeypatch.chdir(tmp_path)  # the CLI records the run in ./outputs/.last_run
-    overrides = small_overrides(assets, output_dir, **{"training.save_interval": 2, "training.resume": "auto"})
+    overrides = small_overrides(assets, output_dir, **{"checkpoint.save_interval": 2, "checkpoint.resume": "auto"})
     with caplog.at_level("INFO"):
         code = main(["train", *overrides])
     assert code == 0
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("torchspec")]
     assert lines == [
         f"the run in {output_dir} is already complete at step 8 ({output_dir / 'iter_0000008'}, "
-        f"training.resume=auto); to start over, delete {output_dir} or set training.output_dir to "
+        f"checkpoint.resume=auto); to start over, delete {output_dir} or set training.output_dir to "
         f"another folder; to train longer, raise training.max_steps or training.num_epochs"
     ]
     assert {path.relative_to(output_dir): path.stat().st_mtime_ns for path in output_dir.rglob("*")} == before
@@ -195,7 +242,7 @@ def test_rerunning_a_completed_run_says_so_and_trains_nothing(assets, reference_
         result = run(
             assets,
             output_dir,
-            **{"training.save_interval": 2, "training.resume": "auto", "model.draft_architecture": "mla"},
+            **{"checkpoint.save_interval": 2, "checkpoint.resume": "auto", "model.draft_architecture": "mla"},
         )
     assert result.already_complete and result.steps == 8 and result.train_history == []
     assert result.checkpoint == output_dir / "iter_0000008"
@@ -206,7 +253,7 @@ def test_rerunning_a_completed_run_says_so_and_trains_nothing(assets, reference_
 def test_continual_training_takes_weights_only(assets, reference_run, tmp_path):
     reference_dir, _ = reference_run
     fresh = read_metrics(reference_dir)[1]
-    result = run(assets, tmp_path, **{"training.continual_training": str(reference_dir), "training.eval_interval": 0})
+    result = run(assets, tmp_path, **{"checkpoint.continual_training": str(reference_dir), "metrics.eval_interval": 0})
     continued = result.train_history[0]
     assert continued["loss"] < 0.9 * fresh["loss"]  # starts from trained weights
     assert continued["lr"] == fresh["lr"]  # but the schedule starts over
@@ -227,17 +274,17 @@ def test_pruned_vocabulary_run_stores_its_mapping_with_the_draft(assets, tmp_pat
 
 
 def test_gradient_checkpointing_repeats_the_losses_bitwise(assets, reference_run, tmp_path):
-    """training.gradient_checkpointing recomputes the whole draft layer instead of its MLP only (the
+    """ttt.gradient_checkpointing recomputes the whole draft layer instead of its MLP only (the
     default): memory policy, not math."""
     _, reference = reference_run
-    result = run(assets, tmp_path, **{"training.save_interval": 2, "training.gradient_checkpointing": "true"})
+    result = run(assets, tmp_path, **{"checkpoint.save_interval": 2, "ttt.gradient_checkpointing": "true"})
     assert [r["loss"] for r in result.train_history] == [r["loss"] for r in reference.train_history]
     assert [r["grad_norm"] for r in result.train_history] == [r["grad_norm"] for r in reference.train_history]
 
 
 def test_mla_draft_trains(assets, tmp_path):
     result = run(
-        assets, tmp_path, **{"model.draft_architecture": "mla", "training.max_steps": 6, "training.eval_interval": 0}
+        assets, tmp_path, **{"model.draft_architecture": "mla", "training.max_steps": 6, "metrics.eval_interval": 0}
     )
     config = json.loads((result.checkpoint / "config.json").read_text())
     assert config["architectures"] == ["Eagle3DeepseekV2ForCausalLM"]
@@ -247,12 +294,14 @@ def test_mla_draft_trains(assets, tmp_path):
 def test_continuing_with_another_draft_shape_is_a_config_error(assets, reference_run, tmp_path):
     reference_dir, _ = reference_run
     with pytest.raises(ConfigError, match="the checkpoint's draft has architectures=.*LlamaForCausalLMEagle3"):
-        run(assets, tmp_path, **{"training.continual_training": str(reference_dir), "model.draft_architecture": "mla"})
+        run(
+            assets, tmp_path, **{"checkpoint.continual_training": str(reference_dir), "model.draft_architecture": "mla"}
+        )
 
 
 def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(assets, reference_run):
     reference_dir, _ = reference_run
-    with pytest.raises(ConfigError, match="already holds checkpoints; set training.resume=auto"):
+    with pytest.raises(ConfigError, match="already holds checkpoints; set checkpoint.resume=auto"):
         run(assets, reference_dir)
 
 
@@ -260,7 +309,7 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(assets, reference_ru
 def test_speculative_evaluation_at_the_end_of_training(assets, tmp_path, draft_vocab_size):
     """The gathered draft decodes held-out prompts for real: output identical to the target's own
     greedy decoding, acceptance reported with the bonus token, a JSON record in output_dir."""
-    extra = {"training.speculative_eval_prompts": 2, "training.max_steps": 2}
+    extra = {"metrics.speculative_eval_prompts": 2, "training.max_steps": 2}
     if draft_vocab_size:
         extra["model.draft_vocab_size"] = draft_vocab_size
     result = run(assets, tmp_path, **extra)

@@ -95,15 +95,15 @@ def small_overrides(assets: dict, output_dir: Path, **extra) -> list[str]:
         "training.micro_batch_size": 2,
         "training.global_batch_size": 8,
         "training.max_steps": 8,
-        "training.ttt_length": 3,
-        "training.learning_rate": 3e-3,
-        "training.warmup_ratio": 0.1,
-        "training.eval_interval": 4,
-        "training.log_interval": 4,
-        "training.progress_bar": False,
-        "training.keep_last": None,
-        "training.speculative_eval_prompts": 0,
-        "training.resume": None,  # a fresh run unless a test asks to resume (the shipped default is auto)
+        "ttt.length": 3,
+        "optimizer.learning_rate": 3e-3,
+        "lr_schedule.warmup_ratio": 0.1,
+        "metrics.eval_interval": 4,
+        "metrics.log_interval": 4,
+        "metrics.progress_bar": False,
+        "checkpoint.keep_last": None,
+        "metrics.speculative_eval_prompts": 0,
+        "checkpoint.resume": None,  # a fresh run unless a test asks to resume (the shipped default is auto)
     }
     values.update(extra)
     return [f"{key}={'null' if value is None else value}" for key, value in values.items()]

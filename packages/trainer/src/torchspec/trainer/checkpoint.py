@@ -12,7 +12,7 @@ returns ``iter_*`` folders with the marker and never looks at ``.tmp_*``. Removi
 A write that fails on any rank (a full disk, a quota, a file system gone read-only) fails the save
 on every rank alike, instead of leaving the others waiting at a barrier: the staging folder is
 removed and a ``ConfigError`` names the output folder, the reason, and the checkpoint that is still
-the latest complete one (the one ``training.resume=auto`` and the converter pick).
+the latest complete one (the one ``checkpoint.resume=auto`` and the converter pick).
 
 What is saved is one ``states`` mapping of ``Stateful`` components (``torchspec.trainer.states``:
 model, optimizer, LR schedule, data position, train state, RNG); :meth:`Checkpointer.save` writes
@@ -235,7 +235,7 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
         latest = find_latest(self.output_dir)
         still = (
-            f"{latest} is still the latest complete checkpoint and training.resume=auto continues from it"
+            f"{latest} is still the latest complete checkpoint and checkpoint.resume=auto continues from it"
             if latest is not None
             else "no complete checkpoint was saved yet"
         )

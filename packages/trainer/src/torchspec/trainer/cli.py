@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a draft against a live target")
     train.add_argument("--config", help="YAML config file (default: the embedded demo config)")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. training.learning_rate=5e-5")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optimizer.learning_rate=5e-5")
     commands.add_parser(
         "evaluate", help="real speculative decoding of an exported draft (see evaluate --help)", add_help=False
     )
@@ -59,7 +59,7 @@ def _quiet_library_bars() -> None:
 
 
 @cli_main(
-    interrupted="interrupted; run the same command again to resume from the last checkpoint (training.resume=auto)"
+    interrupted="interrupted; run the same command again to resume from the last checkpoint (checkpoint.resume=auto)"
 )
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -1,9 +1,12 @@
 """Training configuration: typed sections, YAML files, dotted command-line overrides.
 
-A config is three sections (``model``, ``data``, ``training``) of plain dataclasses. Files and
-overrides are checked strictly: an unknown key fails with the closest known key as a suggestion, a
-value of the wrong type fails with its key path. The defaults are the embedded demo run (a tiny
-built-in target and the bundled sample conversations), so ``TrainConfig()`` trains something.
+A config is sections of plain dataclasses, each named for what it configures: ``model``, ``data``,
+``training`` (the run: output, seed, devices, batches, length), ``optimizer``, ``lr_schedule``,
+``ttt``, ``checkpoint`` and ``metrics``. Files and overrides are checked strictly: an unknown key
+fails with the closest known key as a suggestion, a value of the wrong type fails with its key path,
+and a key of the 0.3 layout (``training.learning_rate``) fails naming where it moved
+(``MOVED_KEYS``). The defaults are the embedded demo run (a tiny built-in target and the bundled
+sample conversations), so ``TrainConfig()`` trains something.
 
 YAML is read with one change to PyYAML's scalar rules: ``5e-5`` is a float (YAML 1.1 wants
 ``5.0e-5``), because learning rates are written that way on command lines.
@@ -28,9 +31,15 @@ from torchspec.draft_models.errors import UserInputError
 __all__ = [
     "BUILTIN_SAMPLE_CONVERSATIONS",
     "BUILTIN_TINY_TARGET",
+    "MOVED_KEYS",
+    "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "LRScheduleConfig",
+    "MetricsConfig",
     "ModelConfig",
+    "OptimizerConfig",
+    "TTTConfig",
     "TrainConfig",
     "TrainingConfig",
     "apply_overrides",
@@ -39,6 +48,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_yaml_scalar",
+    "upgrade_saved_config",
 ]
 
 BUILTIN_TINY_TARGET = "builtin:tiny-qwen3"
@@ -92,6 +102,8 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
+    """The run: where it writes, its seed, devices, batch geometry and length."""
+
     output_dir: str = "outputs/default_llama"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -103,41 +115,74 @@ class TrainingConfig:
     num_epochs: int = 4
     # Overrides num_epochs when set.
     max_steps: int | None = None
+    # Gradient-norm clipping before each optimizer step.
+    max_grad_norm: float = 1.0
+    # Shard the frozen target with FSDP2 too, for targets larger than one device.
+    shard_target: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (fp32 master weights)."""
+
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    max_grad_norm: float = 1.0
-    lr_schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+
+
+@dataclass
+class LRScheduleConfig:
+    """The learning-rate multiplier per step: linear warmup, then ``kind``."""
+
+    kind: Literal["cosine", "constant", "wsd"] = "cosine"
     # Two spellings of the warmup length: the file or command line that sets one resets the other
     # (so warmup_steps alone replaces the default ratio); one place setting both is an error.
     warmup_steps: int | None = None
     warmup_ratio: float | None = 0.05
     # WSD: share of the total steps spent decaying at the end.
     decay_ratio: float = 0.1
-    # The schedule decays to min_lr_ratio * learning_rate.
+    # The schedule decays to min_lr_ratio * optimizer.learning_rate.
     min_lr_ratio: float = 0.1
-    ttt_length: int = 7
+
+
+@dataclass
+class TTTConfig:
+    """Test-time training of the draft: the unroll, the loss weights and its memory."""
+
+    # Draft steps unrolled per position.
+    length: int = 7
+    # Step k's loss is weighted loss_decay**k.
     loss_decay: float = 0.8
     attention_backend: Literal["sdpa", "flex_attention"] = "sdpa"
     # false: the draft's MLP is recomputed in backward; true: its whole decoder layer (parallelize.py).
     gradient_checkpointing: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are saved and kept, and what a run starts from."""
+
     # Steps between checkpoints (0 = only at the end); the default run saves every 20 of its 108 steps.
     save_interval: int = 20
     # Checkpoints kept (the best one is always kept); null = all.
     keep_last: int | None = 3
-    # Steps between evaluations (0 = only at the end).
-    eval_interval: int = 40
-    log_interval: int = 10
-    # After training, real speculative decoding of this many held-out prompts (0 = off).
-    speculative_eval_prompts: int = 8
     # "auto" (continue from the latest complete checkpoint in output_dir, if any), null (a fresh run;
     # refuses an output_dir holding checkpoints) or a checkpoint folder.
     resume: str | None = "auto"
     # A checkpoint whose draft weights start a new run (optimizer, schedule and data start fresh).
     continual_training: str | None = None
+
+
+@dataclass
+class MetricsConfig:
+    """What the run measures and reports, and how often."""
+
+    log_interval: int = 10
+    # Steps between evaluations on the held-out set (0 = only at the end).
+    eval_interval: int = 40
+    # After training, real speculative decoding of this many held-out prompts (0 = off).
+    speculative_eval_prompts: int = 8
     tensorboard: bool = False
-    # Shard the frozen target with FSDP2 too, for targets larger than one device.
-    shard_target: bool = False
     progress_bar: bool = True
 
 
@@ -146,6 +191,52 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# Keys that left the `training` section in torchspec-trainer 0.4.0: old path -> new path. An old key
+# in a file or on the command line is an error naming the new one; configs saved in checkpoints of
+# older runs are read through `upgrade_saved_config`.
+LAYOUT_VERSION = "0.4.0"
+MOVED_KEYS = {
+    "training.learning_rate": "optimizer.learning_rate",
+    "training.weight_decay": "optimizer.weight_decay",
+    "training.betas": "optimizer.betas",
+    "training.lr_schedule": "lr_schedule.kind",
+    "training.warmup_steps": "lr_schedule.warmup_steps",
+    "training.warmup_ratio": "lr_schedule.warmup_ratio",
+    "training.decay_ratio": "lr_schedule.decay_ratio",
+    "training.min_lr_ratio": "lr_schedule.min_lr_ratio",
+    "training.ttt_length": "ttt.length",
+    "training.loss_decay": "ttt.loss_decay",
+    "training.attention_backend": "ttt.attention_backend",
+    "training.gradient_checkpointing": "ttt.gradient_checkpointing",
+    "training.save_interval": "checkpoint.save_interval",
+    "training.keep_last": "checkpoint.keep_last",
+    "training.resume": "checkpoint.resume",
+    "training.continual_training": "checkpoint.continual_training",
+    "training.log_interval": "metrics.log_interval",
+    "training.eval_interval": "metrics.eval_interval",
+    "training.speculative_eval_prompts": "metrics.speculative_eval_prompts",
+    "training.tensorboard": "metrics.tensorboard",
+    "training.progress_bar": "metrics.progress_bar",
+}
+
+
+def upgrade_saved_config(values: dict) -> dict:
+    """A config as an older version saved it (``training_config.yaml`` in a checkpoint or output
+    folder), in this version's layout; a config already in it comes back equal."""
+    upgraded = {section: dict(keys or {}) for section, keys in values.items()}
+    for old, new in MOVED_KEYS.items():
+        old_section, old_key = old.split(".")
+        if old_key in upgraded.get(old_section, {}):
+            new_section, new_key = new.split(".")
+            upgraded.setdefault(new_section, {})[new_key] = upgraded[old_section].pop(old_key)
+    return upgraded
 
 
 # --- YAML with scientific-notation floats ------------------------------------------------------------
@@ -186,7 +277,7 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 # Keys that say the same thing two ways. Each layer of a config (the defaults, the file, the
 # command line) may set one of a pair; it then resets the other, so a later layer's choice replaces
 # an earlier one's instead of conflicting with it. Both set in one layer is a ConfigError.
-_ALTERNATIVES = (("training", "warmup_steps", "warmup_ratio"),)
+_ALTERNATIVES = (("lr_schedule", "warmup_steps", "warmup_ratio"),)
 _UNION_ORIGINS = (Union, types.UnionType)
 _NOT_A_MATCH = object()
 
@@ -273,7 +364,8 @@ def config_from_dict(values: dict, source: str | None = None, base: TrainConfig 
         return config
     if not isinstance(values, dict):
         raise ConfigError(
-            f"{source or 'config'}: expected a mapping of sections (model, data, training), got {type(values).__name__}"
+            f"{source or 'config'}: expected a mapping of sections ({', '.join(_SECTIONS)}), "
+            f"got {type(values).__name__}"
         )
     sections = _section_classes()
     layer = set()
@@ -309,6 +401,8 @@ def _settle_alternatives(config: TrainConfig, layer: set[tuple[str, str]], sourc
 def _set_field(section_obj: Any, section: str, key: str, value: Any, source: str | None) -> None:
     path = f"{section}.{key}"
     hints = typing.get_type_hints(type(section_obj))
+    if path in MOVED_KEYS:
+        raise ConfigError(f"{path}{_where(source)} moved to {MOVED_KEYS[path]} in torchspec-trainer {LAYOUT_VERSION}")
     if key not in hints:
         raise ConfigError(f"unknown key {path}{_where(source)}{_suggest(path)}")
     coerced = _coerce(value, hints[key])
@@ -324,7 +418,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     for override in overrides:
         where = f"command-line override {override!r}"
         if "=" not in override:
-            raise ConfigError(f"{where} is not key=value; write it like training.learning_rate=5e-5")
+            raise ConfigError(f"{where} is not key=value; write it like optimizer.learning_rate=5e-5")
         path, text = override.split("=", 1)
         parts = path.strip().split(".")
         if len(parts) != 2 or parts[0] not in _SECTIONS:
@@ -362,6 +456,7 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
     """Checks between values that types alone cannot express."""
     where = _where(source)
     t, d, m = config.training, config.data, config.model
+    opt, sched, ttt, ckpt, met = config.optimizer, config.lr_schedule, config.ttt, config.checkpoint, config.metrics
 
     def positive(section: str, name: str, value: Any, allow_zero: bool = False) -> None:
         # `not value >= 0` also catches NaN, which every comparison calls False (it would reach AdamW).
@@ -369,14 +464,17 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
             bound = ">= 0" if allow_zero else "> 0"
             raise ConfigError(f"{section}.{name}{where} must be a finite number {bound}, got {value}")
 
-    for name in ("micro_batch_size", "global_batch_size", "num_epochs", "ttt_length", "log_interval"):
+    for name in ("micro_batch_size", "global_batch_size", "num_epochs", "max_steps", "max_grad_norm"):
         positive("training", name, getattr(t, name))
-    for name in ("max_steps", "keep_last"):
-        positive("training", name, getattr(t, name))
-    for name in ("save_interval", "eval_interval", "weight_decay", "warmup_steps", "speculative_eval_prompts"):
-        positive("training", name, getattr(t, name), allow_zero=True)
-    positive("training", "learning_rate", t.learning_rate)
-    positive("training", "max_grad_norm", t.max_grad_norm)
+    positive("optimizer", "learning_rate", opt.learning_rate)
+    positive("optimizer", "weight_decay", opt.weight_decay, allow_zero=True)
+    positive("lr_schedule", "warmup_steps", sched.warmup_steps, allow_zero=True)
+    positive("ttt", "length", ttt.length)
+    positive("checkpoint", "keep_last", ckpt.keep_last)
+    positive("checkpoint", "save_interval", ckpt.save_interval, allow_zero=True)
+    positive("metrics", "log_interval", met.log_interval)
+    for name in ("eval_interval", "speculative_eval_prompts"):
+        positive("metrics", name, getattr(met, name), allow_zero=True)
     positive("data", "max_seq_length", d.max_seq_length)
     positive("data", "num_proc", d.num_proc)
     positive("model", "draft_vocab_size", m.draft_vocab_size)
@@ -385,15 +483,20 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
             f"training.global_batch_size ({t.global_batch_size}){where} must be a multiple of "
             f"training.micro_batch_size ({t.micro_batch_size})"
         )
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        raise ConfigError(f"training.betas{where} must be two numbers in [0, 1), got {t.betas}")
-    for name in ("warmup_ratio", "decay_ratio", "min_lr_ratio", "loss_decay"):
-        value = getattr(t, name)
+    if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+        raise ConfigError(f"optimizer.betas{where} must be two numbers in [0, 1), got {opt.betas}")
+    for section, name in (
+        ("lr_schedule", "warmup_ratio"),
+        ("lr_schedule", "decay_ratio"),
+        ("lr_schedule", "min_lr_ratio"),
+        ("ttt", "loss_decay"),
+    ):
+        value = getattr(getattr(config, section), name)
         if value is not None and not 0 <= value <= 1:
-            raise ConfigError(f"training.{name}{where} must be in [0, 1], got {value}")
-    if t.warmup_steps is not None and t.warmup_ratio is not None:
+            raise ConfigError(f"{section}.{name}{where} must be in [0, 1], got {value}")
+    if sched.warmup_steps is not None and sched.warmup_ratio is not None:
         raise ConfigError(
-            f"training.warmup_steps and training.warmup_ratio are both set{where}; set one and the other to null"
+            f"lr_schedule.warmup_steps and lr_schedule.warmup_ratio are both set{where}; set one and the other to null"
         )
     if not 0 <= d.eval_split < 1:
         raise ConfigError(f"data.eval_split{where} must be in [0, 1), got {d.eval_split}")
@@ -401,9 +504,9 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
         raise ConfigError(f"model.aux_layer_ids{where} must list 3 layer ids (low, mid, high), got {m.aux_layer_ids}")
     # resume: auto goes with continual_training (the default is auto): the first launch starts from
     # continual_training's weights, a relaunch resumes its own checkpoints. An explicit resume path does not.
-    if t.resume not in (None, "auto") and t.continual_training is not None:
+    if ckpt.resume not in (None, "auto") and ckpt.continual_training is not None:
         raise ConfigError(
-            f"training.resume and training.continual_training are both set{where}; resume continues a run, "
+            f"checkpoint.resume and checkpoint.continual_training are both set{where}; resume continues a run, "
             "continual_training starts a new one from its weights: keep one"
         )
 

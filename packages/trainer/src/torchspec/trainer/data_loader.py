@@ -147,7 +147,7 @@ class DistributedBatchLoader:
             if key in state and state[key] != mine:
                 raise UserInputError(
                     f"the checkpoint's data position was recorded with {key}={state[key]}, this run has {mine}; "
-                    "resume with the same data, seed and global batch size, or use training.continual_training"
+                    "resume with the same data, seed and global batch size, or use checkpoint.continual_training"
                 )
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
 

@@ -186,8 +186,8 @@ def summary_writer_class():
         from torchspec.trainer.config import ConfigError
 
         raise ConfigError(
-            "training.tensorboard is true but the tensorboard package is not installed; "
-            "pip install tensorboard, or set training.tensorboard=false"
+            "metrics.tensorboard is true but the tensorboard package is not installed; "
+            "pip install tensorboard, or set metrics.tensorboard=false"
         ) from err
     return SummaryWriter
 
@@ -261,7 +261,7 @@ def format_metrics(record: dict[str, Any], positions: int = 3) -> str:
 class ProgressBar:
     """The training loop's progress: a tqdm bar on ``stream`` (stderr), with its own rate and ETA.
 
-    Nothing at all is drawn when ``enabled`` is false (``training.progress_bar: false``, or not the
+    Nothing at all is drawn when ``enabled`` is false (``metrics.progress_bar: false``, or not the
     main rank) or when ``stream`` is not a terminal, so logs and CI output stay as they were. While
     ``redirect_logging()`` is active, console log lines go through ``tqdm.write`` and are printed
     above the bar instead of through it.

@@ -6,7 +6,7 @@ model files hold the math only.
   sharding): TTT keeps every step's activations for backward, ``ttt_length`` times per position.
   ``"mlp"`` (the trainer's default) recomputes the decoder layer's MLP (``draft.midlayer.mlp``) in
   backward: its ``[T, intermediate]`` tensors are the largest activations and the cheapest to
-  recompute (about 5% more compute). ``"layer"`` (``training.gradient_checkpointing: true``)
+  recompute (about 5% more compute). ``"layer"`` (``ttt.gradient_checkpointing: true``)
   recomputes the whole decoder layer (``draft.midlayer``) of every TTT step, keeping only its inputs.
   ``"none"`` keeps everything. Gradients are the same in every mode.
 

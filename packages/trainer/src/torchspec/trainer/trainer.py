@@ -86,14 +86,14 @@ class TrainResult:
 def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Run training as configured. ``step_callback(step, record)`` is called after every step.
 
-    A run resumed (``training.resume``) from a checkpoint that already reached this config's last
+    A run resumed (``checkpoint.resume``) from a checkpoint that already reached this config's last
     step trains nothing: one line says so and how to start over, and the result has
     ``already_complete=True``.
     """
     completed = completed_run(config)
     if completed is not None:
         return completed
-    if config.training.tensorboard:
+    if config.metrics.tensorboard:
         summary_writer_class()  # a missing package stops the run before anything loads or is written
     created_group = not dist.is_initialized()
     ctx = init_distributed(config.training.device)
@@ -117,10 +117,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, ctx: DistributedContext):
         self.config, self.ctx = config, ctx
-        t, m = config.training, config.model
+        t, m, ckpt = config.training, config.model, config.checkpoint
         self.output_dir = Path(t.output_dir)
-        self.resume_from = _resume_path(t.resume, self.output_dir)
-        self.checkpointer = Checkpointer(self.output_dir, t.keep_last)
+        self.resume_from = _resume_path(ckpt.resume, self.output_dir)
+        self.checkpointer = Checkpointer(self.output_dir, ckpt.keep_last)
         self.checkpointer.clean_stale()
 
         # The target, its tokenizer, the data.
@@ -142,11 +142,11 @@ class Trainer:
         check_draft_against_target(
             self.draft_config, self.target, tokenizer, m.draft_config or "the generated draft config"
         )
-        self.vocab_mapping = _vocab_mapping(self.draft_config, t.continual_training, data.train)
+        self.vocab_mapping = _vocab_mapping(self.draft_config, ckpt.continual_training, data.train)
         torch.manual_seed(t.seed)  # the same initial draft on every rank
         self.draft = build_draft(self.draft_config, self.target, self.vocab_mapping).to(ctx.device)
-        self.model = Eagle3Model(self.draft, t.ttt_length, t.attention_backend)
-        apply_activation_checkpointing(self.model, "layer" if t.gradient_checkpointing else "mlp")
+        self.model = Eagle3Model(self.draft, config.ttt.length, config.ttt.attention_backend)
+        apply_activation_checkpointing(self.model, "layer" if config.ttt.gradient_checkpointing else "mlp")
         parallelize_draft(self.model, ctx.mesh, mixed_precision_policy(_dtype(t.dtype, ctx.device)))
         if t.shard_target:
             parallelize_target(self.target, ctx.mesh, ctx.device)
@@ -160,8 +160,9 @@ class Trainer:
 
         # Optimizer, schedule, data order.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        opt = config.optimizer
         self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=t.learning_rate, betas=tuple(t.betas), weight_decay=t.weight_decay
+            self.trainable, lr=opt.learning_rate, betas=tuple(opt.betas), weight_decay=opt.weight_decay
         )
         pad_id = _pad_id(tokenizer)
         try:
@@ -178,9 +179,11 @@ class Trainer:
         except UserInputError as err:
             raise ConfigError(f"training.global_batch_size: {err}") from None
         self.total_steps = t.max_steps or t.num_epochs * self.loader.steps_per_epoch
-        warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
+        sched = config.lr_schedule
+        warmup = warmup_steps_for(self.total_steps, sched.warmup_steps, sched.warmup_ratio)
         self.scheduler = build_lr_scheduler(
-            self.optimizer, WarmupDecaySchedule(self.total_steps, warmup, t.lr_schedule, t.min_lr_ratio, t.decay_ratio)
+            self.optimizer,
+            WarmupDecaySchedule(self.total_steps, warmup, sched.kind, sched.min_lr_ratio, sched.decay_ratio),
         )
         self.eval_batches = None
         if data.eval is not None and len(data.eval) > 0:
@@ -219,16 +222,16 @@ class Trainer:
     # --- resume, save -----------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Resume everything from ``training.resume``, or take only the weights of ``continual_training``."""
-        t = self.config.training
+        """Resume everything from ``checkpoint.resume``, or take only the weights of ``continual_training``."""
+        ckpt = self.config.checkpoint
         if self.resume_from is not None:
-            _check_same_draft(self.resume_from, self.draft_config, "training.resume")
-            self.checkpointer.load(self.resume_from, self.states, source="training.resume")
-            _log(self.ctx, _resume_hint(t.resume, self.output_dir, self.resume_from, self.step, self.total_steps))
-        elif t.continual_training is not None:
-            source = _complete_checkpoint(t.continual_training, "training.continual_training")
-            _check_same_draft(source, self.draft_config, "training.continual_training")
-            self.checkpointer.load(source, {"model": self.states["model"]}, source="training.continual_training")
+            _check_same_draft(self.resume_from, self.draft_config, "checkpoint.resume")
+            self.checkpointer.load(self.resume_from, self.states, source="checkpoint.resume")
+            _log(self.ctx, _resume_hint(ckpt.resume, self.output_dir, self.resume_from, self.step, self.total_steps))
+        elif ckpt.continual_training is not None:
+            source = _complete_checkpoint(ckpt.continual_training, "checkpoint.continual_training")
+            _check_same_draft(source, self.draft_config, "checkpoint.continual_training")
+            self.checkpointer.load(source, {"model": self.states["model"]}, source="checkpoint.continual_training")
             _log(self.ctx, f"draft weights from {source}; optimizer, schedule and data start fresh")
 
     def save(self) -> Path:
@@ -247,7 +250,7 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
 
     def fit(self, step_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
-        t, ctx = self.config.training, self.ctx
+        t, ctx = self.config.metrics, self.ctx
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.config, self.output_dir / "training_config.yaml")
@@ -262,10 +265,11 @@ class Trainer:
         _log(
             ctx,
             f"training {self.total_steps} steps ({self.loader.steps_per_epoch} per epoch, "
-            f"{self.loader.accumulation_steps} micro-batches of {t.micro_batch_size} per rank per step); "
+            f"{self.loader.accumulation_steps} micro-batches of {self.config.training.micro_batch_size} per rank "
+            "per step); "
             f"metrics: {self.output_dir / 'metrics.jsonl'} (acceptance_length = 1 + sum_k prod_{{i<=k}} cond_acc_i)",
         )
-        # A tqdm bar on a terminal (main rank, training.progress_bar); log lines are printed above it.
+        # A tqdm bar on a terminal (main rank, metrics.progress_bar); log lines are printed above it.
         progress = ProgressBar(self.total_steps, enabled=t.progress_bar and ctx.is_main, initial=self.step)
         try:
             with progress.redirect_logging():
@@ -283,7 +287,7 @@ class Trainer:
     def _loop(
         self, progress: ProgressBar, sink: MetricsSink | None, step_callback: Callable[[int, dict], None] | None
     ) -> tuple[list[dict], dict | None, Path | None]:
-        t, ctx = self.config.training, self.ctx
+        t, ctx = self.config.metrics, self.ctx
         history, eval_metrics, checkpoint = [], None, self.resume_from
         while self.step < self.total_steps:
             record = self.train_step([batch.to(ctx.device) for batch in self.loader.next_batches()])
@@ -311,7 +315,8 @@ class Trainer:
                         "checkpoint": checkpoint_name(self.step),
                     }
             # A new best eval is always saved, so that best.json points at a checkpoint.
-            if (t.save_interval and self.step % t.save_interval == 0) or last or new_best:
+            save_interval = self.config.checkpoint.save_interval
+            if (save_interval and self.step % save_interval == 0) or last or new_best:
                 checkpoint = self.save()
                 if new_best:
                     self.checkpointer.mark_best(checkpoint, {k: v for k, v in self.best.items() if k != "checkpoint"})
@@ -327,8 +332,8 @@ class Trainer:
         from torchspec.draft_models import AutoEagle3DraftModel
         from torchspec.trainer.evaluate import evaluate_prompts, prompts_from_tokenized
 
-        t, ctx = self.config.training, self.ctx
-        if self.eval_dataset is None or len(self.eval_dataset) == 0 or t.shard_target:
+        ctx = self.ctx
+        if self.eval_dataset is None or len(self.eval_dataset) == 0 or self.config.training.shard_target:
             _log(ctx, "speculative eval skipped: it needs a held-out split and an unsharded target")
             return None
         state = get_model_state_dict(self.draft, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -338,7 +343,7 @@ class Trainer:
         draft.load_state_dict(state)
         target = self.target.model
         draft = draft.to(device=ctx.device, dtype=next(target.parameters()).dtype)
-        prompts = prompts_from_tokenized(self.eval_dataset, t.speculative_eval_prompts)
+        prompts = prompts_from_tokenized(self.eval_dataset, self.config.metrics.speculative_eval_prompts)
         result = evaluate_prompts(
             draft,
             target,
@@ -392,11 +397,11 @@ class Trainer:
 
         # 2. Draft forward/backward per micro-batch, each loss divided by the global counts, so the
         # accumulated (and rank-summed) gradient is that of the global-batch mean.
-        counts = TTTCounts.zeros(t.ttt_length, ctx.device)
+        counts = TTTCounts.zeros(self.config.ttt.length, ctx.device)
         for index, (batch, (out, loss_mask, valid)) in enumerate(zip(micro_batches, targets)):
             model.set_requires_gradient_sync(index == len(micro_batches) - 1)
             result = self._draft_pass(batch, out, loss_mask, valid, loss_normalizer=global_counts)
-            result.total_loss(t.loss_decay).backward()
+            result.total_loss(self.config.ttt.loss_decay).backward()
             counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
 
         # 3. Clip, step, schedule.
@@ -415,7 +420,9 @@ class Trainer:
         totals = all_reduce_sum(torch.cat([counts.as_tensor().flatten(), extras]))
         global_tokens, target_seconds_sum, seconds_sum = totals[-3:].tolist()
         return {
-            **summarize(TTTCounts.from_tensor(totals[:-3].view(-1, t.ttt_length)), t.loss_decay),
+            **summarize(
+                TTTCounts.from_tensor(totals[:-3].view(-1, self.config.ttt.length)), self.config.ttt.loss_decay
+            ),
             "lr": learning_rate,
             "grad_norm": float(grad_norm),
             "tokens": int(global_tokens),
@@ -427,8 +434,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """The training metrics over the whole held-out set (losses normalised by its total counts)."""
-        t = self.config.training
-        counts = TTTCounts.zeros(t.ttt_length, self.ctx.device)
+        t = self.config.ttt
+        counts = TTTCounts.zeros(t.length, self.ctx.device)
         for batch in self.eval_batches:
             batch = batch.to(self.ctx.device)
             result = self._draft_pass(batch, *self._target_pass(batch))
@@ -504,10 +511,10 @@ def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
         latest = find_latest(output_dir)
         return latest  # None: nothing to resume yet, a fresh start
     if resume is not None:
-        return _complete_checkpoint(resume, "training.resume")
+        return _complete_checkpoint(resume, "checkpoint.resume")
     if list_checkpoints(output_dir):
         raise ConfigError(
-            f"training.output_dir {output_dir} already holds checkpoints; set training.resume=auto to continue "
+            f"training.output_dir {output_dir} already holds checkpoints; set checkpoint.resume=auto to continue "
             "that run, "
             "or choose another output_dir"
         )
@@ -518,14 +525,14 @@ def _resume_hint(resume: str, output_dir: Path, checkpoint: Path, step: int, tot
     """The one line a resumed run starts with."""
     if resume == "auto":
         return (
-            f"resuming {output_dir} from step {step} of {total_steps} (training.resume=auto); "
+            f"resuming {output_dir} from step {step} of {total_steps} (checkpoint.resume=auto); "
             f"to start over instead, delete {output_dir} or set training.output_dir to another folder"
         )
-    return f"resuming from {checkpoint} at step {step} of {total_steps} (training.resume={resume})"
+    return f"resuming from {checkpoint} at step {step} of {total_steps} (checkpoint.resume={resume})"
 
 
 def completed_run(config: TrainConfig) -> TrainResult | None:
-    """The result of a run that ``training.resume`` would continue but that has already reached
+    """The result of a run that ``checkpoint.resume`` would continue but that has already reached
     this config's last step (after logging one line saying so and how to start over), else None.
 
     Decided from the checkpoint's ``trainer_state.json`` alone (its step and the data size it was
@@ -533,11 +540,11 @@ def completed_run(config: TrainConfig) -> TrainResult | None:
     the same. Anything unusual (a different global batch size, an unreadable state) is left to the
     full resume, which explains it.
     """
-    t = config.training
-    if t.resume is None:
+    t, resume = config.training, config.checkpoint.resume
+    if resume is None:
         return None
     output_dir = Path(t.output_dir)
-    checkpoint = _resume_path(t.resume, output_dir)
+    checkpoint = _resume_path(resume, output_dir)
     if checkpoint is None:
         return None
     try:
@@ -552,9 +559,9 @@ def completed_run(config: TrainConfig) -> TrainResult | None:
         total = t.num_epochs * steps_per_epoch(int(data["num_samples"]), t.global_batch_size)
     if step < total:
         return None
-    where = output_dir if t.resume == "auto" else checkpoint
+    where = output_dir if resume == "auto" else checkpoint
     message = (
-        f"the run in {where} is already complete at step {step} ({checkpoint}, training.resume={t.resume}); "
+        f"the run in {where} is already complete at step {step} ({checkpoint}, checkpoint.resume={resume}); "
         f"to start over, delete {output_dir} or set training.output_dir to another folder; "
         f"to train longer, raise training.max_steps or training.num_epochs"
     )
@@ -574,17 +581,18 @@ def _config_differences(saved_file: Path, config: TrainConfig) -> list[str]:
     """Key paths whose values differ between a checkpoint's resolved config and ``config``."""
     import yaml
 
-    from torchspec.trainer.config import config_to_dict
+    from torchspec.trainer.config import config_to_dict, upgrade_saved_config
 
     try:
         saved = yaml.safe_load(saved_file.read_text())
     except (OSError, yaml.YAMLError):
         return []
-    if not isinstance(saved, dict):
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) or v is None for v in saved.values()):
         return []
+    saved = upgrade_saved_config(saved)  # a run saved by torchspec-trainer < 0.4.0 has the old layout
     current = config_to_dict(config)
     # How and where a run is launched (a run folder may be moved), not what it trains.
-    ignored = {"training.resume", "training.progress_bar", "training.output_dir"}
+    ignored = {"checkpoint.resume", "metrics.progress_bar", "training.output_dir"}
     differing = []
     for section, values in current.items():
         saved_values = saved.get(section) or {}
@@ -626,7 +634,7 @@ def _vocab_mapping(draft_config, continual_training: str | None, train_dataset):
     if continual_training is not None:
         from torchspec.data import VocabMapping
 
-        source = _complete_checkpoint(continual_training, "training.continual_training") / VOCAB_MAPPING_FILE
+        source = _complete_checkpoint(continual_training, "checkpoint.continual_training") / VOCAB_MAPPING_FILE
         if source.is_file():
             return VocabMapping.load(source)  # the head's rows follow the mapping it was trained with
     return vocab_mapping_from_data(train_dataset, draft_config.vocab_size, draft_config.draft_vocab_size)
