@@ -20,6 +20,13 @@ def test_evaluate_goes_to_the_speculative_evaluator(capsys, tmp_path):
     assert capsys.readouterr().err.strip() == f"error: --draft {tmp_path / 'nope'}: no config.json there"
 
 
+def test_verify_goes_to_the_engine_check_with_the_same_error_policy(capsys, tmp_path):
+    """The folder check comes before any engine starts, so this needs no vLLM."""
+    code = main(["verify", "--draft", str(tmp_path / "nope"), "--target", str(tmp_path), "--data", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: --draft {tmp_path / 'nope'}: no config.json there"
+
+
 def test_overrides_on_both_sides_of_config(capsys, tmp_path, monkeypatch):
     """`train a.b=1 --config x.yaml c.d=2`: both overrides apply, in command-line order, over the file."""
     import torchspec.trainer.trainer as trainer_module

@@ -23,6 +23,25 @@ def one_process_group():
     dist.destroy_process_group()
 
 
+def _assert_same_step(model, reference, target):
+    """One forward and backward of the sharded ``model`` and the plain ``reference``: the same loss,
+    the same gradients (the sharded ones gathered)."""
+    ids = torch.randint(0, VOCAB, (2, 10))
+    out = target(ids)
+    mask = torch.ones_like(ids)
+    kwargs = {"target_hidden": out.final_hidden, "target_head_weight": target.lm_head_weight}
+    loss = model(ids, out.aux_hidden_states, mask, **kwargs).total_loss()
+    expected = reference(ids, out.aux_hidden_states, mask, **kwargs).total_loss()
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+        if ref.grad is None:
+            assert param.grad is None, name
+            continue
+        torch.testing.assert_close(param.grad.full_tensor(), ref.grad, msg=name)
+
+
 def test_without_torchrun_a_one_process_group(one_process_group):
     ctx = one_process_group
     assert (ctx.rank, ctx.world_size, ctx.device.type) == (0, 1, "cpu")
@@ -44,20 +63,7 @@ def test_every_linear_but_lm_head_is_its_own_unit_and_numerics_are_unchanged(one
     assert "draft.fc" in sharded and "draft.midlayer.self_attn.q_proj" in sharded
     assert sharded - {""} == {name for name, _ in draft_fsdp_units(model)}
 
-    ids = torch.randint(0, VOCAB, (2, 10))
-    out = target(ids)
-    mask = torch.ones_like(ids)
-    kwargs = {"target_hidden": out.final_hidden, "target_head_weight": target.lm_head_weight}
-    loss = model(ids, out.aux_hidden_states, mask, **kwargs).total_loss()
-    expected = reference(ids, out.aux_hidden_states, mask, **kwargs).total_loss()
-    loss.backward()
-    expected.backward()
-    torch.testing.assert_close(loss, expected)
-    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
-        if ref.grad is None:
-            assert param.grad is None, name
-            continue
-        torch.testing.assert_close(param.grad.full_tensor(), ref.grad, msg=name)
+    _assert_same_step(model, reference, target)
 
 
 @pytest.mark.parametrize("mode", ["mlp", "layer"])
@@ -73,18 +79,7 @@ def test_activation_checkpointing_under_fsdp_keeps_the_units_and_the_numerics(on
     assert [name for name, _ in draft_fsdp_units(model)] == plain_units
     assert all(isinstance(module, FSDPModule) for _, module in draft_fsdp_units(model))
 
-    ids = torch.randint(0, VOCAB, (2, 10))
-    out = target(ids)
-    mask = torch.ones_like(ids)
-    kwargs = {"target_hidden": out.final_hidden, "target_head_weight": target.lm_head_weight}
-    loss = model(ids, out.aux_hidden_states, mask, **kwargs).total_loss()
-    expected = reference(ids, out.aux_hidden_states, mask, **kwargs).total_loss()
-    loss.backward()
-    expected.backward()
-    torch.testing.assert_close(loss, expected)
-    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
-        if ref.grad is not None:
-            torch.testing.assert_close(param.grad.full_tensor(), ref.grad, msg=name)
+    _assert_same_step(model, reference, target)
 
 
 def test_mixed_precision_policy():

@@ -141,7 +141,9 @@ def test_a_checkpoint_of_torchspec_trainer_0_3_resumes_bitwise(assets, reference
     _as_written_by_0_3(tmp_path / "iter_0000008", total_steps=8)
     caplog.clear()
     with caplog.at_level("INFO", logger="torchspec.trainer"):
-        result = run(assets, tmp_path, **{"checkpoint.resume": "auto", "ttt.loss_decay": 0.5})
+        result = run(
+            assets, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.resume": "auto", "ttt.loss_decay": 0.5}
+        )
     assert result.already_complete and result.steps == 8
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.endswith("(note: that run's config differs from this one in ttt.loss_decay)"), line

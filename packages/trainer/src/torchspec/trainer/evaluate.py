@@ -24,6 +24,7 @@ from torchspec.draft_models.errors import UserInputError, cli_main
 __all__ = [
     "EvaluationResult",
     "apply_defaults",
+    "decoding_inputs",
     "evaluate_draft",
     "evaluate_prompts",
     "load_for_evaluation",
@@ -31,6 +32,7 @@ __all__ = [
     "prompts_from_conversations",
     "prompts_from_tokenized",
     "require_model_folders",
+    "write_report",
 ]
 
 
@@ -295,11 +297,11 @@ def _recorded_model_and_data(run_dir: Path) -> dict:
     }
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def decoding_inputs(args) -> tuple:
+    """The draft, target, data and decoding options of ``evaluate`` and ``verify`` (defaults filled
+    in by :func:`apply_defaults`), in the order ``evaluate_draft`` and ``verify_draft`` take them."""
     apply_defaults(args)
-    result = evaluate_draft(
+    return (
         args.draft,
         args.target,
         args.data,
@@ -308,10 +310,21 @@ def main(argv: list[str] | None = None) -> int:
         args.num_draft_tokens,
         args.prompt_key,
     )
-    print(result.table())
-    output = Path(args.output or Path(args.draft) / "speculative_eval.json")
-    output.write_text(json.dumps({**asdict(result), "speedup": result.speedup}, indent=2) + "\n")
+
+
+def write_report(table: str, record: dict, output: str | Path) -> None:
+    """Print a command's table, write its JSON record to ``output`` and say where."""
+    print(table)
+    Path(output).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {output}")
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = evaluate_draft(*decoding_inputs(args))
+    record = {**asdict(result), "speedup": result.speedup}
+    write_report(result.table(), record, args.output or Path(args.draft) / "speculative_eval.json")
     return 0 if result.identical_to_target else 1
 
 

@@ -17,7 +17,6 @@ outputs, 1 served but the outputs differ, 2 not served (the engine's reason is p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -168,24 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    from torchspec.trainer.evaluate import apply_defaults
+    from torchspec.trainer.evaluate import decoding_inputs, write_report
 
     args = build_parser().parse_args(argv)
-    apply_defaults(args)
-    report = verify_draft(
-        args.draft,
-        args.target,
-        args.data,
-        args.num_prompts,
-        args.max_new_tokens,
-        args.num_draft_tokens,
-        args.prompt_key,
-        args.dtype,
-    )
-    print(report.table())
-    output = Path(args.output or Path(args.draft) / "engine_verify.json")
-    output.write_text(json.dumps({**asdict(report), "counts_agree": report.counts_agree}, indent=2) + "\n")
-    print(f"wrote {output}")
+    report = verify_draft(*decoding_inputs(args), args.dtype)
+    record = {**asdict(report), "counts_agree": report.counts_agree}
+    write_report(report.table(), record, args.output or Path(args.draft) / "engine_verify.json")
     return 0 if report.engine_output_identical_with_and_without_draft else 1
 
 
