@@ -143,7 +143,9 @@ class Trainer:
         self.vocab_mapping = _vocab_mapping(self.draft_config, t.continual_training, data.train)
         torch.manual_seed(t.seed)  # the same initial draft on every rank
         self.draft = build_draft(self.draft_config, self.target, self.vocab_mapping).to(ctx.device)
-        self.model = Eagle3Model(self.draft, t.ttt_length, t.attention_backend, t.gradient_checkpointing)
+        self.model = Eagle3Model(
+            self.draft, t.ttt_length, t.attention_backend, t.gradient_checkpointing, loss_decay=t.loss_decay
+        )
         parallelize_draft(self.model, ctx.mesh, mixed_precision_policy(_dtype(t.dtype, ctx.device)))
         if t.shard_target:
             parallelize_target(self.target, ctx.mesh, ctx.device)
