@@ -48,6 +48,7 @@ from torchspec.trainer.distributed import (
     mixed_precision_policy,
 )
 from torchspec.trainer.draft import build_draft, check_draft_against_target, resolve_draft_config
+from torchspec.trainer.host_memory import pin_malloc_mmap_threshold
 from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
 from torchspec.trainer.metrics import (
     MetricsSink,
@@ -58,6 +59,7 @@ from torchspec.trainer.metrics import (
     summary_writer_class,
     ttt_counts,
 )
+from torchspec.trainer.optimizer import build_optimizer
 from torchspec.trainer.parallelize import parallelize_draft, parallelize_target
 from torchspec.trainer.run_lock import OutputDirLock
 from torchspec.trainer.target import TargetModel
@@ -95,6 +97,8 @@ def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None
         summary_writer_class()  # a missing package stops the run before anything loads or is written
     created_group = not dist.is_initialized()
     ctx = init_distributed(config.training.device)
+    if ctx.device.type == "cpu":
+        pin_malloc_mmap_threshold()  # activations live in host memory: give freed ones back to the OS
     # Before the target loads: a second run on this folder, or one that cannot be written, stops here.
     lock = OutputDirLock(config.training.output_dir) if ctx.is_main else None
     try:
@@ -159,9 +163,7 @@ class Trainer:
 
         # Optimizer, schedule, data order.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=t.learning_rate, betas=tuple(t.betas), weight_decay=t.weight_decay
-        )
+        self.optimizer = build_optimizer(self.trainable, t.learning_rate, tuple(t.betas), t.weight_decay)
         pad_id = _pad_id(tokenizer)
         try:
             self.loader = DistributedBatchLoader(
