@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from torchspec.draft_models import Eagle3Model, step0_loss_mask
-from torchspec.draft_models.loss import DenseTargetProbs, chunked_forward_kl
+from torchspec.draft_models.loss import DenseTargetProbs, fused_forward_kl
 
 from draft_helpers import EAGLE3_1_VARIANTS, build_draft, explicit_fc, explicit_next_hidden, make_batch
 
@@ -134,10 +134,13 @@ def test_alignment_counts_each_step_one_token_further():
 def test_loss_normalizer_divides_the_sums():
     draft = build_draft("mla")
     batch = make_batch()
-    model = Eagle3Model(draft, length=2)
+    model = Eagle3Model(draft, length=2, loss_decay=0.5)
     out = _forward(model, batch, loss_normalizer=torch.tensor([100.0, 50.0]))
     torch.testing.assert_close(out.losses, out.loss_sums / torch.tensor([100.0, 50.0]))
-    assert out.total_loss(0.5).item() == pytest.approx((out.losses[0] + 0.5 * out.losses[1]).item())
+    assert out.loss.item() == pytest.approx((out.losses[0] + 0.5 * out.losses[1]).item())
+    assert out.total_loss(0.5) is out.loss
+    with pytest.raises(ValueError, match="loss_decay=0.5"):
+        out.total_loss(0.8)
 
 
 def test_gradients_reach_every_trainable_parameter_and_not_the_frozen_embedding(draft_kind):
@@ -172,11 +175,29 @@ def test_backbone_shapes_with_and_without_cache(draft_kind):
     assert draft.compute_logits(out).shape == (B, T, draft.config.draft_vocab_size)
 
 
-def test_chunked_loss_rejects_unsorted_rows():
-    with pytest.raises(ValueError, match="sorted"):
-        chunked_forward_kl(
-            torch.randn(2, 4), torch.randn(5, 4), DenseTargetProbs(torch.rand(1, 3, 5)), torch.tensor([2, 1])
+def test_fused_loss_rejects_row_tables_of_another_shape():
+    with pytest.raises(ValueError, match=r"must all be \[steps, 2\]"):
+        fused_forward_kl(
+            torch.randn(2, 4),
+            torch.randn(5, 4),
+            DenseTargetProbs(torch.rand(1, 3, 5)),
+            torch.tensor([1, 2]),
+            torch.zeros(1, 3, dtype=torch.long),
+            torch.zeros(1, 3),
+            torch.zeros(1, 3, dtype=torch.bool),
         )
+
+
+def test_the_fused_loss_under_no_grad_computes_no_gradients_and_says_so_on_backward():
+    draft = build_draft("llama")
+    batch = make_batch()
+    model = Eagle3Model(draft, length=2)
+    with torch.no_grad():
+        out = _forward(model, batch)
+    assert not out.loss.requires_grad
+    with_grad = _forward(model, batch)
+    torch.testing.assert_close(out.loss_sums, with_grad.loss_sums)
+    assert torch.equal(out.correct, with_grad.correct)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])

@@ -49,6 +49,47 @@ def test_cached_suffix_attention_equals_unrolled_full_mask(backend):
             torch.testing.assert_close(out.double(), expected[k], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("key_dim, value_dim, kv_heads", [(8, 8, 2), (8, 6, 4), (6, 8, 1)])
+def test_sdpa_gradients_equal_the_unrolled_reference(key_dim, value_dim, kv_heads):
+    """Backward of the causal-plus-diagonal split (flash kernel + closed-form diagonal) against
+    autograd through the explicit per-query softmax, for grouped heads and unequal head sizes."""
+    torch.manual_seed(1)
+    batch, heads, seq_len, steps = 2, 4, 6, 4
+    padding = torch.ones(batch, seq_len, dtype=torch.bool)
+    padding[0, 4:] = False
+
+    def leaves(shape):
+        return [torch.randn(*shape, requires_grad=True) for _ in range(steps)]
+
+    queries = leaves((batch, heads, seq_len, key_dim))
+    keys = leaves((batch, kv_heads, seq_len, key_dim))
+    values = leaves((batch, kv_heads, seq_len, value_dim))
+    out_weights = [torch.randn(batch, heads, seq_len, value_dim, dtype=torch.float64) for _ in range(steps)]
+
+    group = heads // kv_heads
+    expected = _unrolled_reference(
+        queries,
+        [k.repeat_interleave(group, 1) for k in keys],
+        [v.repeat_interleave(group, 1) for v in values],
+        padding,
+        scale=0.4,
+    )
+    expected_grads = torch.autograd.grad(
+        sum((o * w).sum() for o, w in zip(expected, out_weights)), queries + keys + values
+    )
+    mask, cache_keys, cache_values, outs = TTTMask(padding, "sdpa"), None, None, []
+    for k in range(steps):
+        out, cache_keys, cache_values = ttt_attention(
+            queries[k], keys[k], values[k], mask, cache_keys, cache_values, True, 0.4
+        )
+        outs.append(out)
+    for out, reference in zip(outs, expected):
+        torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(sum((o.double() * w).sum() for o, w in zip(outs, out_weights)), queries + keys + values)
+    for index, (actual, reference) in enumerate(zip(grads, expected_grads)):
+        torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-5, msg=f"input {index}")
+
+
 def test_grouped_query_attention_shares_kv_heads():
     torch.manual_seed(0)
     padding = torch.ones(1, 5, dtype=torch.bool)
@@ -94,3 +135,33 @@ def test_sdpa_and_flex_give_the_same_ttt_losses(draft_kind):
 def test_unknown_backend_lists_the_choices():
     with pytest.raises(ValueError, match="choose one of sdpa, flex_attention"):
         Eagle3Model(build_draft("llama"), attention_backend="flash")
+
+
+def test_flex_attention_compiles_once_for_every_ttt_step_and_sequence_length(monkeypatch):
+    """The compiled flex kernel sees the same key length at every TTT step (the diagonal keys are
+    merged outside it) and dynamic sequence lengths, so a run compiles one graph, not one per step
+    and length (torch's recompile limit would otherwise send it back to eager flex)."""
+    from torchspec.draft_models import ttt_attention as module
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(module, "_flex_attention_for", lambda device: module._compiled_flex_attention(counting_backend))
+    torch._dynamo.reset()
+    draft = build_draft("llama")
+    model = Eagle3Model(draft, length=4, attention_backend="flex_attention")
+    with torch.no_grad():
+        for seq_len in (19, 37, 53):  # lengths that equal no model dimension (duck sizing would tie them)
+            batch = make_batch(seq_len=seq_len)
+            model(
+                batch["input_ids"],
+                batch["hidden_states"],
+                step0_loss_mask(batch["token_loss_mask"]),
+                batch["attention_mask"],
+                target_hidden=batch["target_hidden"],
+                target_head_weight=batch["target_head_weight"],
+            )
+    assert len(graphs) == 1

@@ -14,8 +14,9 @@ Alignment (EAGLE-3). The target saw tokens ``x_0 .. x_{T-1}``; its aux hidden st
   target position ``t + 1 + k`` is inside the sequence, not padding and valid.
 
 Loss per step: the forward KL ``-sum p_target log q_draft`` summed over counted rows, divided by a
-normaliser (the counted rows of this batch, or global counts under data parallelism). The trainer's
-total is ``sum_k decay**k * loss_k``.
+normaliser (the counted rows of this batch, or global counts under data parallelism). The training
+objective ``Eagle3Output.loss`` is ``sum_k loss_decay**k * loss_k``; the model knows ``loss_decay``
+because the fused loss (:mod:`torchspec.draft_models.loss`) forms the gradient in forward.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torchspec.draft_models.loss import (
     DenseTargetProbs,
     TargetDistribution,
     TargetFromHead,
-    chunked_forward_kl,
+    fused_forward_kl,
 )
 from torchspec.draft_models.ttt_attention import ATTENTION_BACKENDS, TTTMask
 
@@ -50,16 +51,24 @@ def step0_loss_mask(token_loss_mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Eagle3Output:
-    loss_sums: torch.Tensor  # [length] summed forward-KL over counted rows (differentiable)
-    losses: torch.Tensor  # [length] loss_sums / normaliser (differentiable)
+    loss: torch.Tensor  # sum_k loss_decay**k * losses[k], the training objective (differentiable)
+    loss_decay: float
+    loss_sums: torch.Tensor  # [length] summed forward-KL over counted rows (for metrics; no gradient)
+    losses: torch.Tensor  # [length] loss_sums / normaliser (no gradient)
     accuracies: torch.Tensor  # [length] top-1 agreement with the target over counted rows
     counted: torch.Tensor  # [length] counted rows per step
     correct: torch.Tensor  # [length, B, T] bool: draft top-1 == target top-1 (False where not counted)
     counted_mask: torch.Tensor  # [length, B, T] bool
 
-    def total_loss(self, decay: float = 0.8) -> torch.Tensor:
-        weights = decay ** torch.arange(len(self.losses), dtype=self.losses.dtype, device=self.losses.device)
-        return (weights * self.losses).sum()
+    def total_loss(self, decay: float | None = None) -> torch.Tensor:
+        """The differentiable objective; ``decay``, if given, must be the model's ``loss_decay``
+        (the fused loss builds its gradient with the decay in forward)."""
+        if decay is not None and decay != self.loss_decay:
+            raise ValueError(
+                f"this output was computed with loss_decay={self.loss_decay}; build "
+                f"Eagle3Model(..., loss_decay={decay}) to train with decay {decay}"
+            )
+        return self.loss
 
 
 class Eagle3Model(nn.Module):
@@ -69,6 +78,7 @@ class Eagle3Model(nn.Module):
         length: int = 7,
         attention_backend: str = "sdpa",
         loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        loss_decay: float = 0.8,
     ):
         """The math of TTT only: what activations are kept for backward (activation checkpointing)
         and how the draft is sharded are applied from outside, by the trainer's ``parallelize``."""
@@ -81,6 +91,7 @@ class Eagle3Model(nn.Module):
         self.length = length
         self.attention_backend = attention_backend
         self.loss_chunk_elements = loss_chunk_elements
+        self.loss_decay = loss_decay
 
     # --- which rows count --------------------------------------------------------------------------
 
@@ -183,21 +194,25 @@ class Eagle3Model(nn.Module):
         counted_mask = self.counted_positions(loss_mask, attention_mask, target_valid)
         normed = self.unroll(input_ids, hidden_states, attention_mask, position_ids)
 
-        step, row_batch, row_pos = counted_mask.nonzero(as_tuple=True)
-        target_positions = row_batch * seq_len + row_pos + 1 + step
-        order = torch.argsort(target_positions, stable=True)
-        step, row_batch, row_pos = step[order], row_batch[order], row_pos[order]
-        rows = normed[step, row_batch, row_pos]
-        row_loss, row_correct = chunked_forward_kl(
-            rows, self.draft.lm_head.weight, target, target_positions[order], self.loss_chunk_elements
-        )
-
-        loss_sums = torch.zeros(self.length, dtype=torch.float32, device=rows.device).index_add(0, step, row_loss)
         counted = counted_mask.sum(dim=(1, 2))
-        correct = torch.zeros_like(counted_mask)
-        correct[step, row_batch, row_pos] = row_correct
         normalizer = counted.clamp(min=1).float() if loss_normalizer is None else loss_normalizer.float().clamp(min=1)
+        step_weights = self.loss_decay ** torch.arange(self.length, device=normalizer.device) / normalizer
+        positions, row_index, row_weight, row_counted = self._rows_by_target(counted_mask, step_weights)
+        loss, loss_sums, row_correct = fused_forward_kl(
+            normed,
+            self.draft.lm_head.weight,
+            target,
+            positions,
+            row_index,
+            row_weight,
+            row_counted,
+            self.loss_chunk_elements,
+        )
+        correct = torch.zeros_like(counted_mask)
+        correct.view(-1)[row_index[row_counted]] = row_correct[row_counted]
         return Eagle3Output(
+            loss=loss,
+            loss_decay=self.loss_decay,
             loss_sums=loss_sums,
             losses=loss_sums / normalizer,
             accuracies=correct.sum(dim=(1, 2)).float() / counted.clamp(min=1).float(),
@@ -205,3 +220,26 @@ class Eagle3Model(nn.Module):
             correct=correct,
             counted_mask=counted_mask,
         )
+
+    @staticmethod
+    def _rows_by_target(counted_mask: torch.Tensor, step_weights: torch.Tensor):
+        """Group the counted rows of every step by the target position they are trained toward.
+
+        Row ``t`` of step ``k`` is trained toward position ``t + 1 + k``. Returns the flat target
+        positions ``[U]`` that any step trains toward and, per step, the flat row of ``normed``
+        (``[length, B, T]`` flattened) trained toward each, its loss weight and whether it counts.
+        """
+        length, batch, seq_len = counted_mask.shape
+        device = counted_mask.device
+        steps = torch.arange(length, device=device)
+        target_counted = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+        for k in range(min(length, seq_len - 1)):
+            target_counted[:, k + 1 :] |= counted_mask[k, :, : seq_len - 1 - k]
+        positions = target_counted.view(-1).nonzero().view(-1)
+        sequence, target_pos = positions // seq_len, positions % seq_len
+        row_pos = target_pos[None, :] - 1 - steps[:, None]  # [length, U]
+        in_sequence = row_pos >= 0
+        row_index = (steps[:, None] * batch + sequence[None, :]) * seq_len + row_pos.clamp(min=0)
+        row_counted = in_sequence & counted_mask.view(-1)[row_index]
+        row_weight = row_counted * step_weights[:, None]
+        return positions, row_index, row_weight, row_counted

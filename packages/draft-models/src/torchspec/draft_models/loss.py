@@ -2,13 +2,15 @@
 
 The loss of one row (one position at one TTT step) is ``-sum_v p_target(v) * log q_draft(v)``.
 Vocabularies are large (150k tokens) and TTT visits every position ``length`` times, so the loss
-is computed by :func:`chunked_forward_kl`, which
+is computed by :func:`fused_forward_kl`, which
 
-* never materialises the ``[rows, vocab]`` logits of all rows at once: it walks chunks of rows and
-  recomputes each chunk's logits in backward instead of keeping them alive;
-* computes the target distribution of each target position once per pass, however many TTT steps
-  read it: rows are sorted by the target position they are trained toward, so the rows of all
-  steps that share a target position fall in the same chunk.
+* walks chunks of target positions, computes each position's target distribution once and trains
+  the rows of every TTT step that predict it against it (the rows of step ``k`` trained toward
+  position ``u`` are one gather, so no ``[rows, vocab]`` copy of the target is made per step);
+* never materialises more than one chunk of ``[rows, vocab]`` logits (one buffer, reused);
+* computes the gradients in the forward pass (the gradient of a forward-KL row is closed-form once
+  its softmax is known), so backward does not recompute the logits: three vocabulary-sized
+  matmuls per row instead of four.
 
 Targets come from a :class:`TargetDistribution`: the target's final hidden states and its
 ``lm_head`` weight (computed lazily, chunk by chunk), or dense probabilities already restricted to
@@ -18,17 +20,17 @@ the draft vocabulary.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "DenseTargetProbs",
     "TargetDistribution",
     "TargetFromHead",
-    "chunked_forward_kl",
+    "fused_forward_kl",
 ]
 
-# Elements of one [rows, vocab] float32 buffer per chunk (16 MiB); a handful are alive at once.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# Elements of one [rows, vocab] float32 buffer (64 MiB): the logits buffer and one chunk of target
+# probabilities are alive at once. Fewer rows per matmul cost speed: at 32k vocab this is 524 rows.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
 class TargetDistribution:
@@ -72,8 +74,10 @@ class TargetFromHead(TargetDistribution):
         self.chunk_elements = chunk_elements
 
     def probs(self, positions: torch.Tensor) -> torch.Tensor:
-        logits = self.hidden.index_select(0, positions) @ self.weight.T
-        return torch.softmax(logits.float(), dim=-1)
+        logits = (self.hidden.index_select(0, positions) @ self.weight.T).float()
+        # Softmax in place: one [positions, vocab] buffer instead of two.
+        logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        return logits.div_(logits.sum(-1, keepdim=True))
 
     def valid(self) -> torch.Tensor:
         if self.t2d is None:
@@ -100,73 +104,115 @@ class DenseTargetProbs(TargetDistribution):
         return torch.ones(self.shape, dtype=torch.bool, device=self.flat.device)
 
 
-def _chunks(row_positions: torch.Tensor, rows_per_chunk: int) -> list[tuple[int, int, int, int]]:
-    """Split rows (sorted by target position) into chunks that never split a target position.
+class _FusedForwardKL(torch.autograd.Function):
+    """The weighted loss, its per-step sums and its gradients in one pass over the vocabulary.
 
-    Returns ``(row_start, row_end, unique_start, unique_end)`` tuples.
+    The gradient of a forward-KL row is known as soon as its logits are (``softmax(z) * sum(p) - p``),
+    so forward computes it at once and keeps only ``[rows, hidden]`` and ``[vocab, hidden]``
+    gradients for backward: three matmuls per row instead of four (no logits recomputed), and no
+    ``[rows, vocab]`` tensor outlives its chunk.
     """
-    _, counts = torch.unique_consecutive(row_positions, return_counts=True)
-    chunks, row_start, unique_start, rows = [], 0, 0, 0
-    for index, count in enumerate(counts.tolist()):
-        if rows and rows + count > rows_per_chunk:
-            chunks.append((row_start, row_start + rows, unique_start, index))
-            row_start, unique_start, rows = row_start + rows, index, 0
-        rows += count
-    if rows:
-        chunks.append((row_start, row_start + rows, unique_start, len(counts)))
-    return chunks
-
-
-class _ChunkedForwardKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, target, row_positions, chunk_elements):
-        unique_positions, local_index = torch.unique_consecutive(row_positions, return_inverse=True)
-        chunks = _chunks(row_positions, max(1, chunk_elements // weight.shape[0]))
-        losses = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        correct = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-        for row_start, row_end, unique_start, unique_end in chunks:
-            target_probs = target.probs(unique_positions[unique_start:unique_end])
-            target_rows = target_probs.index_select(0, local_index[row_start:row_end] - unique_start)
-            logits = (hidden[row_start:row_end] @ weight.T).float()
-            losses[row_start:row_end] = -(target_rows * F.log_softmax(logits, dim=-1)).sum(-1)
-            correct[row_start:row_end] = logits.argmax(-1) == target_rows.argmax(-1)
-        ctx.save_for_backward(hidden, weight, unique_positions, local_index)
-        ctx.target, ctx.chunks = target, chunks
-        ctx.mark_non_differentiable(correct)
-        return losses, correct
 
     @staticmethod
-    def backward(ctx, grad_losses, _grad_correct):
-        hidden, weight, unique_positions, local_index = ctx.saved_tensors
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for row_start, row_end, unique_start, unique_end in ctx.chunks:
-            target_probs = ctx.target.probs(unique_positions[unique_start:unique_end])
-            target_rows = target_probs.index_select(0, local_index[row_start:row_end] - unique_start)
-            rows = hidden[row_start:row_end]
-            logits = (rows @ weight.T).float()
-            # d/dz of -sum p log softmax(z) is softmax(z) * sum(p) - p.
-            grad_logits = torch.softmax(logits, dim=-1) * target_rows.sum(-1, keepdim=True) - target_rows
-            grad_logits = grad_logits * grad_losses[row_start:row_end, None]
-            if grad_hidden is not None:
-                grad_hidden[row_start:row_end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            grad_weight.addmm_(grad_logits.T, rows.float())
-        grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+    def forward(ctx, hidden, weight, target, positions, row_index, row_weight, counted, chunk_rows, with_grads):
+        steps = row_index.shape[0]
+        flat_hidden = hidden.flatten(0, -2)
+        loss_sums = torch.zeros(steps, dtype=torch.float64, device=hidden.device)
+        correct = torch.zeros(counted.shape, dtype=torch.bool, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        grad_hidden = torch.zeros_like(flat_hidden) if with_grads and ctx.needs_input_grad[0] else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if with_grads and ctx.needs_input_grad[1]
+            else None
+        )
+        # One [chunk_rows, vocab] buffer for the logits of every chunk and step, reused in place.
+        logits_buffer = torch.empty(
+            min(chunk_rows, positions.numel()), weight.shape[0], dtype=torch.float32, device=hidden.device
+        )
+        for start in range(0, positions.numel(), chunk_rows):
+            end = min(start + chunk_rows, positions.numel())
+            target_probs = target.probs(positions[start:end])
+            target_mass = target_probs.sum(-1)
+            target_top = target_probs.argmax(-1)
+            for step in range(steps):
+                rows = row_index[step, start:end]
+                weights = row_weight[step, start:end]
+                is_counted = counted[step, start:end]
+                states = flat_hidden.index_select(0, rows)
+                logits = logits_buffer[: end - start]
+                if weight.dtype == torch.float32 and states.dtype == torch.float32:
+                    torch.mm(states, weight.T, out=logits)
+                else:
+                    logits.copy_(states @ weight.T)
+                correct[step, start:end] = (logits.argmax(-1) == target_top) & is_counted
+                # -sum p log softmax(z) = -sum p (z - m) + sum(p) * log sum exp(z - m)
+                logits.sub_(logits.amax(-1, keepdim=True))
+                cross = torch.bmm(target_probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
+                exp_sum = logits.exp_().sum(-1)
+                row_loss = target_mass * exp_sum.log() - cross
+                loss_sums[step] += row_loss.double()[is_counted].sum()
+                total += (row_loss.double() * weights.double()).sum()
+                if grad_hidden is None and grad_weight is None:
+                    continue
+                # d/dz of -sum p log softmax(z) is softmax(z) * sum(p) - p; rows weighted by their share.
+                grad_logits = logits.mul_((weights * target_mass / exp_sum).unsqueeze(1))
+                grad_logits.addcmul_(target_probs, weights.unsqueeze(1), value=-1.0)
+                if grad_hidden is not None:
+                    grad_hidden.index_add_(0, rows, (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype))
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.T, states.float())
+        ctx.grads = (
+            None if grad_hidden is None else grad_hidden.view_as(hidden),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+        )
+        ctx.mark_non_differentiable(loss_sums, correct)
+        return total.float(), loss_sums.float(), correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_loss_sums, _grad_correct):
+        grad_hidden, grad_weight = ctx.grads
+        if grad_hidden is None and grad_weight is None and any(ctx.needs_input_grad[:2]):
+            raise RuntimeError(
+                "the fused loss ran without gradients (under torch.no_grad) and cannot be backpropagated"
+            )
+        del ctx.grads
+        return (
+            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
+        ) + (None,) * 7
 
 
-def chunked_forward_kl(
+def fused_forward_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     target: TargetDistribution,
-    row_positions: torch.Tensor,
+    positions: torch.Tensor,
+    row_index: torch.Tensor,
+    row_weight: torch.Tensor,
+    counted: torch.Tensor,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row forward-KL loss and top-1 agreement of ``hidden @ weight.T`` against ``target``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward-KL of ``hidden @ weight.T`` against ``target``, rows grouped by target position.
 
-    ``hidden`` is ``[rows, hidden]`` (the draft's normed hidden states), ``row_positions`` the flat
-    target position of each row, sorted ascending. Returns ``(loss [rows] float32, correct [rows])``.
+    ``hidden`` holds the draft's normed hidden states ``[..., H]`` (any leading shape, read as flat
+    rows). ``positions`` ``[U]`` are the flat target positions trained toward; for each of ``S``
+    steps, ``row_index[s, u]`` is the row of ``hidden`` trained toward ``positions[u]``,
+    ``row_weight[s, u]`` its weight in the returned loss and ``counted[s, u]`` whether it counts at
+    all (rows that do not count must have weight 0; their index may point anywhere).
+
+    Returns ``(loss, loss_sums, correct)``: the differentiable ``sum(row_weight * row_loss)``, the
+    unweighted loss of the counted rows per step ``[S]``, and top-1 agreement with the target
+    ``[S, U]`` (False where not counted). Gradients are computed in the forward pass when grad mode
+    is on, so a second backward through the same output is not possible.
     """
-    if row_positions.numel() and not bool((row_positions[1:] >= row_positions[:-1]).all()):
-        raise ValueError("row_positions must be sorted ascending")
-    return _ChunkedForwardKL.apply(hidden, weight, target, row_positions, chunk_elements)
+    if not (row_index.shape == row_weight.shape == counted.shape) or row_index.shape[-1] != positions.numel():
+        raise ValueError(
+            f"row_index {tuple(row_index.shape)}, row_weight {tuple(row_weight.shape)} and counted "
+            f"{tuple(counted.shape)} must all be [steps, {positions.numel()}]"
+        )
+    chunk_rows = max(1, chunk_elements // weight.shape[0])
+    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _FusedForwardKL.apply(
+        hidden, weight, target, positions, row_index, row_weight.float(), counted.bool(), chunk_rows, with_grads
+    )

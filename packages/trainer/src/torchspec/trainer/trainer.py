@@ -49,6 +49,7 @@ from torchspec.trainer.distributed import (
     mixed_precision_policy,
 )
 from torchspec.trainer.draft import build_draft, check_draft_against_target, resolve_draft_config
+from torchspec.trainer.host_memory import pin_malloc_mmap_threshold
 from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
 from torchspec.trainer.metrics import (
     MetricsSink,
@@ -59,6 +60,7 @@ from torchspec.trainer.metrics import (
     summary_writer_class,
     ttt_counts,
 )
+from torchspec.trainer.optimizer import build_optimizer
 from torchspec.trainer.parallelize import apply_activation_checkpointing, parallelize_draft, parallelize_target
 from torchspec.trainer.run_lock import OutputDirLock
 from torchspec.trainer.states import LRScheduleState, ModelState, OptimizerState, RNGState, TrainState
@@ -97,6 +99,8 @@ def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None
         summary_writer_class()  # a missing package stops the run before anything loads or is written
     created_group = not dist.is_initialized()
     ctx = init_distributed(config.training.device)
+    if ctx.device.type == "cpu":
+        pin_malloc_mmap_threshold()  # activations live in host memory: give freed ones back to the OS
     # Before the target loads: a second run on this folder, or one that cannot be written, stops here.
     lock = OutputDirLock(config.training.output_dir) if ctx.is_main else None
     try:
@@ -145,8 +149,9 @@ class Trainer:
         self.vocab_mapping = _vocab_mapping(self.draft_config, ckpt.continual_training, data.train)
         torch.manual_seed(t.seed)  # the same initial draft on every rank
         self.draft = build_draft(self.draft_config, self.target, self.vocab_mapping).to(ctx.device)
-        self.model = Eagle3Model(self.draft, config.ttt.length, config.ttt.attention_backend)
-        apply_activation_checkpointing(self.model, "layer" if config.ttt.gradient_checkpointing else "mlp")
+        ttt = config.ttt
+        self.model = Eagle3Model(self.draft, ttt.length, ttt.attention_backend, loss_decay=ttt.loss_decay)
+        apply_activation_checkpointing(self.model, "layer" if ttt.gradient_checkpointing else "mlp")
         parallelize_draft(self.model, ctx.mesh, mixed_precision_policy(_dtype(t.dtype, ctx.device)))
         if t.shard_target:
             parallelize_target(self.target, ctx.mesh, ctx.device)
@@ -161,9 +166,7 @@ class Trainer:
         # Optimizer, schedule, data order.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         opt = config.optimizer
-        self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=opt.learning_rate, betas=tuple(opt.betas), weight_decay=opt.weight_decay
-        )
+        self.optimizer = build_optimizer(self.trainable, opt.learning_rate, tuple(opt.betas), opt.weight_decay)
         pad_id = _pad_id(tokenizer)
         try:
             self.loader = DistributedBatchLoader(

@@ -1,9 +1,10 @@
-"""Keep glibc from holding on to freed activation memory during CPU training.
+"""Host memory policy of a CPU training process.
 
 A TTT step allocates and frees hundreds of MB of activations. glibc's malloc raises its mmap
-threshold dynamically after such frees, so later large blocks come from the heap and freed
-memory stays in the process: peak RSS grows by the size of one step's activations. Pinning the
-threshold keeps large blocks on mmap, which returns them to the OS when freed.
+threshold after such frees (up to 32 MiB), so later large blocks come from the heap, and freed heap
+memory stays in the process: peak RSS grows by about one step's activations. Pinning the threshold
+keeps blocks of 1 MiB and more on mmap, which returns them to the OS when freed. The trainer applies
+it to CPU runs (``Trainer``); it is a process-wide setting, so the model library never does.
 """
 
 from __future__ import annotations
