@@ -80,7 +80,7 @@ class Eagle3Model(nn.Module):
         attention_backend: str = "sdpa",
         gradient_checkpointing: bool = False,
         recompute_mlp: bool = True,
-        loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        loss_chunk_elements: int | None = None,
         loss_decay: float = 0.8,
     ):
         """``gradient_checkpointing`` recomputes each whole backbone step in backward;
@@ -144,7 +144,7 @@ class Eagle3Model(nn.Module):
             target_head_weight,
             draft_ids=self.draft.draft_to_target_ids() if pruned else None,
             t2d=self.draft.t2d if pruned else None,
-            chunk_elements=self.loss_chunk_elements,
+            chunk_elements=self.loss_chunk_elements or DEFAULT_CHUNK_ELEMENTS,
         )
 
     # --- the unrolled draft ------------------------------------------------------------------------
