@@ -77,7 +77,7 @@ class Eagle3Model(nn.Module):
         draft: Eagle3DraftModel,
         length: int = 7,
         attention_backend: str = "sdpa",
-        loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        loss_chunk_elements: int | None = None,
         loss_decay: float = 0.8,
     ):
         """The math of TTT only: what activations are kept for backward (activation checkpointing)
@@ -138,7 +138,7 @@ class Eagle3Model(nn.Module):
             target_head_weight,
             draft_ids=self.draft.draft_to_target_ids() if pruned else None,
             t2d=self.draft.t2d if pruned else None,
-            chunk_elements=self.loss_chunk_elements,
+            chunk_elements=self.loss_chunk_elements or DEFAULT_CHUNK_ELEMENTS,
         )
 
     # --- the unrolled draft ------------------------------------------------------------------------

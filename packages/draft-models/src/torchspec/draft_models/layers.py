@@ -16,10 +16,35 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 so bf16 activations do not lose the small-variance directions.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``weight * (x / rms(x))``, normalised in fp32 so bf16 activations do not lose the
+    small-variance directions. Backward keeps only ``x`` and ``1 / rms`` (autograd through the
+    plain formula keeps three ``x``-sized tensors per norm, and TTT runs every norm once per step)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * (x32 * inv_rms).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, inv_rms = ctx.saved_tensors
+        normed = x.to(inv_rms.dtype) * inv_rms
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = (grad_out * weight).to(inv_rms.dtype)
+            # d(x / rms)/dx applied to g: (g - normed * mean(g * normed)) / rms
+            grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * inv_rms
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_weight, None
 
 
 class GatedMLP(nn.Module):

@@ -28,9 +28,12 @@ __all__ = [
     "fused_forward_kl",
 ]
 
-# Elements of one [rows, vocab] float32 buffer (64 MiB): the logits buffer and one chunk of target
-# probabilities are alive at once. Fewer rows per matmul cost speed: at 32k vocab this is 524 rows.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Elements of one [rows, vocab] float32 buffer (32 MiB): the logits buffer and one chunk of target
+# probabilities are alive at once (262 rows at 32k vocab). A chunk never has fewer than
+# MIN_CHUNK_ROWS rows by default, below which the vocabulary matmuls lose speed; at large vocabularies its
+# buffers stay small beside the lm_head's own weight, gradient and AdamW state.
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
+MIN_CHUNK_ROWS = 256
 
 
 class TargetDistribution:
@@ -177,9 +180,10 @@ class _FusedForwardKL(torch.autograd.Function):
                 "the fused loss ran without gradients (under torch.no_grad) and cannot be backpropagated"
             )
         del ctx.grads
+        # Scaled in place: these buffers belong to this node alone (an lm_head-sized copy otherwise).
         return (
-            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-            None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
+            None if grad_hidden is None else grad_hidden.mul_(grad_total.to(grad_hidden.dtype)),
+            None if grad_weight is None else grad_weight.mul_(grad_total.to(grad_weight.dtype)),
         ) + (None,) * 7
 
 
@@ -191,7 +195,7 @@ def fused_forward_kl(
     row_index: torch.Tensor,
     row_weight: torch.Tensor,
     counted: torch.Tensor,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward-KL of ``hidden @ weight.T`` against ``target``, rows grouped by target position.
 
@@ -211,7 +215,10 @@ def fused_forward_kl(
             f"row_index {tuple(row_index.shape)}, row_weight {tuple(row_weight.shape)} and counted "
             f"{tuple(counted.shape)} must all be [steps, {positions.numel()}]"
         )
-    chunk_rows = max(1, chunk_elements // weight.shape[0])
+    if chunk_elements is None:
+        chunk_rows = max(MIN_CHUNK_ROWS, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
+    else:
+        chunk_rows = max(1, chunk_elements // weight.shape[0])
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _FusedForwardKL.apply(
         hidden, weight, target, positions, row_index, row_weight.float(), counted.bool(), chunk_rows, with_grads

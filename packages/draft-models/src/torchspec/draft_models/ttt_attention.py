@@ -172,7 +172,12 @@ def ttt_attention(
         if mask.backend == "flex_attention":
             return _flex_causal_plus_diagonal(query, cache_keys, cache_values, mask, scale), cache_keys, cache_values
         if query.device.type == "cpu":
-            return _causal_plus_diagonal(query, cache_keys, cache_values, mask, scale), cache_keys, cache_values
+            if len(cache_values) == 1 and value.shape[-1] < key.shape[-1]:
+                # The flash kernel wants one head size (MLA's values are narrower): the step-0
+                # values are kept zero-padded in the cache, once, for every step.
+                cache_values = [F.pad(value, (0, key.shape[-1] - value.shape[-1]))]
+            out = _causal_plus_diagonal(query, cache_keys, cache_values, mask, scale, value.shape[-1])
+            return out, cache_keys, cache_values
     if use_cache:
         keys, values = torch.cat(cache_keys, dim=2), torch.cat(cache_values, dim=2)
     gqa = query.shape[1] != keys.shape[1]
@@ -185,14 +190,11 @@ def ttt_attention(
     return out, cache_keys, cache_values
 
 
-def _causal_plus_diagonal(query, cache_keys, cache_values, mask: TTTMask, scale: float) -> torch.Tensor:
+def _causal_plus_diagonal(query, cache_keys, cache_values, mask: TTTMask, scale: float, value_dim: int):
     key0, value0, diagonal_keys = cache_keys[0], cache_values[0], cache_keys[1:]
-    key_dim, value_dim = key0.shape[-1], value0.shape[-1]
-    # The flash kernel wants one head size (MLA's values are narrower): zero columns change no score
-    # and no output.
-    if value_dim < key_dim:
-        value0 = F.pad(value0, (0, key_dim - value_dim))
-    elif key_dim < value_dim:
+    key_dim = key0.shape[-1]
+    if key_dim < value_dim:
+        # One head size for the flash kernel: zero columns change no score.
         query, key0 = F.pad(query, (0, value_dim - key_dim)), F.pad(key0, (0, value_dim - key_dim))
         diagonal_keys = [F.pad(key, (0, value_dim - key_dim)) for key in diagonal_keys]
     bias = mask.step0_bias(query.dtype)
