@@ -102,7 +102,7 @@ def _write_error(err: BaseException) -> OSError | None:
     """The ``OSError`` behind a failed write: ``err`` itself, or one inside DCP's
     ``CheckpointException`` (per rank), where torch's zip writer may have replaced it by a
     ``RuntimeError`` that keeps it as its context."""
-    pending = [err]
+    pending: list[BaseException | None] = [err]
     for failure in getattr(err, "failures", {}).values():
         pending.append(failure[0] if isinstance(failure, tuple) else failure)
     seen = set()
@@ -305,7 +305,7 @@ class Checkpointer:
         with _quiet_dcp():
             if optimizer is not None:
                 model_state, optimizer_state = get_state_dict(model, optimizer)
-                state = {"model": model_state, "optimizer": optimizer_state}
+                state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
                 load_dcp(state, path)
                 set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
             else:

@@ -24,7 +24,7 @@ __all__ = ["draft_fsdp_units", "parallelize_draft", "parallelize_target"]
 
 def draft_fsdp_units(model: Eagle3Model) -> list[tuple[str, nn.Module]]:
     """The draft's FSDP2 units below the root, by qualified name."""
-    units = [("draft.fc", model.draft.fc)]
+    units: list[tuple[str, nn.Module]] = [("draft.fc", model.draft.fc)]
     for name, module in model.draft.midlayer.named_modules():
         if isinstance(module, nn.Linear):
             units.append((f"draft.midlayer.{name}", module))

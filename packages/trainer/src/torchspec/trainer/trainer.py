@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -160,7 +160,10 @@ class Trainer:
         # Optimizer, schedule, data order.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=t.learning_rate, betas=tuple(t.betas), weight_decay=t.weight_decay
+            self.trainable,
+            lr=t.learning_rate,
+            betas=cast(tuple[float, float], tuple(t.betas)),
+            weight_decay=t.weight_decay,
         )
         pad_id = _pad_id(tokenizer)
         try:
@@ -186,7 +189,8 @@ class Trainer:
             self.eval_batches = EvalBatches(
                 data.eval, t.micro_batch_size, pad_id, ctx.rank, ctx.world_size, config.data.max_seq_length
             )
-        self.step, self.best = 0, None
+        self.step = 0
+        self.best: dict[str, Any] | None = None
 
     # --- resume, save -----------------------------------------------------------------------------
 
@@ -204,7 +208,10 @@ class Trainer:
             except ValueError as err:
                 raise ConfigError(f"training.resume {self.resume_from}: {err}") from None
             self.step, self.best = int(state["step"]), state.get("best")
-            _log(self.ctx, _resume_hint(t.resume, self.output_dir, self.resume_from, self.step, self.total_steps))
+            _log(
+                self.ctx,
+                _resume_hint(cast(str, t.resume), self.output_dir, self.resume_from, self.step, self.total_steps),
+            )
         elif t.continual_training is not None:
             source = _complete_checkpoint(t.continual_training, "training.continual_training")
             _check_same_draft(source, self.draft_config, "training.continual_training")
@@ -301,7 +308,9 @@ class Trainer:
             if (t.save_interval and self.step % t.save_interval == 0) or last or new_best:
                 checkpoint = self.save()
                 if new_best:
-                    self.checkpointer.mark_best(checkpoint, {k: v for k, v in self.best.items() if k != "checkpoint"})
+                    self.checkpointer.mark_best(
+                        checkpoint, {k: v for k, v in cast(dict, self.best).items() if k != "checkpoint"}
+                    )
             if step_callback is not None:
                 step_callback(self.step, record)
         return history, eval_metrics, checkpoint
@@ -369,7 +378,7 @@ class Trainer:
         started = time.perf_counter()
         # 1. The target on every micro-batch, and the positions each TTT step counts, over all ranks.
         targets = [self._target_pass(batch) for batch in micro_batches]
-        local_counts = sum(
+        local_counts: torch.Tensor = sum(  # type: ignore[assignment]  # of tensors (micro_batches is not empty)
             model.count_positions(mask, batch.attention_mask, valid).double()
             for batch, (_, mask, valid) in zip(micro_batches, targets)
         )
@@ -381,7 +390,7 @@ class Trainer:
         # accumulated (and rank-summed) gradient is that of the global-batch mean.
         counts = TTTCounts.zeros(t.ttt_length, ctx.device)
         for index, (batch, (out, loss_mask, valid)) in enumerate(zip(micro_batches, targets)):
-            model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+            cast(Any, model).set_requires_gradient_sync(index == len(micro_batches) - 1)
             result = self._draft_pass(batch, out, loss_mask, valid, loss_normalizer=global_counts)
             result.total_loss(t.loss_decay).backward()
             counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
@@ -416,11 +425,11 @@ class Trainer:
         """The training metrics over the whole held-out set (losses normalised by its total counts)."""
         t = self.config.training
         counts = TTTCounts.zeros(t.ttt_length, self.ctx.device)
-        for batch in self.eval_batches:
+        for batch in cast(EvalBatches, self.eval_batches):  # evaluate runs only with held-out data
             batch = batch.to(self.ctx.device)
             result = self._draft_pass(batch, *self._target_pass(batch))
             counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
-        self.model.reshard()  # no backward follows, so FSDP would otherwise keep the root gathered
+        cast(Any, self.model).reshard()  # no backward follows, so FSDP would otherwise keep the root gathered
         totals = all_reduce_sum(counts.as_tensor().clone())
         return summarize(TTTCounts.from_tensor(totals), t.loss_decay)
 
