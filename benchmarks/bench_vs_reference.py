@@ -9,9 +9,10 @@ AdamW, embedding frozen, every position supervised, the target given as hidden s
 ``lm_head`` weight. Both sides do the same: a warm-up step, one step under ``FlopCounterMode``, then
 ``--steps`` timed steps; the median is reported, with peak RSS (ru_maxrss) of the whole process.
 
-This project runs at its defaults: ``Eagle3Model(draft, length)`` with nothing else set, the
-optimizer the trainer builds (``trainer.optimizer.build_optimizer``) and the host-memory setting the
-trainer applies to every CPU run (``trainer.host_memory``). The reference runs its own benchmark
+This project runs as the trainer runs it by default: ``Eagle3Model(draft, length)`` with nothing
+else set, the MLP recomputed in backward (``trainer.parallelize.apply_activation_checkpointing``,
+mode ``mlp``), the optimizer the trainer builds (``trainer.optimizer.build_optimizer``) and the
+host-memory setting the trainer applies to every CPU run (``trainer.host_memory``). The reference runs its own benchmark
 script, ``bench_reference_step.py``, unchanged. Without ``../shared/reference`` (a user's clone has
 none) only this project's figures are printed.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 
 REFERENCE = Path(os.environ.get("TORCHSPEC_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 DEFAULT_CASES = ["llama:32000", "mla:32000", "llama:151936", "mla:151936"]
+TRAINER_ACTIVATION_CHECKPOINTING = "mlp"  # what the trainer applies unless ttt.gradient_checkpointing
 
 
 def draft_config(arch: str, hidden: int, vocab: int) -> dict:
@@ -71,13 +73,14 @@ def run_project(arch: str, vocab: int, args) -> dict:
     from torchspec.draft_models import AutoEagle3DraftModel, Eagle3Model, step0_loss_mask
     from torchspec.trainer.host_memory import pin_malloc_mmap_threshold
     from torchspec.trainer.optimizer import build_optimizer
+    from torchspec.trainer.parallelize import apply_activation_checkpointing
 
     pin_malloc_mmap_threshold()
     torch.manual_seed(0)
     hidden, seq = args.hidden, args.seq
     draft = AutoEagle3DraftModel.from_config(draft_config(arch, hidden, vocab)).float()
     draft.freeze_embedding()
-    model = Eagle3Model(draft, length=args.ttt)
+    model = apply_activation_checkpointing(Eagle3Model(draft, length=args.ttt), TRAINER_ACTIVATION_CHECKPOINTING)
     optimizer = build_optimizer([p for p in draft.parameters() if p.requires_grad], 1e-4, (0.9, 0.999), 0.01)
     target_head = torch.randn(vocab, hidden) * 0.02
 

@@ -62,10 +62,6 @@ def _naive_loss(model, batch, decay):
 def run_one(kind: str, args) -> dict:
     from torchspec.draft_models import AutoEagle3DraftModel, Eagle3Model, step0_loss_mask
 
-    if args.pin_malloc_mmap_threshold:
-        from cpu_memory import pin_malloc_mmap_threshold  # beside this script: a benchmark setting, not a library one
-
-        pin_malloc_mmap_threshold()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     draft = AutoEagle3DraftModel.from_config(_configs(args.hidden, args.vocab)[kind]).to(dtype)
@@ -74,7 +70,6 @@ def run_one(kind: str, args) -> dict:
         draft,
         length=args.length,
         attention_backend="sdpa",
-        recompute_mlp=not args.keep_mlp_activations,
         **({"loss_chunk_elements": args.loss_chunk_elements} if args.loss_chunk_elements else {}),
     )
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-5)
@@ -91,7 +86,7 @@ def run_one(kind: str, args) -> dict:
     def step():
         optimizer.zero_grad(set_to_none=True)
         if args.naive:
-            loss = _naive_loss(model, batch, 0.8)
+            loss = _naive_loss(model, batch, model.loss_decay)
         else:
             out = model(
                 batch["input_ids"],
@@ -101,7 +96,7 @@ def run_one(kind: str, args) -> dict:
                 target_hidden=batch["target_hidden"],
                 target_head_weight=batch["target_head_weight"],
             )
-            loss = out.total_loss(0.8)
+            loss = out.loss
         loss.backward()
         optimizer.step()
 
@@ -120,7 +115,6 @@ def run_one(kind: str, args) -> dict:
     return dict(
         draft=kind,
         naive=args.naive,
-        pinned_mmap_threshold=args.pin_malloc_mmap_threshold,
         median_ms=round(median * 1000, 1),
         tokens_per_s=round(B * T / median, 1),
         gflop_per_step=round(flops / 1e9, 1),
@@ -142,12 +136,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--naive", action="store_true", help="per-step full logits (the obvious implementation)")
     parser.add_argument("--loss-chunk-elements", type=int, help="elements of one [rows, vocab] loss chunk")
-    parser.add_argument("--keep-mlp-activations", action="store_true", help="do not recompute the MLP in backward")
-    parser.add_argument(
-        "--pin-malloc-mmap-threshold",
-        action="store_true",
-        help="pin glibc's mmap threshold (an experiment: the library and the trainer do not pin it)",
-    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

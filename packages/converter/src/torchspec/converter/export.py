@@ -15,8 +15,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -49,7 +51,7 @@ def _target_config(target_model_path: str | None) -> dict:
     return json.loads(path.read_text())
 
 
-def _target_embedding(target_model_path: str) -> tuple[tuple[int, ...], callable]:
+def _target_embedding(target_model_path: str) -> tuple[tuple[int, ...], Callable[[], torch.Tensor]]:
     """Shape of the target's embedding table and a function that reads it."""
     for file in sorted(Path(target_model_path).glob("*.safetensors")):
         with open_safetensors(file) as handle:
@@ -100,7 +102,7 @@ def export_checkpoint(
 
     old_d2t = checkpoint.load_tensor("d2t") if config.is_vocab_pruned else None
     head_rows = None
-    draft_vocab_size = config.draft_vocab_size
+    draft_vocab_size = cast(int, config.draft_vocab_size)  # an int once the config's __post_init__ ran
     if new_draft_target_ids is not None:
         head_rows = head_rows_for(new_draft_target_ids, config.vocab_size, old_d2t)
         draft_vocab_size = int(new_draft_target_ids.numel())
@@ -133,7 +135,7 @@ def export_checkpoint(
             shape, produce = (len(head_rows), shape[1]), from_checkpoint(name, head_rows)
         specs.append(TensorSpec(name, shape, out_dtype if stored_dtype.is_floating_point else stored_dtype, produce))
     if head_rows is not None and draft_vocab_size < config.vocab_size:
-        new_ids = new_draft_target_ids.long()
+        new_ids = cast(torch.Tensor, new_draft_target_ids).long()  # head_rows come from them
         t2d = torch.zeros(config.vocab_size, dtype=torch.bool)
         t2d[new_ids] = True
         specs.append(

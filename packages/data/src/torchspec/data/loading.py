@@ -24,6 +24,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 
@@ -116,7 +117,7 @@ def read_conversation_records(
                 "version": _NORMALIZATION_VERSION,
             }
         )
-        gen_kwargs = {"files": [str(f) for f in files], "prompt_key": prompt_key}
+        gen_kwargs: dict[str, Any] = {"files": [str(f) for f in files], "prompt_key": prompt_key}
         try:
             return datasets.Dataset.from_generator(
                 _generate_records,

@@ -49,7 +49,8 @@ def build_local_tokenizer(
         raise DataError("build_local_tokenizer needs at least one template name")
     templates = [get_template(t) if isinstance(t, str) else t for t in chosen]
 
-    special, plain = [_PAD_TOKEN], []
+    special: list[str] = [_PAD_TOKEN]
+    plain: list[str] = []
     for t in templates:
         for token in t.special_tokens:
             bucket = plain if token in _PLAIN_ADDED_TOKENS else special

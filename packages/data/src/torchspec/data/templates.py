@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from torchspec.data.errors import DataError
 
@@ -195,7 +196,8 @@ def _llama4_turn(role: str) -> RoleFormat:
     return RoleFormat(f"<|header_start|>{role}<|header_end|>\n\n", "<|eot|>")
 
 
-_QWEN_CHATML = dict(
+# Shared ChatTemplate fields (keyword arguments; values of several types).
+_QWEN_CHATML: dict[str, Any] = dict(
     special_tokens=_CHATML_TOKENS,
     system=_chatml("system"),
     user=_chatml("user"),
@@ -205,7 +207,7 @@ _QWEN_CHATML = dict(
     after_end_of_turn="\n",
 )
 
-_DEEPSEEK = dict(
+_DEEPSEEK: dict[str, Any] = dict(
     special_tokens=(
         "<｜begin▁of▁sentence｜>",
         "<｜end▁of▁sentence｜>",
@@ -224,7 +226,7 @@ _DEEPSEEK = dict(
     end_of_turn="<｜end▁of▁sentence｜>",
 )
 
-_KIMI = dict(
+_KIMI: dict[str, Any] = dict(
     special_tokens=("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>"),
     system=RoleFormat("<|im_system|>system<|im_middle|>", "<|im_end|>"),
     user=RoleFormat("<|im_user|>user<|im_middle|>", "<|im_end|>"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any, cast
 
 from torchspec.data.conversation import normalize_conversation
 from torchspec.data.errors import DataError
@@ -48,12 +49,12 @@ class ConversationEncoder:
             raise DataError(f"max_seq_length must be a positive integer or None, got {max_seq_length}")
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
-        self._render_options = dict(
+        self._render_options: dict[str, Any] = dict(
             keep_reasoning=keep_reasoning, last_turn_only=last_turn_only, system_prompt=system_prompt
         )
         if isinstance(template, str) and template == HF_TEMPLATE:
             self.template: ChatTemplate | str = HF_TEMPLATE
-            self._renderer = HFChatTemplateRenderer(tokenizer)
+            self._renderer: HFChatTemplateRenderer | ChatTemplate = HFChatTemplateRenderer(tokenizer)
         else:
             self.template = get_template(template) if isinstance(template, str) else template
             if not isinstance(self.template, ChatTemplate):
@@ -65,7 +66,7 @@ class ConversationEncoder:
         """What the rendering depends on, for cache fingerprints."""
         if self.template == HF_TEMPLATE:
             return {"hf_chat_template": self.tokenizer.chat_template}
-        return self.template.definition()
+        return cast(ChatTemplate, self.template).definition()
 
     def render(self, messages: list[dict]) -> RenderedConversation:
         return self._renderer.render(messages, **self._render_options)

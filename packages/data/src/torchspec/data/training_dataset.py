@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pyarrow.compute as pc
@@ -153,7 +154,7 @@ def build_training_dataset(
 
 
 def _tokenize_batch(batch: dict, encoder: ConversationEncoder, return_attention_mask: bool) -> dict:
-    rows = []
+    rows: list[Any] = []  # a dict per conversation (None until the batch encode fills it)
     rendered, rendered_rows = [], []
     for conversation, error in zip(batch["conversations"], batch["error"]):
         if error:
@@ -171,9 +172,9 @@ def _tokenize_batch(batch: dict, encoder: ConversationEncoder, return_attention_
         supervised = any(encoded["loss_mask"])
         rows[row] = {**encoded, "status": _KEPT if supervised else _NO_SUPERVISED, "error": ""}
 
-    for row, source in zip(rows, batch["source"]):
-        if row["status"] == _INVALID and not row["error"].startswith(source):
-            row["error"] = f"{source}: {row['error']}"
+    for record, source in zip(rows, batch["source"]):
+        if record["status"] == _INVALID and not record["error"].startswith(source):
+            record["error"] = f"{source}: {record['error']}"
 
     out = {
         "input_ids": [r.get("input_ids", []) for r in rows],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -158,7 +159,7 @@ def _batches(dataset: Iterable[dict], batch_size: int) -> Iterable[tuple[torch.T
     if hasattr(dataset, "with_format") and hasattr(dataset, "column_names"):  # datasets.Dataset
         import pyarrow.compute as pc
 
-        columns = dataset.select_columns(["input_ids", "loss_mask"]).with_format("arrow")
+        columns = cast(Any, dataset).select_columns(["input_ids", "loss_mask"]).with_format("arrow")
         for table in columns.iter(batch_size=batch_size):  # Arrow tables: flatten without Python loops
             # astype copies into writable int64/bool arrays (Arrow buffers are read-only).
             yield (

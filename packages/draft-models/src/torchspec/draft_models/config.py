@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -122,7 +122,7 @@ class Eagle3DraftConfig:
         for name in ("hidden_size", "vocab_size", "num_attention_heads", "intermediate_size", "draft_vocab_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise DraftConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.draft_vocab_size > self.vocab_size:
+        if cast(int, self.draft_vocab_size) > self.vocab_size:  # an int once __post_init__ ran
             raise DraftConfigError(
                 f"draft_vocab_size ({self.draft_vocab_size}) exceeds vocab_size ({self.vocab_size}); "
                 "set draft_vocab_size <= vocab_size"
@@ -195,7 +195,7 @@ class Eagle3DraftConfig:
 
     @property
     def is_vocab_pruned(self) -> bool:
-        return self.draft_vocab_size < self.vocab_size
+        return cast(int, self.draft_vocab_size) < self.vocab_size
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Eagle3DraftConfig:

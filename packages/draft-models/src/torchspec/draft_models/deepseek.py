@@ -13,10 +13,12 @@ keys default to ``mscale = 1``, ``mscale_all_dim = 0``.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
-from torchspec.draft_models.config import DeepseekEagle3Config
+from torchspec.draft_models.config import DeepseekEagle3Config, Eagle3DraftConfig
 from torchspec.draft_models.draft_model import Eagle3DraftModel, register_draft_model
 from torchspec.draft_models.layers import RMSNorm
 from torchspec.draft_models.rope import RotaryEmbedding, apply_rotary_interleaved, yarn_mscale
@@ -96,5 +98,5 @@ class DeepseekMLAttention(nn.Module):
 class Eagle3DeepseekV2ForCausalLM(Eagle3DraftModel):
     config_class = DeepseekEagle3Config
 
-    def _build_attention(self, config: DeepseekEagle3Config) -> nn.Module:
-        return DeepseekMLAttention(config)
+    def _build_attention(self, config: Eagle3DraftConfig) -> nn.Module:
+        return DeepseekMLAttention(cast(DeepseekEagle3Config, config))  # config_class

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -50,10 +51,12 @@ class Eagle3DraftModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        fc_input_size = 3 * config.target_hidden_size
+        # draft_vocab_size and target_hidden_size are ints once the config's __post_init__ ran.
+        target_hidden_size, draft_vocab_size = cast(int, config.target_hidden_size), cast(int, config.draft_vocab_size)
+        fc_input_size = 3 * target_hidden_size
         self.input_norm = RMSNorm(fc_input_size, config.rms_norm_eps) if config.norm_before_fc else None
         self.fc_norm = (
-            nn.ModuleList(RMSNorm(config.target_hidden_size, config.rms_norm_eps) for _ in range(3))
+            nn.ModuleList(RMSNorm(target_hidden_size, config.rms_norm_eps) for _ in range(3))
             if config.fc_norm
             else None
         )
@@ -62,9 +65,9 @@ class Eagle3DraftModel(nn.Module):
             config.hidden_size, config.intermediate_size, config.rms_norm_eps, self._build_attention(config)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, draft_vocab_size, bias=False)
         if config.is_vocab_pruned:
-            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+            self.register_buffer("d2t", torch.zeros(draft_vocab_size, dtype=torch.long))
             self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
         else:
             self.d2t = self.t2d = None
@@ -145,7 +148,7 @@ class Eagle3DraftModel(nn.Module):
 
     def draft_to_target_ids(self) -> torch.Tensor:
         """Target token id of every draft id."""
-        ids = torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
+        ids = torch.arange(cast(int, self.config.draft_vocab_size), device=self.lm_head.weight.device)
         return ids if self.d2t is None else ids + self.d2t
 
     # --- serving-format checkpoints ---------------------------------------------------------------
@@ -219,7 +222,7 @@ class Eagle3DraftModel(nn.Module):
                     value[self.draft_to_target_ids()] = True
                 else:
                     value.zero_()
-        self.midlayer.self_attn.reset_rotary_buffers()
+        cast(Any, self.midlayer.self_attn).reset_rotary_buffers()  # each draft's attention has one
 
 
 def _stored_dtype(tensors) -> torch.dtype:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Callable
+from typing import Callable, overload
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -53,6 +53,14 @@ def error_line(err: BaseException) -> str:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
     return f"{prefix}error: {message}"
+
+
+@overload
+def cli_main(main: Callable[..., int], *, interrupted: str = ...) -> Callable[..., int]: ...
+
+
+@overload
+def cli_main(main: None = None, *, interrupted: str = ...) -> Callable[[Callable[..., int]], Callable[..., int]]: ...
 
 
 def cli_main(

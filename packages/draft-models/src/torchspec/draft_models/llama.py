@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
-from torchspec.draft_models.config import LlamaEagle3Config
+from torchspec.draft_models.config import Eagle3DraftConfig, LlamaEagle3Config
 from torchspec.draft_models.draft_model import Eagle3DraftModel, register_draft_model
 from torchspec.draft_models.rope import RotaryEmbedding, apply_rotary_neox
 from torchspec.draft_models.ttt_attention import ttt_attention
@@ -16,8 +18,9 @@ class LlamaEagle3Attention(nn.Module):
     def __init__(self, config: LlamaEagle3Config):
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        # Both are ints once LlamaEagle3Config's validation ran (None there means the default).
+        self.num_kv_heads = cast(int, config.num_key_value_heads)
+        self.head_dim = cast(int, config.head_dim)
         in_features = 2 * config.hidden_size  # normed embedding and normed hidden state side by side
         # No biases: LlamaEagle3Config refuses attention_bias, which SGLang and vLLM serve differently.
         self.q_proj = nn.Linear(in_features, self.num_heads * self.head_dim, bias=False)
@@ -50,5 +53,5 @@ class LlamaEagle3Attention(nn.Module):
 class LlamaForCausalLMEagle3(Eagle3DraftModel):
     config_class = LlamaEagle3Config
 
-    def _build_attention(self, config: LlamaEagle3Config) -> nn.Module:
-        return LlamaEagle3Attention(config)
+    def _build_attention(self, config: Eagle3DraftConfig) -> nn.Module:
+        return LlamaEagle3Attention(cast(LlamaEagle3Config, config))  # config_class

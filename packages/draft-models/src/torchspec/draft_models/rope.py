@@ -131,7 +131,7 @@ def rope_frequencies(
     ``max_position_embeddings``. ``deepseek_yarn`` picks the MLA flavour of YaRN's cos/sin factor
     (see the module docstring).
     """
-    scaling = normalize_rope_scaling(rope_scaling)
+    scaling = normalize_rope_scaling(rope_scaling) or {}
     rope_type = scaling["rope_type"] if scaling else "default"
     exponents = torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim
     attention_factor = 1.0
@@ -159,6 +159,8 @@ class RotaryEmbedding(nn.Module):
     ``inv_freq`` is a float32 buffer (it follows the module's device) that no cast changes: in bf16
     the frequencies are off by up to 2**-9 relative, i.e. radians of angle by position 4000.
     """
+
+    inv_freq: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(
         self,

@@ -218,6 +218,7 @@ def _pickle_globals(data: bytes) -> list[str]:
         stream = io.BytesIO(data[offset:])
         memo: dict[int, Any] = {}
         pushed: list[Any] = []
+        arg: Any  # a str or int for the opcodes read below
         try:
             for op, arg, _ in pickletools.genops(stream):
                 if op.name == "GLOBAL":

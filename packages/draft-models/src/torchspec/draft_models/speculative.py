@@ -104,7 +104,8 @@ def target_greedy_generate(
     cache = DynamicCache()
     ids = torch.tensor([prompt_ids], device=device)
     logits, _, cache = _target_step(target, ids, cache, 0)
-    tokens, length = [], len(prompt_ids)
+    tokens: list[int] = []
+    length = len(prompt_ids)
     while len(tokens) < max_new_tokens:
         token = int(logits[-1].argmax())
         tokens.append(token)
@@ -228,7 +229,7 @@ class SpeculativeGenerator:
         aux = select_aux_hidden_states(hidden_states, self.aux_layer_ids)
         row_tokens = torch.cat([prompt[:, 1:], next_token], dim=1)
         verified = len(prompt_ids)  # tokens in the target cache
-        draft_cache = ([], [])
+        draft_cache: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         while len(result.tokens) < max_new_tokens and result.tokens[-1] != eos_token_id:
             chain, chain_probs, draft_cache = self._draft_chain(
                 aux, row_tokens, verified - row_tokens.shape[1], draft_cache

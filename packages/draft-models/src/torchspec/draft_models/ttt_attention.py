@@ -179,6 +179,7 @@ def ttt_attention(
             out = _causal_plus_diagonal(query, cache_keys, cache_values, mask, scale, value.shape[-1])
             return out, cache_keys, cache_values
     if use_cache:
+        assert cache_keys is not None and cache_values is not None
         keys, values = torch.cat(cache_keys, dim=2), torch.cat(cache_values, dim=2)
     gqa = query.shape[1] != keys.shape[1]
     attn_mask = mask.for_cache(num_steps, query.shape[2], keys.shape[2], query.device)

@@ -108,7 +108,7 @@ def _write_error(err: BaseException) -> OSError | None:
     """The ``OSError`` behind a failed write: ``err`` itself, or one inside DCP's
     ``CheckpointException`` (per rank), where torch's zip writer may have replaced it by a
     ``RuntimeError`` that keeps it as its context."""
-    pending = [err]
+    pending: list[BaseException | None] = [err]
     for failure in getattr(err, "failures", {}).values():
         pending.append(failure[0] if isinstance(failure, tuple) else failure)
     seen = set()

@@ -288,7 +288,7 @@ def _section_classes() -> dict[str, type]:
 
 
 def _all_key_paths() -> list[str]:
-    paths = []
+    paths: list[str] = []
     for section, cls in _section_classes().items():
         paths.extend(f"{section}.{f.name}" for f in dataclasses.fields(cls))
     return paths

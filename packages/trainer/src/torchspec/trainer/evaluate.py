@@ -297,7 +297,7 @@ def _recorded_model_and_data(run_dir: Path) -> dict:
     }
 
 
-def decoding_inputs(args) -> tuple:
+def decoding_inputs(args) -> tuple[str, str, str, int, int, int, str]:
     """The draft, target, data and decoding options of ``evaluate`` and ``verify`` (defaults filled
     in by :func:`apply_defaults`), in the order ``evaluate_draft`` and ``verify_draft`` take them."""
     apply_defaults(args)

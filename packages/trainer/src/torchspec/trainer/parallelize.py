@@ -68,7 +68,7 @@ def draft_fsdp_units(model: Eagle3Model) -> list[tuple[str, nn.Module]]:
     """The draft's FSDP2 units below the root, by qualified name."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
-    units = [("draft.fc", model.draft.fc)]
+    units: list[tuple[str, nn.Module]] = [("draft.fc", model.draft.fc)]
     for name, module in model.draft.midlayer.named_modules():
         if isinstance(module, nn.Linear):
             units.append((f"draft.midlayer.{name}".replace(_CHECKPOINT_PREFIX, ""), module))

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from torchspec.trainer.config import ConfigError
 
@@ -29,7 +30,7 @@ class OutputDirLock:
 
     def __init__(self, output_dir: str | os.PathLike):
         self.output_dir = Path(output_dir)
-        self._file = None
+        self._file: TextIO | None = None
 
     def acquire(self) -> None:
         path = self.output_dir / _LOCK_NAME

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from torchspec.draft_models import default_aux_layer_ids
 from torchspec.draft_models.aux_layers import validate_aux_layer_ids
 from torchspec.draft_models.errors import UserInputError
 from torchspec.trainer.config import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["TargetModel", "TargetOutput", "load_causal_lm"]
 
@@ -53,7 +57,7 @@ def _decoder_layers(decoder: nn.Module, num_layers: int) -> nn.ModuleList:
 
 def load_causal_lm(
     path: str | os.PathLike, setting: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
-) -> nn.Module:
+) -> PreTrainedModel:
     """A local Hugging Face causal LM (``config.json`` + weights) in evaluation mode. A folder that is
     not one, lacks its weights or holds a damaged weight file is a ``ConfigError`` (a
     ``DamagedCheckpointError`` naming the file) that names ``setting``, the option that gave ``path``."""
@@ -94,7 +98,7 @@ def load_causal_lm(
 class TargetModel:
     """A Hugging Face causal LM in evaluation mode, frozen, with aux-layer capture."""
 
-    def __init__(self, model: nn.Module, aux_layer_ids: list[int] | None = None):
+    def __init__(self, model: PreTrainedModel, aux_layer_ids: list[int] | None = None):
         self.model = model.eval().requires_grad_(False)
         self.config = model.config
         self.decoder = model.base_model

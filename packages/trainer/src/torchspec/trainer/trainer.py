@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
 
 from torchspec.draft_models import AutoDraftModelConfig, DraftConfigError, Eagle3Model, step0_loss_mask
 from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, resolve_checkpoint
@@ -166,7 +167,9 @@ class Trainer:
         # Optimizer, schedule, data order.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         opt = config.optimizer
-        self.optimizer = build_optimizer(self.trainable, opt.learning_rate, tuple(opt.betas), opt.weight_decay)
+        self.optimizer = build_optimizer(
+            self.trainable, opt.learning_rate, (opt.betas[0], opt.betas[1]), opt.weight_decay
+        )
         pad_id = _pad_id(tokenizer)
         try:
             self.loader = DistributedBatchLoader(
@@ -195,7 +198,7 @@ class Trainer:
             )
         self.train_state = TrainState(self.target.aux_layer_ids, ctx.world_size)
         # What a checkpoint holds, each component Stateful (torchspec.trainer.states).
-        self.states = {
+        self.states: dict[str, Stateful] = {
             "model": ModelState(self.draft),
             "optimizer": OptimizerState(self.draft, self.optimizer),
             "lr_scheduler": LRScheduleState(self.scheduler),
@@ -230,7 +233,10 @@ class Trainer:
         if self.resume_from is not None:
             _check_same_draft(self.resume_from, self.draft_config, "checkpoint.resume")
             self.checkpointer.load(self.resume_from, self.states, source="checkpoint.resume")
-            _log(self.ctx, _resume_hint(ckpt.resume, self.output_dir, self.resume_from, self.step, self.total_steps))
+            _log(
+                self.ctx,
+                _resume_hint(cast(str, ckpt.resume), self.output_dir, self.resume_from, self.step, self.total_steps),
+            )
         elif ckpt.continual_training is not None:
             source = _complete_checkpoint(ckpt.continual_training, "checkpoint.continual_training")
             _check_same_draft(source, self.draft_config, "checkpoint.continual_training")
@@ -322,7 +328,9 @@ class Trainer:
             if (save_interval and self.step % save_interval == 0) or last or new_best:
                 checkpoint = self.save()
                 if new_best:
-                    self.checkpointer.mark_best(checkpoint, {k: v for k, v in self.best.items() if k != "checkpoint"})
+                    self.checkpointer.mark_best(
+                        checkpoint, {k: v for k, v in cast(dict, self.best).items() if k != "checkpoint"}
+                    )
             if step_callback is not None:
                 step_callback(self.step, record)
         return history, eval_metrics, checkpoint
@@ -390,7 +398,7 @@ class Trainer:
         started = time.perf_counter()
         # 1. The target on every micro-batch, and the positions each TTT step counts, over all ranks.
         targets = [self._target_pass(batch) for batch in micro_batches]
-        local_counts = sum(
+        local_counts: torch.Tensor = sum(  # type: ignore[assignment]  # of tensors (micro_batches is not empty)
             model.count_positions(mask, batch.attention_mask, valid).double()
             for batch, (_, mask, valid) in zip(micro_batches, targets)
         )
@@ -402,7 +410,7 @@ class Trainer:
         # accumulated (and rank-summed) gradient is that of the global-batch mean.
         counts = TTTCounts.zeros(self.config.ttt.length, ctx.device)
         for index, (batch, (out, loss_mask, valid)) in enumerate(zip(micro_batches, targets)):
-            model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+            cast(Any, model).set_requires_gradient_sync(index == len(micro_batches) - 1)
             result = self._draft_pass(batch, out, loss_mask, valid, loss_normalizer=global_counts)
             result.total_loss(self.config.ttt.loss_decay).backward()
             counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
@@ -439,11 +447,12 @@ class Trainer:
         """The training metrics over the whole held-out set (losses normalised by its total counts)."""
         t = self.config.ttt
         counts = TTTCounts.zeros(t.length, self.ctx.device)
+        assert self.eval_batches is not None, "evaluate() needs held-out data"
         for batch in self.eval_batches:
             batch = batch.to(self.ctx.device)
             result = self._draft_pass(batch, *self._target_pass(batch))
             counts = counts.add(ttt_counts(result.correct, result.counted_mask, result.loss_sums))
-        self.model.reshard()  # no backward follows, so FSDP would otherwise keep the root gathered
+        cast(Any, self.model).reshard()  # no backward follows, so FSDP would otherwise keep the root gathered
         totals = all_reduce_sum(counts.as_tensor().clone())
         return summarize(TTTCounts.from_tensor(totals), t.loss_decay)
 

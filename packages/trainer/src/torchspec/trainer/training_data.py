@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainingData:
-    train: object  # datasets.Dataset with input_ids, loss_mask
-    eval: object | None
+    train: Any  # datasets.Dataset with input_ids, loss_mask
+    eval: Any  # the same, or None
     summary: str
 
 
