@@ -28,11 +28,12 @@ __all__ = [
     "fused_forward_kl",
 ]
 
-# Elements of one [rows, vocab] float32 buffer (32 MiB): the logits buffer and one chunk of target
-# probabilities are alive at once (262 rows at 32k vocab). A chunk never has fewer than
-# MIN_CHUNK_ROWS rows by default, below which the vocabulary matmuls lose speed; at large vocabularies its
-# buffers stay small beside the lm_head's own weight, gradient and AdamW state.
-DEFAULT_CHUNK_ELEMENTS = 1 << 23
+# Elements of one [rows, vocab] float32 buffer (64 MiB): the logits buffer and one chunk of target
+# probabilities are alive at once (524 rows at 32k vocab; 262 rows measured 4-12% slower for the same
+# peak RSS). A chunk never has fewer than MIN_CHUNK_ROWS rows by default, below which the vocabulary
+# matmuls lose speed; at large vocabularies its buffers stay small beside the lm_head's own weight,
+# gradient and AdamW state.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 MIN_CHUNK_ROWS = 256
 
 
