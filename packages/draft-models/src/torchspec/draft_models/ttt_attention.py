@@ -20,8 +20,11 @@ Two backends compute it:
   Nothing of size ``T x T*(k+1)`` is built, no cache is concatenated, and backward saves only this
   step's tensors. Elsewhere, ``scaled_dot_product_attention`` over the concatenated cache with a
   boolean mask.
-* ``flex_attention``: the same mask as a block-sparse ``BlockMask``, so the masked-out blocks of the
-  diagonal part are skipped.
+* ``flex_attention``: the same split, with flex over the step-0 keys (a causal, key-padding
+  ``BlockMask`` of key length ``T`` at every step, so one compiled graph serves a run) and its
+  differentiable log-sum-exp merged with the diagonal keys by plain autograd.
+
+Without a cache (one step), both backends are plain causal attention with key padding.
 """
 
 from __future__ import annotations
