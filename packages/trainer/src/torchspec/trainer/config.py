@@ -1,7 +1,7 @@
 """Training configuration: typed sections, YAML files, dotted command-line overrides.
 
-A config is sections of plain dataclasses, each named for what it configures: ``model``, ``data``,
-``training`` (the run: output, seed, devices, batches, length), ``optimizer``, ``lr_schedule``,
+A config is sections of plain dataclasses, each named for what it configures: ``model``,
+``target`` (where the target's hidden states come from), ``data``, ``training`` (the run: output, seed, devices, batches, length), ``optimizer``, ``lr_schedule``,
 ``ttt``, ``checkpoint`` and ``metrics``. Files and overrides are checked strictly: an unknown key
 fails with the closest known key as a suggestion, a value of the wrong type fails with its key path,
 and a key of the 0.3 layout (``training.learning_rate``) fails naming where it moved
@@ -40,6 +40,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "TTTConfig",
+    "TargetConfig",
     "TrainConfig",
     "TrainingConfig",
     "apply_overrides",
@@ -84,6 +85,21 @@ class ModelConfig:
     fc_norm: bool | None = None
     norm_before_fc: bool | None = None
     norm_output: bool | None = None
+
+
+@dataclass
+class TargetConfig:
+    """Where the target's hidden states come from; ``model.target_model_path`` names the target."""
+
+    # transformers: the target in the trainer's processes | vllm: a vLLM engine in its own process,
+    # online | dump: the files `trainer:dump-states` wrote (no target decoder runs at all)
+    backend: Literal["transformers", "vllm", "dump"] = "transformers"
+    # vllm: extra vllm.LLM arguments (tensor_parallel_size, gpu_memory_utilization, ...)
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    engine_devices: str | None = None  # vllm: CUDA_VISIBLE_DEVICES of the engine, e.g. "4,5,6,7"
+    prefetch_batches: int = 2  # vllm: global batches the engine works ahead of the draft
+    engine_timeout_s: float = 900.0  # vllm: longest wait for the engine to start or answer
+    dump_dir: str | None = None  # dump (and dump-states' output): the hidden-state dump folder
 
 
 @dataclass
@@ -189,6 +205,7 @@ class MetricsConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -313,6 +330,8 @@ def _type_name(hint: Any) -> str:
         return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
     if origin is list:
         return f"list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping"
     return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(hint, str(hint))
 
 
@@ -333,6 +352,8 @@ def _coerce(value: Any, hint: Any) -> Any:
             if result is not _NOT_A_MATCH:
                 return result
         return _NOT_A_MATCH
+    if origin is dict:
+        return dict(value) if isinstance(value, dict) and all(isinstance(k, str) for k in value) else _NOT_A_MATCH
     if origin is list:
         if not isinstance(value, (list, tuple)):
             return _NOT_A_MATCH
@@ -476,6 +497,13 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
     for name in ("eval_interval", "speculative_eval_prompts"):
         positive("metrics", name, getattr(met, name), allow_zero=True)
     positive("data", "max_seq_length", d.max_seq_length)
+    positive("target", "prefetch_batches", config.target.prefetch_batches, allow_zero=True)
+    positive("target", "engine_timeout_s", config.target.engine_timeout_s)
+    if config.target.backend == "dump" and config.target.dump_dir is None:
+        raise ConfigError(
+            f"target.backend is dump but target.dump_dir is not set{where}; set it to the folder "
+            "`hatch run trainer:dump-states` wrote"
+        )
     positive("data", "num_proc", d.num_proc)
     positive("model", "draft_vocab_size", m.draft_vocab_size)
     if t.global_batch_size % t.micro_batch_size:

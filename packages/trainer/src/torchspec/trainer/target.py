@@ -10,14 +10,21 @@ For a batch the target yields
 
 The causal-LM head is never run over the batch: the decoder (``model.base_model``) is called
 directly and the ``[B, T, vocab]`` logits are left to the loss.
+
+``TargetModel`` runs the target in the trainer's process (transformers). When an engine computes the
+hidden states instead (``torchspec.trainer.engine_target``, ``torchspec.trainer.state_dump``), the
+trainer holds only a ``TargetHead``: the config, the final norm, ``lm_head`` and the embedding table,
+read from the target folder without building the decoder; ``states_to_output`` turns the engine's
+per-sample states into the same ``TargetOutput``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,7 +37,7 @@ from torchspec.trainer.config import ConfigError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["TargetModel", "TargetOutput", "load_causal_lm"]
+__all__ = ["TargetHead", "TargetModel", "TargetOutput", "load_causal_lm", "states_to_output"]
 
 # What transformers loads weights from: single files, shards with their index.
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -95,7 +102,37 @@ def load_causal_lm(
     return model.eval()
 
 
-class TargetModel:
+class _TargetShape:
+    """Shape facts and aux-layer choice shared by every kind of target."""
+
+    config: Any
+    num_layers: int
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm_head_weight.shape[0])
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def default_aux_layer_ids(self) -> list[int]:
+        return default_aux_layer_ids(self.num_layers)
+
+    def validate_aux_layer_ids(self, aux_layer_ids: list[int] | None) -> list[int]:
+        if aux_layer_ids is None:
+            return self.default_aux_layer_ids()
+        try:
+            return validate_aux_layer_ids(aux_layer_ids, self.num_layers, source="model.aux_layer_ids")
+        except UserInputError as err:
+            raise ConfigError(f"{err} (default {self.default_aux_layer_ids()})") from None
+
+
+class TargetModel(_TargetShape):
     """A Hugging Face causal LM in evaluation mode, frozen, with aux-layer capture."""
 
     def __init__(self, model: PreTrainedModel, aux_layer_ids: list[int] | None = None):
@@ -123,30 +160,13 @@ class TargetModel:
         model = load_causal_lm(path, "model.target_model_path", dtype, trust_remote_code)
         return cls(model.to(device), aux_layer_ids)
 
-    # --- shape facts ----------------------------------------------------------------------------
-
     @property
-    def num_layers(self) -> int:
+    def num_layers(self) -> int:  # type: ignore[override]  # the layers found, not a stored count
         return len(self.layers)
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.config.hidden_size)
-
-    @property
-    def vocab_size(self) -> int:
+    def vocab_size(self) -> int:  # without gathering a sharded head
         return int(self.model.get_output_embeddings().weight.shape[0])
-
-    def default_aux_layer_ids(self) -> list[int]:
-        return default_aux_layer_ids(self.num_layers)
-
-    def validate_aux_layer_ids(self, aux_layer_ids: list[int] | None) -> list[int]:
-        if aux_layer_ids is None:
-            return self.default_aux_layer_ids()
-        try:
-            return validate_aux_layer_ids(aux_layer_ids, self.num_layers, source="model.aux_layer_ids")
-        except UserInputError as err:
-            raise ConfigError(f"{err} (default {self.default_aux_layer_ids()})") from None
 
     # --- weights the draft needs ----------------------------------------------------------------
 
@@ -196,3 +216,122 @@ class TargetModel:
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+# --- the target's head alone, for targets served elsewhere ------------------------------------------
+
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
+
+
+class TargetHead(_TargetShape):
+    """The parts of a target the trainer needs when an engine computes its hidden states: the
+    config, the final norm (applied here to the last layer's output, which engines hand out before
+    the norm), ``lm_head`` and the input embeddings. Read from the folder's safetensors without
+    building the decoder: the model is laid out on the meta device only to learn the names and
+    the norm's code."""
+
+    def __init__(self, config, final_norm: nn.Module, lm_head_weight: torch.Tensor, embed_tokens_weight: torch.Tensor):
+        self.config = config
+        self.num_layers = int(config.num_hidden_layers)
+        self.final_norm = final_norm.eval().requires_grad_(False)
+        self._lm_head_weight = lm_head_weight
+        self.embed_tokens_weight = embed_tokens_weight
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self._lm_head_weight
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        trust_remote_code: bool = False,
+    ) -> TargetHead:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.target_model_path {path} is not a Hugging Face model folder (no config.json there); "
+                "point it at a local folder written by save_pretrained"
+            )
+        try:
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        except ValueError as err:
+            if "trust_remote_code" in str(err):
+                raise ConfigError(
+                    f"the target at {path} needs its own code; set model.trust_remote_code=true if you trust it"
+                ) from None
+            raise
+        module_names = {id(module): name for name, module in skeleton.named_modules(remove_duplicate=False)}
+        decoder = skeleton.base_model
+        final_norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if hasattr(decoder, n)), None)
+        if final_norm is None:
+            raise ConfigError(f"cannot find the final norm of {type(decoder).__name__} (model.target_model_path {path})")
+        norm_name = module_names[id(final_norm)]
+        head_name = module_names[id(skeleton.get_output_embeddings())] + ".weight"
+        embed_name = module_names[id(skeleton.get_input_embeddings())] + ".weight"
+        norm_names = {f"{norm_name}.{key}": key for key in final_norm.state_dict()}
+        tensors = _read_safetensors(path, {head_name, embed_name, *norm_names})
+        if head_name not in tensors and getattr(config, "tie_word_embeddings", False):
+            head_name = embed_name
+        missing = sorted(name for name in (head_name, embed_name, *norm_names) if name not in tensors)
+        if missing:
+            raise ConfigError(
+                f"model.target_model_path {path}: the safetensors weights lack {', '.join(missing)}; "
+                "the target folder must hold the complete model"
+            )
+        final_norm = final_norm.to_empty(device=device)
+        final_norm.load_state_dict({key: tensors[name] for name, key in norm_names.items()})
+        return cls(
+            config,
+            final_norm.to(dtype),
+            tensors[head_name].to(device=device, dtype=dtype),
+            tensors[embed_name].to(dtype=dtype),
+        )
+
+
+def _read_safetensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of the model folder ``path`` that its safetensors files hold."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files: dict[str, list[str]] = {}
+        for name in names:
+            if name in weight_map:
+                files.setdefault(weight_map[name], []).append(name)
+    elif (path / "model.safetensors").is_file():
+        files = {"model.safetensors": sorted(names)}
+    else:
+        raise ConfigError(
+            f"model.target_model_path {path} has no model.safetensors (or sharded index); a target served by an "
+            "engine is read from safetensors: save it with save_pretrained(safe_serialization=True)"
+        )
+    tensors = {}
+    for file, wanted in files.items():
+        with safe_open(str(path / file), framework="pt") as handle:
+            present = set(handle.keys())
+            tensors.update({name: handle.get_tensor(name) for name in wanted if name in present})
+    return tensors
+
+
+def states_to_output(
+    states: list[torch.Tensor], width: int, final_norm: nn.Module, device: torch.device | str = "cpu"
+) -> TargetOutput:
+    """A right-padded batch of per-sample engine states ``[T_i, 4, H]`` (the three aux layers, then
+    the last layer's output before the final norm) as the ``TargetOutput`` the draft reads. Padded
+    positions are zeros: nothing reads them (attention and loss masks exclude them)."""
+    layers, hidden = states[0].shape[1:]
+    padded = states[0].new_zeros(len(states), width, layers, hidden)
+    for row, sample in enumerate(states):
+        padded[row, : sample.shape[0]] = sample
+    padded = padded.to(device)
+    with torch.no_grad():
+        final = final_norm(padded[:, :, -1])
+    return TargetOutput(padded[:, :, :-1].flatten(2), final)

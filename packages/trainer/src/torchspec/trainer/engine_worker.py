@@ -1,0 +1,176 @@
+"""The target on vLLM, as a child process: ``python -m torchspec.trainer.engine_worker SPEC``.
+
+The parent (``torchspec.trainer.engine_target.EngineWorker``) writes one JSON request per line to
+the child's stdin and reads one JSON reply per line from a pipe the child keeps for replies alone
+(everything vLLM prints goes to the log). The first reply says the engine is ready, or why it is
+not. Requests:
+
+* ``{"op": "extract", "prompts": [[ids], ...], "out": PATH}``: the hidden states entering the
+  layers ``spec["layer_ids"]`` (vLLM numbering: id ``i`` is Hugging Face ``output_hidden_states[i]``,
+  id ``num_layers`` the last layer's output before the final norm) for every prompt, written as one
+  safetensors file (``states.{i}`` ``[T_i, n_layers, H]``) at ``out``, atomically.
+* ``{"op": "generate", "prompts": [...], "max_new_tokens": N, "temperature": t, "top_p": p,
+  "seed": s, "stop_token_ids": [...]}``: the generated token ids of every prompt.
+
+Each engine runs with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the caller set it (the engine core
+inside this process: 16 s to start instead of 54 s on 2 CPU cores), greedy prefill of one token per
+prompt for extraction (the states of the prompt are what training reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__: list[str] = []
+
+
+def _engine(spec: dict[str, Any]):
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(
+        model=spec["target"],
+        dtype=spec["dtype"],
+        max_model_len=spec["max_model_len"],
+        seed=spec.get("seed", 0),
+        skip_tokenizer_init=True,
+        tensor_parallel_size=spec.get("tensor_parallel_size", 1),
+        trust_remote_code=spec.get("trust_remote_code", False),
+    )
+    if spec.get("layer_ids") is not None:
+        kwargs["speculative_config"] = {
+            "method": "extract_hidden_states",
+            "num_speculative_tokens": 1,
+            "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(spec["layer_ids"])}},
+        }
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "HostHiddenStatesConnector",
+            "kv_connector_module_path": "torchspec.trainer.engine_connector",
+            "kv_role": "kv_producer",
+            "kv_connector_extra_config": {"shared_storage_path": spec["scratch_dir"]},
+        }
+    kwargs.update(spec.get("engine_args") or {})  # the user's own engine settings come last
+    return LLM(**kwargs)
+
+
+def _extract(llm, request: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params, use_tqdm=False
+    )
+    paths = [(output.kv_transfer_params or {}).get("hidden_states_path") for output in outputs]
+    if None in paths:
+        raise RuntimeError("the engine returned no hidden states (kv_transfer_params has no hidden_states_path)")
+    _finish_writes(llm, paths)
+    tensors: dict[str, torch.Tensor] = {}
+    for index, (prompt, path) in enumerate(zip(request["prompts"], paths)):
+        saved = load_file(path)
+        for leftover in (path, path + ".lock"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        if saved["token_ids"].tolist() != list(prompt):
+            raise RuntimeError(f"the engine's hidden states of prompt {index} belong to other tokens")
+        tensors[f"states.{index}"] = saved["hidden_states"].contiguous()
+    out = Path(request["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    save_file(tensors, str(partial))
+    os.replace(partial, out)  # a reader sees the whole file or none
+    return {"out": str(out)}
+
+
+def _finish_writes(llm, paths: list[str], max_steps: int = 1000) -> None:
+    """The connector writes a request's states in the engine step *after* the request finished;
+    ``generate`` has returned by then. With the engine core in this process nothing else steps it,
+    so step it (no requests are scheduled; the connector's pending writes are) until every file is
+    there. With a separate engine-core process this returns at once or after its next steps."""
+    import time
+
+    for _ in range(max_steps):
+        if all(os.path.exists(path) and not _locked(path) for path in paths):
+            return
+        if llm.llm_engine.has_unfinished_requests() or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            llm.llm_engine.step()
+        else:
+            time.sleep(0.01)
+    raise RuntimeError(f"the engine did not write the hidden states of {len(paths)} requests")
+
+
+def _locked(path: str) -> bool:
+    """Whether the connector still holds the write lock of ``path`` (it releases it after writing)."""
+    import fcntl
+
+    lock = path + ".lock"
+    if not os.path.exists(lock):
+        return False
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def _generate(llm, request: dict[str, Any]) -> dict[str, Any]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(
+        temperature=float(request.get("temperature", 0.0)),
+        top_p=float(request.get("top_p", 1.0)),
+        max_tokens=int(request["max_new_tokens"]),
+        seed=request.get("seed"),
+        stop_token_ids=list(request.get("stop_token_ids") or []),
+        detokenize=False,
+    )
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params, use_tqdm=False)
+    return {
+        "outputs": [list(o.outputs[0].token_ids) for o in outputs],
+        "finish_reasons": [o.outputs[0].finish_reason for o in outputs],
+    }
+
+
+def main(spec_path: str) -> int:
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # vLLM's prints go to the log, never into the reply stream
+    spec = json.loads(Path(spec_path).read_text())
+    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}.items():
+        os.environ.setdefault(key, value)
+    spec.setdefault("scratch_dir", tempfile.mkdtemp(prefix="torchspec-engine-states-"))
+    try:
+        import vllm
+
+        llm = _engine(spec)
+    except Exception as err:  # the parent turns this into one line naming the engine's reason
+        import traceback
+
+        traceback.print_exc()
+        replies.write(json.dumps({"ready": False, "error": f"{type(err).__name__}: {err}"}) + "\n")
+        return 1
+    replies.write(json.dumps({"ready": True, "vllm_version": vllm.__version__}) + "\n")
+    handlers = {"extract": _extract, "generate": _generate}
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            reply = handlers[request["op"]](llm, request)
+        except Exception as err:
+            import traceback
+
+            traceback.print_exc()
+            reply = {"error": f"{type(err).__name__}: {err}"}
+        replies.write(json.dumps({"id": request.get("id"), **reply}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
