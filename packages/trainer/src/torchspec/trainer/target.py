@@ -37,7 +37,7 @@ from torchspec.trainer.config import ConfigError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["TargetHead", "TargetModel", "TargetOutput", "load_causal_lm", "states_to_output"]
+__all__ = ["ServedTarget", "TargetHead", "TargetModel", "TargetOutput", "load_causal_lm", "states_to_output"]
 
 # What transformers loads weights from: single files, shards with their index.
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -293,6 +293,29 @@ class TargetHead(_TargetShape):
             tensors[head_name].to(device=device, dtype=dtype),
             tensors[embed_name].to(dtype=dtype),
         )
+
+
+class ServedTarget:
+    """A target whose hidden states come from elsewhere (an engine, a dump): what the trainer reads
+    of the target itself is its head. Subclasses are called like ``TargetModel``."""
+
+    def __init__(self, head: TargetHead, aux_layer_ids: list[int]):
+        self.head, self.aux_layer_ids = head, aux_layer_ids
+        self.config, self.num_layers = head.config, head.num_layers
+
+    hidden_size = property(lambda self: self.head.hidden_size)
+    vocab_size = property(lambda self: self.head.vocab_size)
+    lm_head_weight = property(lambda self: self.head.lm_head_weight)
+    embed_tokens_weight = property(lambda self: self.head.embed_tokens_weight)
+
+    def default_aux_layer_ids(self) -> list[int]:
+        return self.head.default_aux_layer_ids()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetOutput:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the engine or files behind the states."""
 
 
 def _read_safetensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:

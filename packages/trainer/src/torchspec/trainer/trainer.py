@@ -65,7 +65,9 @@ from torchspec.trainer.optimizer import build_optimizer
 from torchspec.trainer.parallelize import apply_activation_checkpointing, parallelize_draft, parallelize_target
 from torchspec.trainer.run_lock import OutputDirLock
 from torchspec.trainer.states import LRScheduleState, ModelState, OptimizerState, RNGState, TrainState
-from torchspec.trainer.target import TargetModel
+from torchspec.trainer.engine_target import EngineTarget, PrefetchingLoader
+from torchspec.trainer.state_dump import DumpTarget
+from torchspec.trainer.target import ServedTarget, TargetModel
 from torchspec.trainer.training_data import load_training_data, vocab_mapping_from_data
 
 __all__ = ["TrainResult", "Trainer", "completed_run", "train"]
@@ -108,8 +110,11 @@ def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None
         if lock is not None:
             lock.acquire()
         trainer = Trainer(config, ctx)
-        trainer.restore()
-        return trainer.fit(step_callback)
+        try:
+            trainer.restore()
+            return trainer.fit(step_callback)
+        finally:
+            trainer.close()
     finally:
         if lock is not None:
             lock.release()
@@ -130,16 +135,20 @@ class Trainer:
 
         # The target, its tokenizer, the data.
         target_path = _target_path(m.target_model_path)
-        self.target = TargetModel.from_pretrained(
-            target_path,
-            m.aux_layer_ids,
-            _dtype(m.dtype, ctx.device),
-            "cpu" if t.shard_target else ctx.device,
-            m.trust_remote_code,
-        )
+        self.target = _build_target(config, target_path, ctx)
+        try:
+            self._build(config, ctx, target_path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: TrainConfig, ctx: DistributedContext, target_path: Path) -> None:
+        t, m, ckpt = config.training, config.model, config.checkpoint
         tokenizer = _load_tokenizer(m.tokenizer_path or target_path, m.trust_remote_code)
         data = load_training_data(config.data, tokenizer, t.seed, ctx.is_main)
         _log(ctx, f"data: {data.summary}")
+        if isinstance(self.target, DumpTarget):
+            self.target.check_covers(data.train, data.eval, max_seq_length=config.data.max_seq_length)
         self.eval_dataset, self.eos_token_id = data.eval, tokenizer.eos_token_id
 
         # The draft, checked against the target, wrapped for TTT and sharded.
@@ -159,7 +168,7 @@ class Trainer:
         _log(
             ctx,
             f"target: {target_path} ({self.target.num_layers} layers, aux layers {self.target.aux_layer_ids}"
-            f"{', sharded' if t.shard_target else ''}); draft: {self.draft_config.architectures[0]}, "
+            f"{', sharded' if t.shard_target else ''}; hidden states from {_backend_name(config)}); draft: {self.draft_config.architectures[0]}, "
             f"{_count(self.draft):,} trainable parameters, vocab {self.draft_config.draft_vocab_size}/"
             f"{self.draft_config.vocab_size}; world size {ctx.world_size} on {ctx.device}",
         )
@@ -172,7 +181,7 @@ class Trainer:
         )
         pad_id = _pad_id(tokenizer)
         try:
-            self.loader = DistributedBatchLoader(
+            self.loader: DistributedBatchLoader | PrefetchingLoader = DistributedBatchLoader(
                 data.train,
                 t.global_batch_size,
                 t.micro_batch_size,
@@ -184,6 +193,8 @@ class Trainer:
             )
         except UserInputError as err:
             raise ConfigError(f"training.global_batch_size: {err}") from None
+        if isinstance(self.target, EngineTarget):  # the engine computes the next batches while the draft trains
+            self.loader = PrefetchingLoader(self.loader, self.target, config.target.prefetch_batches)
         self.total_steps = t.max_steps or t.num_epochs * self.loader.steps_per_epoch
         sched = config.lr_schedule
         warmup = warmup_steps_for(self.total_steps, sched.warmup_steps, sched.warmup_ratio)
@@ -224,6 +235,11 @@ class Trainer:
     @best.setter
     def best(self, value: dict[str, Any] | None) -> None:
         self.train_state.best = value
+
+    def close(self) -> None:
+        """Stop what serves the target's states (an engine process, open dump files)."""
+        if isinstance(self.target, ServedTarget):
+            self.target.close()
 
     # --- resume, save -----------------------------------------------------------------------------
 
@@ -344,6 +360,13 @@ class Trainer:
         from torchspec.trainer.evaluate import evaluate_prompts, prompts_from_tokenized
 
         ctx = self.ctx
+        if not isinstance(self.target, TargetModel):
+            _log(
+                ctx,
+                "speculative eval skipped: the target is not in this process (target.backend="
+                f"{self.config.target.backend}); after export, `hatch run trainer:evaluate` or `engine:verify` measure it",
+            )
+            return None
         if self.eval_dataset is None or len(self.eval_dataset) == 0 or self.config.training.shard_target:
             _log(ctx, "speculative eval skipped: it needs a held-out split and an unsharded target")
             return None
@@ -478,6 +501,50 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def _backend_name(config: TrainConfig) -> str:
+    backend = config.target.backend
+    if backend == "vllm":
+        return "a vLLM engine (target.backend=vllm)"
+    if backend == "dump":
+        return f"the dump {config.target.dump_dir}"
+    return "transformers in this process"
+
+
+def _build_target(config: TrainConfig, path: Path, ctx: DistributedContext) -> TargetModel | ServedTarget:
+    """The target as ``target.backend`` says: in this process, on a vLLM engine, or a dump on disk."""
+    m, t, backend = config.model, config.training, config.target
+    dtype = _dtype(m.dtype, ctx.device)
+    if backend.backend == "transformers":
+        device = "cpu" if t.shard_target else ctx.device
+        return TargetModel.from_pretrained(path, m.aux_layer_ids, dtype, device, m.trust_remote_code)
+    if t.shard_target:
+        raise ConfigError(
+            f"training.shard_target applies to target.backend=transformers, not {backend.backend}; an engine shards "
+            "its target itself (target.engine_args: {tensor_parallel_size: N})"
+        )
+    if backend.backend == "dump":
+        assert backend.dump_dir is not None  # validate_config
+        return DumpTarget.open(backend.dump_dir, path, m.aux_layer_ids, dtype, ctx.device, m.trust_remote_code)
+    if ctx.world_size > 1:
+        raise ConfigError(
+            f"target.backend=vllm trains on one process (this run has {ctx.world_size}); for several ranks dump the "
+            "states first (`hatch run trainer:dump-states`) and train with target.backend=dump"
+        )
+    return EngineTarget.start(
+        path,
+        m.aux_layer_ids,
+        dtype,
+        ctx.device,
+        max_seq_length=config.data.max_seq_length,
+        engine_args=backend.engine_args,
+        devices=backend.engine_devices,
+        trust_remote_code=m.trust_remote_code,
+        timeout_s=backend.engine_timeout_s,
+        log_path=Path(t.output_dir) / "engine.log" if ctx.is_main else None,
+        python=backend.engine_python,
+    )
 
 
 def _target_path(path: str) -> Path:
