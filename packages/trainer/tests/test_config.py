@@ -193,7 +193,17 @@ def test_dump_is_the_resolved_config_and_reloads_identically(tmp_path):
     dump_config(config, path)
     raw = yaml.safe_load(path.read_text())
     assert raw["optimizer"]["learning_rate"] == 5e-5 and raw["model"]["aux_layer_ids"] == [1, 2, 3]
-    assert list(raw) == ["model", "target", "data", "training", "optimizer", "lr_schedule", "ttt", "checkpoint", "metrics"]
+    assert list(raw) == [
+        "model",
+        "target",
+        "data",
+        "training",
+        "optimizer",
+        "lr_schedule",
+        "ttt",
+        "checkpoint",
+        "metrics",
+    ]
     assert load_config(path) == config
 
 

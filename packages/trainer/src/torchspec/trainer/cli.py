@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     from torchspec.trainer.trainer import train
 
-    if args.command == "train" and os.environ.get("RANK", "0") == "0":  # `converter:export` etc. without a path then use this run
+    if (
+        args.command == "train" and os.environ.get("RANK", "0") == "0"
+    ):  # `converter:export` etc. without a path then use this run
         from torchspec.draft_models.run_pointer import record_last_run
 
         record_last_run(config.training.output_dir)

@@ -50,4 +50,4 @@ class HostHiddenStatesConnector(ExampleHiddenStatesConnector):
         lock_fd = self._lock_fds.pop(pending.req_id, None)
         if lock_fd is not None:
             os.close(lock_fd)  # a reader waiting on the lock file may go on
-        self._req_copy_events[pending.req_id] = _Done()  # type: ignore[assignment]
+        self._req_copy_events[pending.req_id] = _Done()

@@ -310,22 +310,20 @@ class PrefetchingLoader:
 
     def __init__(self, loader: DistributedBatchLoader, target: EngineTarget, depth: int):
         self.loader, self.target, self.depth = loader, target, depth
-        self._ahead: deque[tuple[dict, int, list[MicroBatch]]] = deque()
-        self.epoch = loader.epoch  # the epoch of the batch returned last
+        self._ahead: deque[tuple[dict, list[MicroBatch]]] = deque()
 
     steps_per_epoch = property(lambda self: self.loader.steps_per_epoch)
+    epoch = property(lambda self: self.state_dict()["epoch"])  # as the plain loader's: where training is
     accumulation_steps = property(lambda self: self.loader.accumulation_steps)
 
     def next_batches(self) -> list[MicroBatch]:
         while len(self._ahead) < self.depth + 1:
             position = self.loader.state_dict()
-            epoch = self.loader.epoch
             batches = self.loader.next_batches()
             for batch in batches:
                 self.target.prefetch(batch)
-            self._ahead.append((position, epoch, batches))
-        _, self.epoch, batches = self._ahead.popleft()
-        return batches
+            self._ahead.append((position, batches))
+        return self._ahead.popleft()[1]
 
     def state_dict(self) -> dict[str, int]:
         return dict(self._ahead[0][0]) if self._ahead else self.loader.state_dict()
@@ -334,4 +332,3 @@ class PrefetchingLoader:
         self.target.discard_pending()
         self._ahead.clear()
         self.loader.load_state_dict(state)
-        self.epoch = self.loader.epoch

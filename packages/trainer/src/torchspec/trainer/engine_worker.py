@@ -31,6 +31,7 @@ __all__: list[str] = []
 
 
 def _engine(spec: dict[str, Any]):
+    import torch
     from vllm import LLM
 
     kwargs: dict[str, Any] = dict(
@@ -41,6 +42,9 @@ def _engine(spec: dict[str, Any]):
         skip_tokenizer_init=True,
         tensor_parallel_size=spec.get("tensor_parallel_size", 1),
         trust_remote_code=spec.get("trust_remote_code", False),
+        # On CPU, compiling the model costs more (tens of seconds at start and first request) than
+        # it saves on the prefills extraction runs; GPUs keep vLLM's default (compiled, graphs).
+        enforce_eager=not torch.cuda.is_available(),
     )
     if spec.get("layer_ids") is not None:
         kwargs["speculative_config"] = {
@@ -65,12 +69,13 @@ def _extract(llm, request: dict[str, Any]) -> dict[str, Any]:
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
-    outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params, use_tqdm=False
-    )
-    paths = [(output.kv_transfer_params or {}).get("hidden_states_path") for output in outputs]
-    if None in paths:
-        raise RuntimeError("the engine returned no hidden states (kv_transfer_params has no hidden_states_path)")
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params, use_tqdm=False)
+    paths: list[str] = []
+    for output in outputs:
+        path = (output.kv_transfer_params or {}).get("hidden_states_path")
+        if path is None:
+            raise RuntimeError("the engine returned no hidden states (kv_transfer_params has no hidden_states_path)")
+        paths.append(str(path))
     _finish_writes(llm, paths)
     names = request.get("names") or [f"states.{i}" for i in range(len(paths))]
     tensors: dict[str, torch.Tensor] = {}
@@ -155,7 +160,11 @@ def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     # The one token generated after the longest prompt may pass the target's max_position_embeddings;
     # its states are never read, so vLLM may allow it.
-    defaults = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+    defaults = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
+    }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     spec.setdefault("scratch_dir", tempfile.mkdtemp(prefix="torchspec-engine-states-"))

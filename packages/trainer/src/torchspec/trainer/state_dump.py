@@ -159,7 +159,9 @@ def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.P
     missing = [k for k in range(manifest["num_shards"]) if not _shard_is_whole(directory, k, samples, shard_size)]
     reused = manifest["num_shards"] - len(missing)
     if reused:
-        logger.info(f"dump: {reused} of {manifest['num_shards']} shards already in {directory}; computing {len(missing)}")
+        logger.info(
+            f"dump: {reused} of {manifest['num_shards']} shards already in {directory}; computing {len(missing)}"
+        )
     if missing:
         with EngineWorker(
             target_path,
@@ -177,7 +179,10 @@ def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.P
             for position, shard in enumerate(missing):
                 chunk = samples[shard * shard_size : (shard + 1) * shard_size]
                 request = worker.send(
-                    "extract", prompts=chunk, out=str(_shard_path(directory, shard)), names=[sample_key(s) for s in chunk]
+                    "extract",
+                    prompts=chunk,
+                    out=str(_shard_path(directory, shard)),
+                    names=[sample_key(s) for s in chunk],
                 )
                 sent.append((shard, request))
                 while len(sent) > 1 or (sent and position == len(missing) - 1):  # one shard queued ahead
@@ -242,7 +247,8 @@ def _check_same_dump(previous: dict, current: dict, directory: Path) -> None:
         ("dtype", ("dtype",)),
         ("data", ("data", "fingerprint")),
     ):
-        old, new = previous, current
+        old: Any = previous
+        new: Any = current
         for part in key:
             old, new = old.get(part), new.get(part)
         if old != new:
@@ -264,7 +270,9 @@ class DumpTarget(ServedTarget):
 
         super().__init__(head, list(manifest["aux_layer_ids"]))
         self.directory, self.manifest = directory, manifest
-        self._handles = [safe_open(str(p), framework="pt") for p in sorted((directory / _SHARDS).glob("shard-*.safetensors"))]
+        self._handles = [
+            safe_open(str(p), framework="pt") for p in sorted((directory / _SHARDS).glob("shard-*.safetensors"))
+        ]
         self._where = {key: handle for handle in self._handles for key in handle.keys()}
 
     @classmethod
@@ -293,7 +301,10 @@ class DumpTarget(ServedTarget):
         head = TargetHead.from_pretrained(target_path, dtype, device, trust_remote_code)
         identity = target_identity(target_path)
         saved = manifest["target"]
-        if saved.get("config_sha256") != identity["config_sha256"] or saved.get("weight_files") != identity["weight_files"]:
+        if (
+            saved.get("config_sha256") != identity["config_sha256"]
+            or saved.get("weight_files") != identity["weight_files"]
+        ):
             raise ConfigError(
                 f"target.dump_dir {directory} was dumped from another target ({saved.get('path')}) than "
                 f"model.target_model_path {target_path}; train with that target or dump again"
@@ -319,7 +330,11 @@ class DumpTarget(ServedTarget):
             )
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetOutput:
-        lengths = (attention_mask.sum(dim=1) if attention_mask is not None else torch.full((len(input_ids),), input_ids.shape[1])).tolist()
+        lengths = (
+            attention_mask.sum(dim=1)
+            if attention_mask is not None
+            else torch.full((len(input_ids),), input_ids.shape[1])
+        ).tolist()
         states = []
         for row, length in zip(input_ids.tolist(), lengths):
             key = sample_key(row[:length])

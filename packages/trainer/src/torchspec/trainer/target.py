@@ -271,7 +271,9 @@ class TargetHead(_TargetShape):
         decoder = skeleton.base_model
         final_norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if hasattr(decoder, n)), None)
         if final_norm is None:
-            raise ConfigError(f"cannot find the final norm of {type(decoder).__name__} (model.target_model_path {path})")
+            raise ConfigError(
+                f"cannot find the final norm of {type(decoder).__name__} (model.target_model_path {path})"
+            )
         norm_name = module_names[id(final_norm)]
         head_name = module_names[id(skeleton.get_output_embeddings())] + ".weight"
         embed_name = module_names[id(skeleton.get_input_embeddings())] + ".weight"

@@ -50,6 +50,7 @@ from torchspec.trainer.distributed import (
     mixed_precision_policy,
 )
 from torchspec.trainer.draft import build_draft, check_draft_against_target, resolve_draft_config
+from torchspec.trainer.engine_target import EngineTarget, PrefetchingLoader
 from torchspec.trainer.host_memory import pin_malloc_mmap_threshold
 from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
 from torchspec.trainer.metrics import (
@@ -64,9 +65,8 @@ from torchspec.trainer.metrics import (
 from torchspec.trainer.optimizer import build_optimizer
 from torchspec.trainer.parallelize import apply_activation_checkpointing, parallelize_draft, parallelize_target
 from torchspec.trainer.run_lock import OutputDirLock
-from torchspec.trainer.states import LRScheduleState, ModelState, OptimizerState, RNGState, TrainState
-from torchspec.trainer.engine_target import EngineTarget, PrefetchingLoader
 from torchspec.trainer.state_dump import DumpTarget
+from torchspec.trainer.states import LRScheduleState, ModelState, OptimizerState, RNGState, TrainState
 from torchspec.trainer.target import ServedTarget, TargetModel
 from torchspec.trainer.training_data import load_training_data, vocab_mapping_from_data
 
@@ -163,12 +163,13 @@ class Trainer:
         self.model = Eagle3Model(self.draft, ttt.length, ttt.attention_backend, loss_decay=ttt.loss_decay)
         apply_activation_checkpointing(self.model, "layer" if ttt.gradient_checkpointing else "mlp")
         parallelize_draft(self.model, ctx.mesh, mixed_precision_policy(_dtype(t.dtype, ctx.device)))
-        if t.shard_target:
+        if isinstance(self.target, TargetModel) and t.shard_target:
             parallelize_target(self.target, ctx.mesh, ctx.device)
         _log(
             ctx,
             f"target: {target_path} ({self.target.num_layers} layers, aux layers {self.target.aux_layer_ids}"
-            f"{', sharded' if t.shard_target else ''}; hidden states from {_backend_name(config)}); draft: {self.draft_config.architectures[0]}, "
+            f"{', sharded' if t.shard_target else ''}; hidden states from {_backend_name(config)}); "
+            f"draft: {self.draft_config.architectures[0]}, "
             f"{_count(self.draft):,} trainable parameters, vocab {self.draft_config.draft_vocab_size}/"
             f"{self.draft_config.vocab_size}; world size {ctx.world_size} on {ctx.device}",
         )
@@ -364,7 +365,8 @@ class Trainer:
             _log(
                 ctx,
                 "speculative eval skipped: the target is not in this process (target.backend="
-                f"{self.config.target.backend}); after export, `hatch run trainer:evaluate` or `engine:verify` measure it",
+                f"{self.config.target.backend}); after export, `hatch run trainer:evaluate` or `engine:verify` "
+                "measure it",
             )
             return None
         if self.eval_dataset is None or len(self.eval_dataset) == 0 or self.config.training.shard_target:

@@ -1,0 +1,252 @@
+"""Targets whose hidden states come from elsewhere (an engine, a dump), without vLLM.
+
+* ``TargetHead`` reads the final norm, lm_head and embeddings from the folder alone: equal to the
+  full model's (untied, tied, sharded checkpoints).
+* ``states_to_output`` lays engine states out as the in-process target does.
+* A dump written in the documented layout (one tensor per sample, named by its key, ``[T, 4, H]``)
+  trains exactly like the in-process target, and every mismatch is refused in one line.
+* ``PrefetchingLoader`` asks for batches ahead and still saves the position training is at.
+* Configuration mistakes of the engine backend stop before any engine starts.
+
+The engine itself (vLLM) is exercised in integration_tests/test_engine_target.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from torchspec.trainer.config import ConfigError, load_config
+from torchspec.trainer.data_loader import DistributedBatchLoader
+from torchspec.trainer.engine import EngineError
+from torchspec.trainer.engine_target import PrefetchingLoader, batch_prompts
+from torchspec.trainer.state_dump import DUMP_FORMAT, sample_key, target_identity
+from torchspec.trainer.target import TargetHead, TargetModel, states_to_output
+from torchspec.trainer.trainer import train
+
+from trainer_test_helpers import save_tiny_qwen3, small_overrides, token_dataset
+
+
+@pytest.mark.parametrize("kind", ["untied", "tied", "sharded"])
+def test_the_head_read_alone_equals_the_full_models(tmp_path, kind):
+    if kind == "sharded":
+        from trainer_test_helpers import tiny_qwen3
+
+        path = tmp_path / "target"
+        tiny_qwen3().save_pretrained(path, max_shard_size="200KB")
+        assert (path / "model.safetensors.index.json").is_file()
+    else:
+        path = save_tiny_qwen3(tmp_path / "target", tie=kind == "tied")
+    head, full = TargetHead.from_pretrained(path), TargetModel.from_pretrained(path)
+    assert torch.equal(head.lm_head_weight, full.lm_head_weight)
+    assert torch.equal(head.embed_tokens_weight, full.embed_tokens_weight)
+    assert head.num_layers == full.num_layers and head.vocab_size == full.vocab_size
+    x = torch.randn(3, 5, full.hidden_size)
+    assert torch.equal(head.final_norm(x), full.decoder.norm(x))
+    assert not any(p.is_meta for p in head.final_norm.parameters())
+
+
+def test_a_target_without_safetensors_is_refused_naming_the_fix(tmp_path):
+    path = save_tiny_qwen3(tmp_path / "target")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no model.safetensors .* save_pretrained"):
+        TargetHead.from_pretrained(path)
+
+
+def test_engine_states_become_the_in_process_output(tmp_path):
+    """Per-sample ``[T_i, 4, H]`` states (aux layers' inputs, then the last layer's output before
+    the norm) give the in-process target's aux and final states on every real position."""
+    path = save_tiny_qwen3(tmp_path / "target")
+    target = TargetModel.from_pretrained(path)
+    lengths = [9, 5, 7]
+    samples = [row["input_ids"] for row in token_dataset(lengths)]
+    states = []
+    for ids in samples:
+        captured = {}
+        last = target.layers[-1].register_forward_hook(lambda m, a, out: captured.update(last=out))
+        out = target(torch.tensor([ids]))
+        last.remove()
+        last_output = captured["last"][0] if isinstance(captured["last"], tuple) else captured["last"]
+        per_layer = out.aux_hidden_states[0].view(len(ids), 3, -1)
+        states.append(torch.cat([per_layer, last_output[0].unsqueeze(1)], dim=1))
+    width = max(lengths)
+    built = states_to_output(states, width, TargetHead.from_pretrained(path).final_norm)
+    assert built.aux_hidden_states.shape == (3, width, 3 * target.hidden_size)
+    for row, ids in enumerate(samples):
+        alone = target(torch.tensor([ids]))
+        n = len(ids)
+        torch.testing.assert_close(built.aux_hidden_states[row, :n], alone.aux_hidden_states[0])
+        torch.testing.assert_close(built.final_hidden[row, :n], alone.final_hidden[0])
+        assert not built.aux_hidden_states[row, n:].any()  # padding: zeros, read by nothing
+
+
+# --- training from a dump ------------------------------------------------------------------------
+
+
+def _write_dump(directory, config, *, complete=True, drop_one=False):
+    """A dump in the documented layout, its states computed by transformers."""
+    from transformers import AutoTokenizer
+
+    from torchspec.trainer.training_data import load_training_data
+
+    target_path = config.model.target_model_path
+    target = TargetModel.from_pretrained(target_path)
+    data = load_training_data(config.data, AutoTokenizer.from_pretrained(target_path), config.training.seed, True)
+    tensors = {}
+    for split in (data.train, data.eval):
+        for ids in split["input_ids"]:
+            ids = list(ids)[: config.data.max_seq_length]
+            captured = {}
+            hook = target.layers[-1].register_forward_hook(lambda m, a, out: captured.update(last=out))
+            out = target(torch.tensor([ids]))
+            hook.remove()
+            last = captured["last"][0] if isinstance(captured["last"], tuple) else captured["last"]
+            aux = out.aux_hidden_states[0].view(len(ids), 3, -1)
+            tensors[sample_key(ids)] = torch.cat([aux, last[0].unsqueeze(1)], dim=1).contiguous()
+    if drop_one:
+        tensors.pop(next(iter(tensors)))
+    (directory / "shards").mkdir(parents=True)
+    save_file(tensors, str(directory / "shards" / "shard-00000.safetensors"))
+    manifest = {
+        "format": DUMP_FORMAT,
+        "target": {"path": str(target_path), **target_identity(Path(target_path))},
+        "aux_layer_ids": target.aux_layer_ids,
+        "vllm_layer_ids": [*target.aux_layer_ids, target.num_layers],
+        "dtype": "float32",
+        "data": {
+            "fingerprint": "",
+            "num_samples": len(tensors),
+            "train_path": config.data.train_path,
+            "chat_template": config.data.chat_template,
+            "max_seq_length": config.data.max_seq_length,
+        },
+        "shard_size": len(tensors),
+        "num_shards": 1,
+        "complete": complete,
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_training_from_a_dump_equals_the_in_process_target(assets, tmp_path):
+    reference = train(load_config(None, small_overrides(assets, tmp_path / "in-process")))
+    dump = _write_dump(tmp_path / "dump", load_config(None, small_overrides(assets, tmp_path / "unused")))
+    from_dump = train(
+        load_config(
+            None, small_overrides(assets, tmp_path / "from-dump") + ["target.backend=dump", f"target.dump_dir={dump}"]
+        )
+    )
+    losses = [r["loss"] for r in from_dump.train_history]
+    expected = [r["loss"] for r in reference.train_history]
+    assert len(losses) == len(expected) == 8
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-6, atol=0)
+    assert from_dump.eval_metrics["loss"] == pytest.approx(reference.eval_metrics["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("unfinished", "unfinished dump .* run the same `hatch run trainer:dump-states` command again"),
+        ("other-target", "was dumped from another target"),
+        ("other-layers", r"holds aux layers \[.*\], this run asks for model.aux_layer_ids \[1, 3, 6\]"),
+        ("missing-sample", "lacks the states of 1 of this run's .* samples: it was dumped from other data"),
+        ("no-dump", r"holds no dump \(no manifest.json\); write one with `hatch run trainer:dump-states`"),
+    ],
+)
+def test_a_dump_that_does_not_match_the_run_is_refused(assets, tmp_path, change, message):
+    config = load_config(None, small_overrides(assets, tmp_path / "unused"))
+    dump = tmp_path / "dump"
+    if change == "no-dump":
+        dump.mkdir()
+    else:
+        _write_dump(dump, config, complete=change != "unfinished", drop_one=change == "missing-sample")
+    if change == "other-target":
+        manifest = json.loads((dump / "manifest.json").read_text())
+        manifest["target"]["config_sha256"] = "0" * 64
+        (dump / "manifest.json").write_text(json.dumps(manifest))
+    extra = ["model.aux_layer_ids=[1,3,6]"] if change == "other-layers" else []
+    overrides = small_overrides(assets, tmp_path / "run") + ["target.backend=dump", f"target.dump_dir={dump}", *extra]
+    with pytest.raises(ConfigError, match=message):
+        train(load_config(None, overrides))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- prefetching ---------------------------------------------------------------------------------
+
+
+class _RecordingTarget:
+    """Records what the loader asks the engine for, and what it discards."""
+
+    def __init__(self):
+        self.asked, self.discarded = [], 0
+
+    def prefetch(self, batch):
+        self.asked.append(batch_prompts(batch))
+
+    def discard_pending(self):
+        self.discarded += 1
+
+
+def _loader():
+    return DistributedBatchLoader(token_dataset([5, 6, 7, 8, 9, 10, 11, 12] * 2), 4, 2, pad_token_id=0, seed=3)
+
+
+def test_prefetching_asks_ahead_and_saves_the_position_of_the_batch_returned():
+    plain, engine = _loader(), _RecordingTarget()
+    ahead = PrefetchingLoader(_loader(), engine, depth=2)
+    first = ahead.next_batches()
+    # The batch returned and the two after it were asked for (2 micro-batches each).
+    assert len(engine.asked) == 6
+    assert [batch_prompts(b) for b in first] == [batch_prompts(b) for b in plain.next_batches()]
+    assert ahead.state_dict() == plain.state_dict()  # not the underlying loader's, 2 batches further
+    for _ in range(3):
+        assert [batch_prompts(b) for b in ahead.next_batches()] == [batch_prompts(b) for b in plain.next_batches()]
+        assert ahead.state_dict() == plain.state_dict()
+    assert ahead.epoch == plain.epoch == 1  # 4 steps per epoch
+
+
+def test_prefetching_resumes_the_saved_position_and_drops_what_was_asked_ahead():
+    ahead = PrefetchingLoader(_loader(), _RecordingTarget(), depth=1)
+    ahead.next_batches()
+    saved = ahead.state_dict()
+    expected = [batch_prompts(b) for b in ahead.next_batches()]
+    resumed_engine = _RecordingTarget()
+    resumed = PrefetchingLoader(_loader(), resumed_engine, depth=1)
+    resumed.next_batches()  # somewhere else, with requests in flight
+    resumed.load_state_dict(saved)
+    assert resumed_engine.discarded == 1
+    assert [batch_prompts(b) for b in resumed.next_batches()] == expected
+
+
+# --- configuration mistakes, before any engine starts ---------------------------------------------
+
+
+def test_engine_backend_mistakes_stop_before_an_engine_starts(assets, tmp_path, monkeypatch):
+    import torchspec.trainer.engine_target as engine_target
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(engine_target.EngineWorker, "__init__", no_engine)
+    base = small_overrides(assets, tmp_path / "run") + ["target.backend=vllm"]
+    with pytest.raises(ConfigError, match=r"model.aux_layer_ids .* 99"):
+        train(load_config(None, [*base, "model.aux_layer_ids=[2,4,99]"]))
+    with pytest.raises(ConfigError, match="target.engine_python /nowhere/python does not exist"):
+        engine_target.engine_python("/nowhere/python")
+    with pytest.raises(ConfigError, match="training.shard_target applies to target.backend=transformers"):
+        train(load_config(None, [*base, "training.shard_target=true"]))
+    with pytest.raises(ConfigError, match="target.dump_dir is not set"):
+        load_config(None, ["target.backend=dump"])
+
+
+def test_without_vllm_the_engine_backend_says_how_to_install_it(assets, tmp_path, monkeypatch):
+    import torchspec.trainer.engine_target as engine_target
+
+    monkeypatch.setattr(engine_target, "vllm_available", lambda: False)
+    monkeypatch.delenv("TORCHSPEC_ENGINE_PYTHON", raising=False)
+    with pytest.raises(EngineError, match="needs vLLM, which is not installed here; install vLLM"):
+        train(load_config(None, small_overrides(assets, tmp_path / "run") + ["target.backend=vllm"]))
