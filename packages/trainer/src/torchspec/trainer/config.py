@@ -1,10 +1,11 @@
 """Training configuration: typed sections, YAML files, dotted command-line overrides.
 
-A config is sections of plain dataclasses, each named for what it configures: ``model``,
-``target`` (where the target's hidden states come from), ``data``, ``training`` (the run: output,
-seed, devices, batches, length), ``optimizer``, ``lr_schedule``, ``ttt``, ``checkpoint`` and ``metrics``. Files and overrides are checked strictly: an unknown key
-fails with the closest known key as a suggestion, a value of the wrong type fails with its key path,
-and a key of the 0.3 layout (``training.learning_rate``) fails naming where it moved
+A config is sections of plain dataclasses, each named for what it configures: ``model``, ``target``
+(where the target's hidden states come from), ``data``, ``training`` (the run: output, seed,
+devices, batches, length), ``optimizer``, ``lr_schedule``, ``ttt``, ``checkpoint`` and ``metrics``.
+Files and overrides are checked strictly: an unknown key fails with the closest known key as a
+suggestion, a value of the wrong type fails with its key path, and a key of the 0.3 layout
+(``training.learning_rate``) fails naming where it moved
 (``MOVED_KEYS``). The defaults are the embedded demo run (a tiny built-in target and the bundled
 sample conversations), so ``TrainConfig()`` trains something.
 
