@@ -1,6 +1,7 @@
 """Command line: ``python -m torchspec.trainer.cli train [--config FILE] [section.key=value ...]``,
 ``... dump-states [--config FILE] [overrides]`` (``torchspec.trainer.state_dump``) and
-``python -m torchspec.trainer.cli evaluate ...`` (``torchspec.trainer.evaluate``).
+``python -m torchspec.trainer.cli evaluate|verify|regenerate ...`` (``torchspec.trainer.evaluate``,
+``verify``, ``regenerate``).
 
 With no ``--config`` the embedded default runs (a tiny built-in target, the bundled sample
 conversations, a small Llama-style draft); ``configs/default_llama.yaml`` spells out the same values.
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "verify", help="serve the draft in vLLM beside the evaluator (see verify --help)", add_help=False
+    )
+    commands.add_parser(
+        "regenerate",
+        help="rewrite a dataset's assistant answers with the target on vLLM (see regenerate --help)",
+        add_help=False,
     )
     return parser
 
@@ -79,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         from torchspec.trainer.verify import main as verify_main
 
         return verify_main(argv[1:])
+    if argv[:1] == ["regenerate"]:
+        from torchspec.trainer.regenerate import main as regenerate_main
+
+        _setup_logging()  # one line per turn of the conversations while the engine generates
+        return regenerate_main(argv[1:])
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     # argparse fills the `overrides` positional from one run of arguments only, so overrides after
