@@ -250,3 +250,22 @@ def test_without_vllm_the_engine_backend_says_how_to_install_it(assets, tmp_path
     monkeypatch.delenv("TORCHSPEC_ENGINE_PYTHON", raising=False)
     with pytest.raises(EngineError, match="needs vLLM, which is not installed here; install vLLM"):
         train(load_config(None, small_overrides(assets, tmp_path / "run") + ["target.backend=vllm"]))
+
+
+def test_the_commands_report_backend_mistakes_in_one_line(assets, tmp_path, capsys):
+    from torchspec.trainer.cli import main
+
+    from trainer_test_helpers import assert_one_line_error
+
+    code = main(["dump-states", f"model.target_model_path={assets['target']}"])
+    assert_one_line_error(code, capsys.readouterr().err, "target.dump_dir is not set")
+    unfinished = tmp_path / "dump"
+    _write_dump(unfinished, load_config(None, small_overrides(assets, tmp_path / "unused")), complete=False)
+    code = main(
+        ["train", *small_overrides(assets, tmp_path / "run"), "target.backend=dump", f"target.dump_dir={unfinished}"]
+    )
+    assert_one_line_error(code, capsys.readouterr().err, "unfinished dump", "dump-states")
+    not_a_dump = tmp_path / "busy"
+    (not_a_dump / "something").mkdir(parents=True)
+    code = main(["dump-states", *small_overrides(assets, tmp_path / "run"), f"target.dump_dir={not_a_dump}"])
+    assert_one_line_error(code, capsys.readouterr().err, "exists and is not a dump")
