@@ -181,3 +181,20 @@ def test_progress_bar_starts_at_a_resumed_step_and_logs_above_itself(monkeypatch
     before, after = tty.getvalue().split("step 7 | loss 0.500\n")
     assert " 6/10 " in before and before.endswith("\r")  # the bar was erased before the line
     assert " 6/10 " in after  # and drawn again below it
+
+
+def test_the_loop_clock_splits_the_wall_time_into_its_parts(monkeypatch):
+    import torchspec.trainer.metrics as metrics
+
+    now = [100.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    clock = metrics.LoopClock()
+    with clock.measure("data"):
+        now[0] += 1.0
+    clock.add("target", 2.0)
+    clock.add("draft", 5.0)
+    now[0] += 7.0 + 2.0  # target and draft happened in this time, then 2 s of something else
+    assert clock.summary() == (
+        "data 1.0 s (10%), target 2.0 s (20%), draft 5.0 s (50%), eval 0.0 s (0%), checkpoint 0.0 s (0%), "
+        "other 2.0 s (20%)"
+    )

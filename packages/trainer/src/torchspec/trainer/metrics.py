@@ -26,6 +26,8 @@ import contextlib
 import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,6 +36,7 @@ import torch
 
 __all__ = [
     "JsonlWriter",
+    "LoopClock",
     "MetricsSink",
     "ProgressBar",
     "TTTCounts",
@@ -321,3 +324,32 @@ def _is_terminal(stream: TextIO) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+class LoopClock:
+    """Where the training loop's wall time goes, summed over the run on this process: ``data``
+    (drawing and moving batches), ``target`` (the target's pass, or waiting for the engine's states),
+    ``draft`` (forward, backward, optimizer), ``eval``, ``checkpoint``; the rest is ``other``
+    (metrics, logging)."""
+
+    PARTS = ("data", "target", "draft", "eval", "checkpoint")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self._started = time.perf_counter()
+
+    def add(self, part: str, seconds: float) -> None:
+        self.seconds[part] += seconds
+
+    @contextlib.contextmanager
+    def measure(self, part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(part, time.perf_counter() - started)
+
+    def summary(self) -> str:
+        total = max(time.perf_counter() - self._started, 1e-9)
+        parts = {**self.seconds, "other": max(total - sum(self.seconds.values()), 0.0)}
+        return ", ".join(f"{part} {seconds:.1f} s ({100 * seconds / total:.0f}%)" for part, seconds in parts.items())

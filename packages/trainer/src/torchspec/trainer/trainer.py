@@ -54,6 +54,7 @@ from torchspec.trainer.engine_target import EngineTarget, PrefetchingLoader
 from torchspec.trainer.host_memory import pin_malloc_mmap_threshold
 from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
 from torchspec.trainer.metrics import (
+    LoopClock,
     MetricsSink,
     ProgressBar,
     TTTCounts,
@@ -315,8 +316,13 @@ class Trainer:
     ) -> tuple[list[dict], dict | None, Path | None]:
         t, ctx = self.config.metrics, self.ctx
         history, eval_metrics, checkpoint = [], None, self.resume_from
+        clock = LoopClock()
         while self.step < self.total_steps:
-            record = self.train_step([batch.to(ctx.device) for batch in self.loader.next_batches()])
+            with clock.measure("data"):
+                batches = [batch.to(ctx.device) for batch in self.loader.next_batches()]
+            record = self.train_step(batches)
+            clock.add("target", record["target_seconds"])
+            clock.add("draft", record["step_seconds"] - record["target_seconds"])
             self.step += 1
             record = {"step": self.step, "split": "train", "epoch": self.loader.epoch, **record}
             history.append(record)
@@ -329,7 +335,8 @@ class Trainer:
 
             new_best = False
             if self.eval_batches is not None and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
-                eval_metrics = {"step": self.step, "split": "eval", **self.evaluate()}
+                with clock.measure("eval"):
+                    eval_metrics = {"step": self.step, "split": "eval", **self.evaluate()}
                 if sink is not None:
                     sink.write(eval_metrics)
                 _log(ctx, "eval " + format_metrics(eval_metrics))
@@ -343,13 +350,15 @@ class Trainer:
             # A new best eval is always saved, so that best.json points at a checkpoint.
             save_interval = self.config.checkpoint.save_interval
             if (save_interval and self.step % save_interval == 0) or last or new_best:
-                checkpoint = self.save()
+                with clock.measure("checkpoint"):
+                    checkpoint = self.save()
                 if new_best:
                     self.checkpointer.mark_best(
                         checkpoint, {k: v for k, v in cast(dict, self.best).items() if k != "checkpoint"}
                     )
             if step_callback is not None:
                 step_callback(self.step, record)
+        _log(ctx, f"where the time went: {clock.summary()}")
         return history, eval_metrics, checkpoint
 
     def speculative_evaluation(self) -> dict[str, Any] | None:
@@ -464,6 +473,7 @@ class Trainer:
             "tokens": int(global_tokens),
             "tokens_per_s": global_tokens / seconds,
             "target_time_share": target_seconds_sum / seconds_sum,
+            "target_seconds": target_seconds,
             "step_seconds": seconds,
         }
 
