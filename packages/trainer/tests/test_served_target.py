@@ -57,6 +57,18 @@ def test_a_target_without_safetensors_is_refused_naming_the_fix(tmp_path):
         TargetHead.from_pretrained(path)
 
 
+def _engine_states(target: TargetModel, ids: list[int]) -> torch.Tensor:
+    """What the engine hands out for one sample, ``[T, 4, H]``, computed by transformers: the aux
+    layers' inputs, then the last decoder layer's output (caught by a hook, before the final norm)."""
+    captured = {}
+    hook = target.layers[-1].register_forward_hook(lambda module, args, out: captured.update(last=out))
+    out = target(torch.tensor([ids]))
+    hook.remove()
+    last = captured["last"][0] if isinstance(captured["last"], tuple) else captured["last"]
+    aux = out.aux_hidden_states[0].view(len(ids), 3, -1)
+    return torch.cat([aux, last[0].unsqueeze(1)], dim=1)
+
+
 def test_engine_states_become_the_in_process_output(tmp_path):
     """Per-sample ``[T_i, 4, H]`` states (aux layers' inputs, then the last layer's output before
     the norm) give the in-process target's aux and final states on every real position."""
@@ -64,15 +76,7 @@ def test_engine_states_become_the_in_process_output(tmp_path):
     target = TargetModel.from_pretrained(path)
     lengths = [9, 5, 7]
     samples = [row["input_ids"] for row in token_dataset(lengths)]
-    states = []
-    for ids in samples:
-        captured = {}
-        last = target.layers[-1].register_forward_hook(lambda m, a, out: captured.update(last=out))
-        out = target(torch.tensor([ids]))
-        last.remove()
-        last_output = captured["last"][0] if isinstance(captured["last"], tuple) else captured["last"]
-        per_layer = out.aux_hidden_states[0].view(len(ids), 3, -1)
-        states.append(torch.cat([per_layer, last_output[0].unsqueeze(1)], dim=1))
+    states = [_engine_states(target, ids) for ids in samples]
     width = max(lengths)
     built = states_to_output(states, width, TargetHead.from_pretrained(path).final_norm)
     assert built.aux_hidden_states.shape == (3, width, 3 * target.hidden_size)
@@ -100,13 +104,7 @@ def _write_dump(directory, config, *, complete=True, drop_one=False):
     for split in (data.train, data.eval):
         for ids in split["input_ids"]:
             ids = list(ids)[: config.data.max_seq_length]
-            captured = {}
-            hook = target.layers[-1].register_forward_hook(lambda m, a, out: captured.update(last=out))
-            out = target(torch.tensor([ids]))
-            hook.remove()
-            last = captured["last"][0] if isinstance(captured["last"], tuple) else captured["last"]
-            aux = out.aux_hidden_states[0].view(len(ids), 3, -1)
-            tensors[sample_key(ids)] = torch.cat([aux, last[0].unsqueeze(1)], dim=1).contiguous()
+            tensors[sample_key(ids)] = _engine_states(target, ids).contiguous()
     if drop_one:
         tensors.pop(next(iter(tensors)))
     (directory / "shards").mkdir(parents=True)

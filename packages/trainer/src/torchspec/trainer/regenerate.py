@@ -282,18 +282,9 @@ def _max_position_embeddings(target_path: Path) -> int | None:
 
 def _start_engine(target_path: Path, *, dtype: str, max_model_len: int, config) -> _Worker:
     """A plain (generating) vLLM engine for the target; tests replace this."""
-    from torchspec.trainer.engine_target import EngineWorker
+    from torchspec.trainer.engine_target import EngineWorker, engine_options
 
-    return EngineWorker(
-        target_path,
-        dtype=dtype,
-        max_model_len=max_model_len,
-        engine_args=config.target.engine_args,
-        devices=config.target.engine_devices,
-        trust_remote_code=config.model.trust_remote_code,
-        timeout_s=config.target.engine_timeout_s,
-        python=config.target.engine_python,
-    )
+    return EngineWorker(target_path, dtype=dtype, max_model_len=max_model_len, **engine_options(config))
 
 
 def _write_atomically(output: Path, conversations: list[list[dict]], prompt_key: str, meta: dict) -> None:

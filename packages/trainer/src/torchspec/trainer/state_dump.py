@@ -107,7 +107,7 @@ class DumpSummary:
 
 def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.PathLike | None = None) -> DumpSummary:
     """Write (or finish) the dump of ``config``'s data at ``config.target.dump_dir``."""
-    from torchspec.trainer.engine_target import EngineWorker, vllm_layer_ids
+    from torchspec.trainer.engine_target import EngineWorker, engine_options, vllm_layer_ids
     from torchspec.trainer.trainer import _dtype, _load_tokenizer, _target_path
     from torchspec.trainer.training_data import load_training_data
 
@@ -168,12 +168,8 @@ def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.P
             layer_ids=manifest["vllm_layer_ids"],
             dtype=manifest["dtype"],
             max_model_len=config.data.max_seq_length + 2,
-            engine_args=tc.engine_args,
-            devices=tc.engine_devices,
-            trust_remote_code=m.trust_remote_code,
-            timeout_s=tc.engine_timeout_s,
             log_path=log_path or directory / "engine.log",
-            python=tc.engine_python,
+            **engine_options(config),
         ) as worker:
             sent: list[tuple[int, int]] = []
             for position, shard in enumerate(missing):

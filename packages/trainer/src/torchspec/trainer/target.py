@@ -20,8 +20,10 @@ per-sample states into the same ``TargetOutput``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +64,19 @@ def _decoder_layers(decoder: nn.Module, num_layers: int) -> nn.ModuleList:
     )
 
 
+@contextlib.contextmanager
+def _remote_code_hint(path: Path) -> Iterator[None]:
+    """transformers' refusal of a model that needs its own code, as a one-line config error."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError(
+                f"the target at {path} needs its own code; set model.trust_remote_code=true if you trust it"
+            ) from None
+        raise
+
+
 def load_causal_lm(
     path: str | os.PathLike, setting: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> PreTrainedModel:
@@ -85,13 +100,8 @@ def load_causal_lm(
             "sharded index); copy the weight files there or point it at the complete folder"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
-    except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise ConfigError(
-                f"the target at {path} needs its own code; set model.trust_remote_code=true if you trust it"
-            ) from None
-        raise
+        with _remote_code_hint(path):
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
     except SafetensorError:
         for file in sorted(path.glob("*.safetensors")):  # which one: the damaged file raises, naming itself
             with open_safetensors(file):
@@ -257,16 +267,9 @@ class TargetHead(_TargetShape):
                 f"model.target_model_path {path} is not a Hugging Face model folder (no config.json there); "
                 "point it at a local folder written by save_pretrained"
             )
-        try:
+        with _remote_code_hint(path), torch.device("meta"):
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        except ValueError as err:
-            if "trust_remote_code" in str(err):
-                raise ConfigError(
-                    f"the target at {path} needs its own code; set model.trust_remote_code=true if you trust it"
-                ) from None
-            raise
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         module_names = {id(module): name for name, module in skeleton.named_modules(remove_duplicate=False)}
         decoder = skeleton.base_model
         final_norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if hasattr(decoder, n)), None)

@@ -50,7 +50,7 @@ from torchspec.trainer.distributed import (
     mixed_precision_policy,
 )
 from torchspec.trainer.draft import build_draft, check_draft_against_target, resolve_draft_config
-from torchspec.trainer.engine_target import EngineTarget, PrefetchingLoader
+from torchspec.trainer.engine_target import EngineTarget, PrefetchingLoader, engine_options
 from torchspec.trainer.host_memory import pin_malloc_mmap_threshold
 from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
 from torchspec.trainer.metrics import (
@@ -550,12 +550,8 @@ def _build_target(config: TrainConfig, path: Path, ctx: DistributedContext) -> T
         dtype,
         ctx.device,
         max_seq_length=config.data.max_seq_length,
-        engine_args=backend.engine_args,
-        devices=backend.engine_devices,
-        trust_remote_code=m.trust_remote_code,
-        timeout_s=backend.engine_timeout_s,
         log_path=Path(t.output_dir) / "engine.log" if ctx.is_main else None,
-        python=backend.engine_python,
+        **engine_options(config),
     )
 
 
