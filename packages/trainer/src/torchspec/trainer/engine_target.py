@@ -134,7 +134,8 @@ class EngineWorker:
         self._replies: queue.Queue[dict | None] = queue.Queue()
         threading.Thread(target=self._read_replies, daemon=True).start()
         self._next_id = 0
-        self._arrived: dict[Any, dict] = {}
+        self._arrived: dict[Any, dict] = {}  # replies read but not collected yet
+        self._collected = 0  # replies handed to their callers
         ready = self._get(what="start")
         if not ready.get("ready"):
             self.close()
@@ -182,6 +183,7 @@ class EngineWorker:
             reply = self._get(what="answer")
             self._arrived[reply.get("id")] = reply
         reply = self._arrived.pop(request_id)
+        self._collected += 1
         if "error" in reply:
             raise EngineError(f"vLLM failed a request: {reply['error']} (log: {self.log_path})")
         return reply
@@ -191,12 +193,17 @@ class EngineWorker:
         return self._scratch
 
     def close(self) -> None:
-        """Stop the engine (it finishes the request at hand) and remove its scratch files."""
+        """Stop the engine and remove its scratch files. Requests still unanswered (batches asked
+        for ahead of a run's last step) are abandoned: the engine is terminated rather than left
+        to compute them."""
         process = self._process
         if process.poll() is None:
+            unanswered = self._next_id > self._collected + len(self._arrived)
             try:
                 assert process.stdin is not None
                 process.stdin.close()
+                if unanswered:
+                    process.terminate()
                 process.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired):
                 process.kill()
