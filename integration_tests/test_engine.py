@@ -15,7 +15,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from torchspec.trainer.engine import EngineError, run_vllm, vllm_available
 from torchspec.trainer.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
@@ -198,43 +197,6 @@ def test_missing_engine_is_one_line(monkeypatch, default_target, prompts):
 # forward differs from transformers' beyond rounding there (first-token log-probabilities by ~0.1), so
 # the evaluator's counts are not comparable: these tests hold vLLM's own loading and serving of the
 # export, and its refusal of what `converter check` reports.
-
-
-@pytest.fixture(scope="module")
-def mla_target(tmp_path_factory, default_target):
-    from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config
-
-    reference = AutoConfig.from_pretrained(default_target)
-    layers = 8  # default aux layers [2, 4, 5] are distinct (vLLM keeps one state per layer)
-    config = DeepseekV3Config(
-        vocab_size=reference.vocab_size,
-        hidden_size=reference.hidden_size,
-        intermediate_size=256,
-        num_hidden_layers=layers,
-        first_k_dense_replace=layers,
-        moe_intermediate_size=64,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        q_lora_rank=64,
-        kv_lora_rank=512,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=64,
-        v_head_dim=32,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        rope_scaling=None,
-        bos_token_id=reference.bos_token_id,
-        eos_token_id=reference.eos_token_id,
-        pad_token_id=reference.pad_token_id,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("mla_target")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return path
 
 
 def test_the_default_mla_export_is_served_beside_an_mla_target(mla_target, trained_run, prompts, tmp_path):

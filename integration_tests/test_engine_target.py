@@ -182,3 +182,25 @@ def test_an_engine_that_cannot_start_is_one_line_naming_its_reason(default_targe
         )
     message = str(caught.value)
     assert "\n" not in message and "vLLM could not start the target" in message and "max_num_seqs" in message
+
+
+def test_an_mla_targets_states_come_out_of_vllm(mla_target, tmp_path):
+    """What MLA drafts are for: DeepSeek/Kimi-style targets. vLLM's DeepSeek forward differs from
+    transformers' beyond rounding on this tiny random target (~1%, as the serving tests found), so
+    the states are held to 5% of transformers' and to their shape; exact equality is the Qwen3
+    target's test above."""
+    prompt = list(range(5, 60))
+    layers = [2, 4, 5]
+    out = tmp_path / "states.safetensors"
+    with EngineWorker(mla_target, layer_ids=[*layers, 8], max_model_len=128, log_path=tmp_path / "log") as worker:
+        worker.reply(worker.send("extract", prompts=[prompt], out=str(out)))
+    from safetensors.torch import load_file
+
+    states = load_file(str(out))["states.0"]
+    expected_aux, expected_final, norm = _transformers_states(mla_target, prompt, layers)
+    assert states.shape == (len(prompt), 4, expected_final.shape[-1])
+    for column, expected in enumerate(expected_aux):
+        assert (states[:, column] - expected).abs().max() <= 0.05 * expected.abs().max()
+    with torch.no_grad():
+        final = norm(states[:, 3])
+    assert (final - expected_final).abs().max() <= 0.05 * expected_final.abs().max()
