@@ -22,6 +22,7 @@ by training ("unfinished dump; rerun dump-states").
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -266,10 +267,12 @@ class DumpTarget(ServedTarget):
 
         super().__init__(head, list(manifest["aux_layer_ids"]))
         self.directory, self.manifest = directory, manifest
-        self._handles = [
-            safe_open(str(p), framework="pt") for p in sorted((directory / _SHARDS).glob("shard-*.safetensors"))
-        ]
-        self._where = {key: handle for handle in self._handles for key in handle.keys()}
+        self._where: dict[str, Path] = {}  # sample key -> its shard
+        for shard in sorted((directory / _SHARDS).glob("shard-*.safetensors")):
+            with safe_open(str(shard), framework="pt") as handle:
+                self._where.update(dict.fromkeys(handle.keys(), shard))
+        # A few shards open at a time: a large dump has thousands, more than a process may open.
+        self._open = functools.lru_cache(maxsize=16)(lambda shard: safe_open(str(shard), framework="pt"))
 
     @classmethod
     def open(
@@ -336,8 +339,8 @@ class DumpTarget(ServedTarget):
             key = sample_key(row[:length])
             if key not in self._where:
                 raise ConfigError(f"target.dump_dir {self.directory} holds no states for a sample of this run")
-            states.append(self._where[key].get_tensor(key).to(self.head.lm_head_weight.dtype))
+            states.append(self._open(self._where[key]).get_tensor(key).to(self.head.lm_head_weight.dtype))
         return states_to_output(states, input_ids.shape[1], self.head.final_norm, input_ids.device)
 
     def close(self) -> None:
-        self._handles, self._where = [], {}
+        self._open.cache_clear()
