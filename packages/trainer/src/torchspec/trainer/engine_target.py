@@ -31,7 +31,7 @@ import torch
 from torchspec.trainer.config import ConfigError, TrainConfig
 from torchspec.trainer.data_loader import DistributedBatchLoader, MicroBatch
 from torchspec.trainer.engine import EngineError, vllm_available
-from torchspec.trainer.target import ServedTarget, TargetHead, TargetOutput, states_to_output
+from torchspec.trainer.target import ServedTarget, TargetHead, TargetOutput, states_to_output, unpadded_rows
 
 __all__ = [
     "EngineTarget",
@@ -234,13 +234,12 @@ def _last_error_line(log: Path) -> str:
 
 def batch_prompts(batch: MicroBatch) -> list[list[int]]:
     """The unpadded token ids of each row of a right-padded micro-batch."""
-    lengths = batch.attention_mask.sum(dim=1).tolist()
-    return [row[:length] for row, length in zip(batch.input_ids.tolist(), lengths)]
+    return unpadded_rows(batch.input_ids, batch.attention_mask)
 
 
-def _batch_key(batch: MicroBatch) -> str:
-    digest = hashlib.sha1(batch.input_ids.cpu().numpy().tobytes())
-    digest.update(batch.attention_mask.cpu().numpy().tobytes())
+def _batch_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
+    digest = hashlib.sha1(input_ids.cpu().numpy().tobytes())
+    digest.update(attention_mask.cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -283,18 +282,21 @@ class EngineTarget(ServedTarget):
         return cls(head, worker, aux)
 
     def prefetch(self, batch: MicroBatch) -> None:
+        self._ask(batch.input_ids, batch.attention_mask)
+
+    def _ask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         out = self.worker.scratch_dir / "batches" / f"{self._files}.safetensors"
         self._files += 1
-        request_id = self.worker.send("extract", prompts=batch_prompts(batch), out=str(out))
-        self._pending.setdefault(_batch_key(batch), deque()).append((request_id, out, batch.input_ids.shape[1]))
+        request_id = self.worker.send("extract", prompts=unpadded_rows(input_ids, attention_mask), out=str(out))
+        key = _batch_key(input_ids, attention_mask)
+        self._pending.setdefault(key, deque()).append((request_id, out, input_ids.shape[1]))
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        batch = MicroBatch(input_ids, attention_mask, attention_mask)
-        key = _batch_key(batch)
+        key = _batch_key(input_ids, attention_mask)
         if not self._pending.get(key):
-            self.prefetch(batch)
+            self._ask(input_ids, attention_mask)
         request_id, path, width = self._pending[key].popleft()
         if not self._pending[key]:
             del self._pending[key]

@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
+from torchspec.trainer.checkpoint import _write_atomic
 from torchspec.trainer.config import ConfigError, TrainConfig
-from torchspec.trainer.target import ServedTarget, TargetHead, TargetOutput, states_to_output
+from torchspec.trainer.target import ServedTarget, TargetHead, TargetOutput, states_to_output, unpadded_rows
 
 __all__ = ["DUMP_FORMAT", "DumpTarget", "dump_states", "sample_key", "target_identity"]
 
@@ -83,9 +84,7 @@ def _data_fingerprint(samples: list[list[int]]) -> str:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(partial, path)
+    _write_atomic(path, json.dumps(value, indent=2) + "\n")  # a kill leaves the old manifest whole
 
 
 # --- writing ------------------------------------------------------------------------------------------
@@ -329,14 +328,9 @@ class DumpTarget(ServedTarget):
             )
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetOutput:
-        lengths = (
-            attention_mask.sum(dim=1)
-            if attention_mask is not None
-            else torch.full((len(input_ids),), input_ids.shape[1])
-        ).tolist()
         states = []
-        for row, length in zip(input_ids.tolist(), lengths):
-            key = sample_key(row[:length])
+        for row in unpadded_rows(input_ids, attention_mask):
+            key = sample_key(row)
             if key not in self._where:
                 raise ConfigError(f"target.dump_dir {self.directory} holds no states for a sample of this run")
             states.append(self._open(self._where[key]).get_tensor(key).to(self.head.lm_head_weight.dtype))

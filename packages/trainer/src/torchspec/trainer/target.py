@@ -39,7 +39,15 @@ from torchspec.trainer.config import ConfigError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["ServedTarget", "TargetHead", "TargetModel", "TargetOutput", "load_causal_lm", "states_to_output"]
+__all__ = [
+    "ServedTarget",
+    "TargetHead",
+    "TargetModel",
+    "TargetOutput",
+    "load_causal_lm",
+    "states_to_output",
+    "unpadded_rows",
+]
 
 # What transformers loads weights from: single files, shards with their index.
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -347,6 +355,14 @@ def _read_safetensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
             present = set(handle.keys())
             tensors.update({name: handle.get_tensor(name) for name in wanted if name in present})
     return tensors
+
+
+def unpadded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[list[int]]:
+    """The token ids of each row of a right-padded batch, without its padding."""
+    rows = input_ids.tolist()
+    if attention_mask is None:
+        return rows
+    return [row[:length] for row, length in zip(rows, attention_mask.sum(dim=1).tolist())]
 
 
 def states_to_output(
