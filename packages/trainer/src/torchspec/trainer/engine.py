@@ -28,7 +28,7 @@ from pathlib import Path
 
 from torchspec.draft_models.errors import TorchSpecError
 
-__all__ = ["EngineError", "EngineRun", "run_vllm", "vllm_available"]
+__all__ = ["EngineError", "EngineRun", "engine_environment", "run_vllm", "vllm_available"]
 
 # Defaults for the child, each overridable from the caller's environment. The CPU backend sizes its
 # KV cache from VLLM_CPU_KVCACHE_SPACE (GiB; its default 4 is far more than verification needs).
@@ -69,6 +69,12 @@ class EngineRun:
         return [count / max(self.num_drafts, 1) for count in self.accepted_per_position]
 
 
+def engine_environment(**more_defaults: str) -> dict[str, str]:
+    """The environment of an engine child: this process's, plus the defaults it does not set."""
+    defaults = {**_DEFAULT_ENV, **more_defaults}
+    return {**os.environ, **{k: v for k, v in defaults.items() if k not in os.environ}}
+
+
 def vllm_available() -> bool:
     import importlib.util
 
@@ -104,7 +110,7 @@ def run_vllm(
         request_path, result_path = Path(scratch) / "request.json", Path(scratch) / "result.json"
         request_path.write_text(json.dumps(request))
         log = Path(log_path) if log_path else Path(scratch) / "engine.log"
-        env = {**os.environ, **{k: v for k, v in _DEFAULT_ENV.items() if k not in os.environ}}
+        env = engine_environment()
         with open(log, "w") as log_file:
             try:
                 code = subprocess.run(

@@ -30,7 +30,7 @@ import torch
 
 from torchspec.trainer.config import ConfigError, TrainConfig
 from torchspec.trainer.data_loader import DistributedBatchLoader, MicroBatch
-from torchspec.trainer.engine import EngineError, vllm_available
+from torchspec.trainer.engine import EngineError, engine_environment, vllm_available
 from torchspec.trainer.target import ServedTarget, TargetHead, TargetOutput, states_to_output, unpadded_rows
 
 __all__ = [
@@ -117,11 +117,11 @@ class EngineWorker:
         spec_path.write_text(json.dumps(spec))
         self.log_path = Path(log_path) if log_path else self._scratch / "engine.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+        # The one token generated after the longest prompt may pass the target's
+        # max_position_embeddings; its states are never read, so vLLM may allow it.
+        env = engine_environment(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1")
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._log = open(self.log_path, "w")
         self._process = subprocess.Popen(
             [python, "-m", "torchspec.trainer.engine_worker", str(spec_path)],

@@ -13,8 +13,9 @@ not. Requests:
 * ``{"op": "generate", "prompts": [...], "max_new_tokens": N, "temperature": t, "top_p": p,
   "seed": s, "stop_token_ids": [...]}``: the generated token ids of every prompt.
 
-Each engine runs with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the caller set it (the engine core
-inside this process: 16 s to start instead of 54 s on 2 CPU cores), greedy prefill of one token per
+The parent starts it with ``torchspec.trainer.engine.engine_environment`` (among others
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set: the engine core inside this process, 16 s to start
+instead of 54 s on 2 CPU cores), greedy prefill of one token per
 prompt for extraction (the states of the prompt are what training reads).
 """
 
@@ -158,15 +159,6 @@ def main(spec_path: str) -> int:
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # vLLM's prints go to the log, never into the reply stream
     spec = json.loads(Path(spec_path).read_text())
-    # The one token generated after the longest prompt may pass the target's max_position_embeddings;
-    # its states are never read, so vLLM may allow it.
-    defaults = {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
-    }
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
     spec.setdefault("scratch_dir", tempfile.mkdtemp(prefix="torchspec-engine-states-"))
     try:
         import vllm
