@@ -12,8 +12,10 @@ AdamW, embedding frozen, every position supervised, the target given as hidden s
 This project runs as the trainer runs it by default: ``Eagle3Model(draft, length)`` with nothing
 else set, the MLP recomputed in backward (``trainer.parallelize.apply_activation_checkpointing``,
 mode ``mlp``), the optimizer the trainer builds (``trainer.optimizer.build_optimizer``) and the
-host-memory setting the trainer applies to every CPU run (``trainer.host_memory``). The reference runs its own benchmark
-script, ``bench_reference_step.py``, unchanged. Without ``../shared/reference`` (a user's clone has
+host-memory policy the trainer applies to every CPU run (``trainer.host_memory``: the process starts
+on tcmalloc where the system has it, else glibc with its mmap threshold pinned; the last line says
+which). The reference runs its own benchmark script, ``bench_reference_step.py``, unchanged, on the
+system's allocator, as it would run. Without ``../shared/reference`` (a user's clone has
 none) only this project's figures are printed.
 """
 
@@ -71,11 +73,12 @@ def run_project(arch: str, vocab: int, args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from torchspec.draft_models import AutoEagle3DraftModel, Eagle3Model, step0_loss_mask
-    from torchspec.trainer.host_memory import pin_malloc_mmap_threshold
+    from torchspec.trainer.host_memory import loaded_allocator, pin_malloc_mmap_threshold
     from torchspec.trainer.optimizer import build_optimizer
     from torchspec.trainer.parallelize import apply_activation_checkpointing
 
-    pin_malloc_mmap_threshold()
+    if loaded_allocator() == "system":
+        pin_malloc_mmap_threshold()
     torch.manual_seed(0)
     hidden, seq = args.hidden, args.seq
     draft = AutoEagle3DraftModel.from_config(draft_config(arch, hidden, vocab)).float()
@@ -114,6 +117,7 @@ def run_project(arch: str, vocab: int, args) -> dict:
         tokens_per_s=seq / median,
         gflop_per_step=counter.get_total_flops() / 1e9,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        allocator=loaded_allocator(),
     )
 
 
@@ -138,7 +142,10 @@ def run_reference(arch: str, vocab: int, args) -> dict | None:
 
 def _project_in_child(arch: str, vocab: int) -> dict:
     cmd = [sys.executable, __file__, "--child", f"{arch}:{vocab}"] + [a for a in sys.argv[1:] if a != "--child"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # Started as the trainer starts a CPU run: on tcmalloc where the system has it (host_memory).
+    from torchspec.trainer.host_memory import tcmalloc_environment
+
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=tcmalloc_environment())
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -159,6 +166,7 @@ def main() -> None:
     print(f"H={args.hidden} T={args.seq} TTT={args.ttt} batch=1 fp32, median of {args.steps} steps")
     header = f"{'draft':6} {'vocab':>7} | {'reference s/step':>16} {'RSS GB':>7} | {'project s/step':>14} {'RSS GB':>7}"
     print(header + f" | {'speed':>6} {'RSS':>6}")
+    allocators: set[str] = set()
     for case in args.cases:
         arch, vocab = case.split(":")
         reference = None if args.no_reference else run_reference(arch, int(vocab), args)
@@ -169,10 +177,12 @@ def main() -> None:
         else:
             line += f"{'-':>16} {'-':>7} | "
         line += f"{ours['ms_per_step'] / 1000:14.2f} {ours['peak_rss_mb'] / 1024:7.2f}"
+        allocators.add(ours["allocator"])
         if reference:
             speed = ours["tokens_per_s"] / reference["tokens_per_s"]
             line += f" | {speed:5.2f}x {ours['peak_rss_mb'] / reference['peak_rss_mb']:5.2f}x"
         print(line, flush=True)
+    print(f"this project's host allocator: {', '.join(sorted(allocators))} (the reference runs on the system's)")
 
 
 if __name__ == "__main__":

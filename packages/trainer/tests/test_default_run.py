@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from torchspec.trainer.config import TrainConfig, load_config
+from torchspec.trainer.host_memory import find_tcmalloc
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -36,6 +37,9 @@ def test_no_argument_run_trains_and_points_to_the_export(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # A CPU run starts itself again on tcmalloc where there is one (host_memory), logging nothing twice.
+    assert f"(host allocator: {'tcmalloc' if find_tcmalloc() else 'system'})" in result.stdout
+    assert result.stdout.count("data: read") == 1
     output_dir = Path("outputs/default_llama")
     assert f"checkpoint: {output_dir / 'iter_0000020'}" in result.stdout
     assert f"next: hatch run converter:export  (exports this run to {output_dir}_hf)" in result.stdout

@@ -1,11 +1,7 @@
-"""The optimizer and the host-memory setting the trainer applies."""
+"""The optimizer the trainer builds."""
 
-import ctypes.util
-
-import pytest
 import torch
 
-from torchspec.trainer.host_memory import pin_malloc_mmap_threshold
 from torchspec.trainer.optimizer import build_optimizer
 
 
@@ -27,11 +23,3 @@ def test_adamw_is_fused_on_cpu_and_steps_like_the_for_loop_implementation():
         loop.step()
     for a, b in zip(fused_params, loop_params):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="no C library found")
-def test_the_mmap_threshold_can_be_pinned_where_the_c_library_is_glibc():
-    import platform
-
-    pinned = pin_malloc_mmap_threshold()
-    assert pinned is (platform.libc_ver()[0] == "glibc")

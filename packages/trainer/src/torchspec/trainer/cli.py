@@ -71,6 +71,19 @@ def _quiet_library_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _runs_on_cpu(device: str) -> bool:
+    import torch
+
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def _is_program() -> bool:
+    """This module runs as the program (``python -m``, ``torchrun -m``), not imported by a caller
+    whose process must not be replaced."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec is not None and spec.name == "torchspec.trainer.cli"
+
+
 @cli_main(
     interrupted="interrupted; run the same command again to resume from the last checkpoint (checkpoint.resume=auto)"
 )
@@ -104,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _setup_logging()
     config = load_config(args.config, args.overrides)
+    if args.command == "train" and _runs_on_cpu(config.training.device) and _is_program():
+        from torchspec.trainer.host_memory import relaunch_with_tcmalloc
+
+        relaunch_with_tcmalloc()  # a CPU step is ~10% faster on tcmalloc (host_memory); returns if it cannot
     from torchspec.trainer.trainer import train
 
     if (

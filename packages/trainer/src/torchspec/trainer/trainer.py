@@ -51,7 +51,7 @@ from torchspec.trainer.distributed import (
 )
 from torchspec.trainer.draft import build_draft, check_draft_against_target, resolve_draft_config
 from torchspec.trainer.engine_target import EngineTarget, PrefetchingLoader, engine_options
-from torchspec.trainer.host_memory import pin_malloc_mmap_threshold
+from torchspec.trainer.host_memory import loaded_allocator, pin_malloc_mmap_threshold
 from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
 from torchspec.trainer.metrics import (
     LoopClock,
@@ -103,8 +103,8 @@ def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None
         summary_writer_class()  # a missing package stops the run before anything loads or is written
     created_group = not dist.is_initialized()
     ctx = init_distributed(config.training.device)
-    if ctx.device.type == "cpu":
-        pin_malloc_mmap_threshold()  # activations live in host memory: give freed ones back to the OS
+    if ctx.device.type == "cpu" and loaded_allocator() == "system":
+        pin_malloc_mmap_threshold()  # glibc: give freed activations back to the OS (host_memory)
     # Before the target loads: a second run on this folder, or one that cannot be written, stops here.
     lock = OutputDirLock(config.training.output_dir) if ctx.is_main else None
     try:
@@ -172,7 +172,8 @@ class Trainer:
             f"{', sharded' if t.shard_target else ''}; hidden states from {_backend_name(config)}); "
             f"draft: {self.draft_config.architectures[0]}, "
             f"{_count(self.draft):,} trainable parameters, vocab {self.draft_config.draft_vocab_size}/"
-            f"{self.draft_config.vocab_size}; world size {ctx.world_size} on {ctx.device}",
+            f"{self.draft_config.vocab_size}; world size {ctx.world_size} on {ctx.device}"
+            + (f" (host allocator: {loaded_allocator()})" if ctx.device.type == "cpu" else ""),
         )
 
         # Optimizer, schedule, data order.

@@ -1,0 +1,72 @@
+"""The host-memory policy of CPU training processes: tcmalloc when the system has it, else glibc
+with its mmap threshold pinned."""
+
+import ctypes.util
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from torchspec.draft_models.errors import UserInputError
+from torchspec.trainer.host_memory import (
+    ALLOCATOR_ENV,
+    find_tcmalloc,
+    loaded_allocator,
+    pin_malloc_mmap_threshold,
+    tcmalloc_environment,
+)
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+
+
+@pytest.fixture
+def conda_tcmalloc(tmp_path):
+    """An environment whose prefix holds a tcmalloc (conda's gperftools layout)."""
+    library = tmp_path / "lib" / "libtcmalloc_minimal.so.4"
+    library.parent.mkdir()
+    library.write_bytes(b"")
+    return {"CONDA_PREFIX": str(tmp_path), "PATH": os.environ.get("PATH", "")}, str(library)
+
+
+@pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="no C library found")
+def test_the_mmap_threshold_can_be_pinned_where_the_c_library_is_glibc():
+    assert pin_malloc_mmap_threshold() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_the_python_environments_own_tcmalloc_is_found_first(conda_tcmalloc):
+    environ, library = conda_tcmalloc
+    assert find_tcmalloc(environ) == library
+
+
+@linux_only
+def test_a_process_is_started_with_tcmalloc_preloaded_before_what_was_preloaded(conda_tcmalloc):
+    environ, library = conda_tcmalloc
+    started = tcmalloc_environment({**environ, "LD_PRELOAD": "/opt/libother.so"})
+    assert started is not None and started["LD_PRELOAD"] == f"{library} /opt/libother.so"
+    assert started["CONDA_PREFIX"] == environ["CONDA_PREFIX"]  # the rest of the environment is kept
+
+
+@linux_only
+def test_nothing_changes_when_tcmalloc_is_preloaded_already_or_the_system_allocator_is_asked_for(conda_tcmalloc):
+    environ, _ = conda_tcmalloc
+    assert tcmalloc_environment({**environ, "LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}) is None
+    assert tcmalloc_environment({**environ, ALLOCATOR_ENV: "system"}) is None
+
+
+def test_an_unknown_allocator_choice_is_one_line_naming_the_variable(conda_tcmalloc):
+    environ, _ = conda_tcmalloc
+    with pytest.raises(UserInputError, match=f"{ALLOCATOR_ENV}='jemalloc'; use tcmalloc .* or system"):
+        tcmalloc_environment({**environ, ALLOCATOR_ENV: "jemalloc"})
+
+
+@linux_only
+@pytest.mark.skipif(find_tcmalloc() is None, reason="no tcmalloc on this machine (apt install libtcmalloc-minimal4)")
+def test_a_process_started_with_that_environment_runs_on_tcmalloc():
+    code = "from torchspec.trainer.host_memory import loaded_allocator; print(loaded_allocator())"
+    started = subprocess.run(
+        [sys.executable, "-c", code], env=tcmalloc_environment(), capture_output=True, text=True, check=True
+    )
+    assert started.stdout.strip() == "tcmalloc"
+    assert loaded_allocator() in ("system", "tcmalloc", "jemalloc")
