@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from torchspec.draft_models.layers import RMSNorm
+from torchspec.draft_models.layers import GatedMLP, RMSNorm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -36,3 +36,55 @@ def test_rms_norm_in_bf16_normalises_in_fp32_and_returns_bf16():
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
     out.sum().backward()
     assert x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.bfloat16
+
+
+def _direct_mlp(x, gate, up, down):
+    return (torch.sigmoid(x @ gate.T) * (x @ gate.T) * (x @ up.T)) @ down.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gated_mlp_forward_and_gradients_equal_the_direct_formula(dtype):
+    torch.manual_seed(0)
+    mlp = GatedMLP(16, 40).to(dtype)
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(3, 5, 16, dtype=dtype)
+    weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+
+    out = mlp(x)
+    grads = torch.autograd.grad((out * upstream).sum(), [x, *weights])
+
+    plain = [w.detach().clone().requires_grad_(True) for w in weights]
+    direct = _direct_mlp(x, *plain)
+    expected = torch.autograd.grad((direct * upstream).sum(), [x, *plain])
+    torch.testing.assert_close(out, direct)
+    for grad, want in zip(grads, expected):
+        torch.testing.assert_close(grad, want)
+
+
+def test_gated_mlp_computes_only_the_gradients_asked_for():
+    torch.manual_seed(0)
+    mlp = GatedMLP(8, 24)
+    mlp.gate_proj.weight.requires_grad_(False)
+    x = torch.randn(2, 4, 8)  # an input without gradient, a frozen gate
+    mlp(x).square().sum().backward()
+    assert mlp.gate_proj.weight.grad is None
+    assert mlp.up_proj.weight.grad is not None and mlp.down_proj.weight.grad is not None
+    plain = [w.detach().clone().requires_grad_(True) for w in (mlp.up_proj.weight, mlp.down_proj.weight)]
+    _direct_mlp(x, mlp.gate_proj.weight, *plain).square().sum().backward()
+    torch.testing.assert_close(mlp.up_proj.weight.grad, plain[0].grad)
+    torch.testing.assert_close(mlp.down_proj.weight.grad, plain[1].grad)
+
+
+def test_gated_mlp_keeps_two_intermediate_sized_tensors_for_backward():
+    """gate(x) and up(x): not silu(gate(x)) and the product too, as autograd through the formula would."""
+    mlp = GatedMLP(8, 24)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        mlp(torch.randn(2, 4, 8, requires_grad=True))
+    activations = [t for t in saved if not isinstance(t, torch.nn.Parameter)]
+    assert sorted(tuple(t.shape) for t in activations) == [(2, 4, 8), (2, 4, 24), (2, 4, 24)]

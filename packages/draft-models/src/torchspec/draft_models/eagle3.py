@@ -159,14 +159,14 @@ class Eagle3Model(nn.Module):
         mask = TTTMask(attention_mask, self.attention_backend)
         draft = self.draft
         embeds = draft.embed_input_ids(input_ids)
+        # Row t of step k reads token t + 1 + k; rows past the end read zeros and are never counted.
+        # Every step's input is a view of one tensor, so backward keeps one copy, not one per step.
+        shifted_embeds = torch.cat([embeds[:, 1:], embeds.new_zeros(batch, self.length, embeds.shape[-1])], 1)
         hidden = draft.project_hidden_states(hidden_states.to(draft.fc.weight.dtype))
         cache_keys = cache_values = None
         normed = []
         for k in range(self.length):
-            # Row t reads token t + 1 + k; rows past the end read zeros and are never counted.
-            step_embeds = torch.cat(
-                [embeds[:, k + 1 :], embeds.new_zeros(batch, min(k + 1, seq_len), embeds.shape[-1])], 1
-            )
+            step_embeds = shifted_embeds[:, k : k + seq_len]
             hidden, cache_keys, cache_values = draft.backbone(
                 step_embeds, hidden, mask, position_ids + k, cache_keys, cache_values, True
             )

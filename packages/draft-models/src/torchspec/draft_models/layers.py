@@ -48,7 +48,10 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class GatedMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))``."""
+    """``down(silu(gate(x)) * up(x))``.
+
+    Forward reads the three projections' weights itself (:class:`_GatedMLPFunction`), so the MLP is
+    one unit for sharding, not three."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -57,7 +60,48 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return _GatedMLPFunction.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+class _GatedMLPFunction(torch.autograd.Function):
+    """The MLP keeping two ``[T, intermediate]`` tensors for backward, ``gate(x)`` and ``up(x)``:
+    autograd through the plain formula keeps four (also ``silu(gate)`` and the product), and
+    recomputing the MLP in backward costs three more matmuls per TTT step. Everything else backward
+    needs is elementwise in those two."""
+
+    @staticmethod
+    def forward(ctx, x, gate_weight, up_weight, down_weight):
+        gate, up = F.linear(x, gate_weight), F.linear(x, up_weight)
+        ctx.save_for_backward(x, gate, up, gate_weight, up_weight, down_weight)
+        return F.linear(F.silu(gate) * up, down_weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate, up, gate_weight, up_weight, down_weight = ctx.saved_tensors
+        need_x, need_gate, need_up, need_down = ctx.needs_input_grad
+        silu_gate = F.silu(gate)
+        grad_product = grad_out @ down_weight
+        grad_down = _weight_grad(grad_out, silu_gate * up) if need_down else None
+        grad_up = grad_product * silu_gate
+        # In place where a buffer is done with: backward runs with every TTT step's activations alive.
+        grad_gate = torch.ops.aten.silu_backward.grad_input(grad_product.mul_(up), gate, grad_input=silu_gate)
+        del grad_product
+        grad_x = (
+            torch.addmm(grad_up.flatten(0, -2) @ up_weight, grad_gate.flatten(0, -2), gate_weight).view_as(x)
+            if need_x
+            else None
+        )
+        return (
+            grad_x,
+            _weight_grad(grad_gate, x) if need_gate else None,
+            _weight_grad(grad_up, x) if need_up else None,
+            grad_down,
+        )
+
+
+def _weight_grad(grad_output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``F.linear(inputs, weight)``'s weight: ``grad_output^T @ inputs`` over all rows."""
+    return grad_output.reshape(-1, grad_output.shape[-1]).T @ inputs.reshape(-1, inputs.shape[-1])
 
 
 class Eagle3DecoderLayer(nn.Module):

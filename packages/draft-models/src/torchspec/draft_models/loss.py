@@ -125,11 +125,14 @@ class _FusedForwardKL(torch.autograd.Function):
         correct = torch.zeros(counted.shape, dtype=torch.bool, device=hidden.device)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         grad_hidden = torch.zeros_like(flat_hidden) if with_grads and ctx.needs_input_grad[0] else None
+        # Written by the first chunk's matmul, accumulated into by the rest (zero-filling an
+        # lm_head-sized buffer first costs a pass over it).
         grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
             if with_grads and ctx.needs_input_grad[1]
             else None
         )
+        grad_weight_written = False
         # One [chunk_rows, vocab] buffer for the logits of every chunk and step, reused in place.
         logits_buffer = torch.empty(
             min(chunk_rows, positions.numel()), weight.shape[0], dtype=torch.float32, device=hidden.device
@@ -165,7 +168,13 @@ class _FusedForwardKL(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden.index_add_(0, rows, (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype))
                 if grad_weight is not None:
-                    grad_weight.addmm_(grad_logits.T, states.float())
+                    if grad_weight_written:
+                        grad_weight.addmm_(grad_logits.T, states.float())
+                    else:
+                        torch.mm(grad_logits.T, states.float(), out=grad_weight)
+                        grad_weight_written = True
+        if grad_weight is not None and not grad_weight_written:
+            grad_weight.zero_()  # no rows at all
         ctx.grads = (
             None if grad_hidden is None else grad_hidden.view_as(hidden),
             None if grad_weight is None else grad_weight.to(weight.dtype),

@@ -236,6 +236,9 @@ class _CausalPlusDiagonal(torch.autograd.Function):
                 out = out + weight.unsqueeze(-1).to(out.dtype) * value[:, :, None]
             out = out.view(batch, heads, seq_len, value_dim)
             lse = total_lse.view_as(lse)
+        # Laid out [B, T, H, D]: the caller's transpose and reshape to [B, T, H * D] is then a view,
+        # and the output projection keeps that view for backward, not a second copy.
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
         ctx.save_for_backward(query, key0, value0, bias, out, lse, weights, *diagonal)
         ctx.scale, ctx.value_dim = scale, value_dim
         return out

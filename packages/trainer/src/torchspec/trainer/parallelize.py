@@ -10,7 +10,8 @@ model files hold the math only.
   recomputes the whole decoder layer (``draft.midlayer``) of every TTT step, keeping only its inputs.
   ``"none"`` keeps everything. Gradients are the same in every mode.
 
-* The draft: ``fc`` and every projection of its decoder layer (attention and MLP) are FSDP2 units,
+* The draft: ``fc``, every projection of its decoder layer's attention and its MLP (one unit: its
+  forward reads the weights of its three projections) are FSDP2 units,
   the TTT wrapper (``Eagle3Model``) is the root. ``lm_head`` stays in the root with the embedding
   and the norms: the chunked loss reads ``lm_head.weight`` inside the root's forward rather than
   calling ``lm_head``, so a unit of its own would never be gathered.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from torchspec.draft_models import Eagle3Model
+from torchspec.draft_models.layers import GatedMLP
 from torchspec.trainer.target import TargetModel
 
 __all__ = [
@@ -69,9 +71,15 @@ def draft_fsdp_units(model: Eagle3Model) -> list[tuple[str, nn.Module]]:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
     units: list[tuple[str, nn.Module]] = [("draft.fc", model.draft.fc)]
-    for name, module in model.draft.midlayer.named_modules():
-        if isinstance(module, nn.Linear):
-            units.append((f"draft.midlayer.{name}".replace(_CHECKPOINT_PREFIX, ""), module))
+    mlps: list[str] = []
+    for name, module in model.draft.midlayer.named_modules():  # parents before their children
+        if any(name.startswith(f"{mlp}.") for mlp in mlps):
+            continue  # a projection of the MLP, whose forward reads the weights of all three
+        if isinstance(module, GatedMLP):
+            mlps.append(name)
+        if isinstance(module, (GatedMLP, nn.Linear)):
+            unit_name = f"draft.midlayer.{name}.".replace(_CHECKPOINT_PREFIX, "").rstrip(".")
+            units.append((unit_name, module))
     return units
 
 
