@@ -8,8 +8,9 @@ glibc's malloc handles that pattern badly either way:
 * blocks it keeps in its heap (its default raises the mmap threshold up to 32 MiB after such frees)
   fragment it: peak RSS grows by about one step's activations (~200 MB on the same step).
 
-tcmalloc (gperftools) keeps freed blocks for reuse without fragmenting: no faults after the first
-step and the peak RSS of the mmap policy. So a CPU training process starts itself again with
+tcmalloc (gperftools) keeps freed blocks for reuse and fragments little: no faults after the first
+step, ~10% off the step, at a peak RSS 3-5% above the mmap policy's (measured with
+``benchmarks/bench_vs_reference.py``). So a CPU training process starts itself again with
 tcmalloc preloaded when the system has it (:func:`relaunch_with_tcmalloc`; torch's own CPU launcher,
 ``torch.backends.xeon.run_cpu``, preloads it by default too). ``TORCHSPEC_HOST_ALLOCATOR=system``
 keeps glibc. Without tcmalloc, glibc's mmap threshold is pinned (:func:`pin_malloc_mmap_threshold`)
