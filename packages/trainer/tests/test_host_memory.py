@@ -18,6 +18,8 @@ from torchspec.trainer.host_memory import (
     tcmalloc_environment,
 )
 
+from trainer_test_helpers import assert_one_line_error
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 
 
@@ -70,3 +72,19 @@ def test_a_process_started_with_that_environment_runs_on_tcmalloc():
     )
     assert started.stdout.strip() == "tcmalloc"
     assert loaded_allocator() in ("system", "tcmalloc", "jemalloc")
+
+
+def test_train_with_an_unknown_allocator_stops_in_one_line_before_anything_is_written(tmp_path):
+    environ = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    environ[ALLOCATOR_ENV] = "jemalloc"
+    output_dir = tmp_path / "out"
+    train = [sys.executable, "-m", "torchspec.trainer.cli", "train", "training.device=cpu"]
+    done = subprocess.run(
+        [*train, f"training.output_dir={output_dir}"],
+        env=environ,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert_one_line_error(done.returncode, done.stderr, f"{ALLOCATOR_ENV}='jemalloc'", "tcmalloc", "system")
+    assert not output_dir.exists()

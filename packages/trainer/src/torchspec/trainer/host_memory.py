@@ -87,12 +87,7 @@ def tcmalloc_environment(environ: Mapping[str, str] | None = None) -> dict[str, 
     """The environment a process should start with to run on tcmalloc, or None when it should not
     (``TORCHSPEC_HOST_ALLOCATOR=system``, not Linux, no tcmalloc found, or already preloaded)."""
     environ = dict(os.environ if environ is None else environ)
-    choice = environ.get(ALLOCATOR_ENV, "tcmalloc")
-    if choice not in ("tcmalloc", "system"):
-        from torchspec.draft_models.errors import UserInputError
-
-        raise UserInputError(f"{ALLOCATOR_ENV}={choice!r}; use tcmalloc (the default) or system")
-    if choice == "system" or not sys.platform.startswith("linux"):
+    if _allocator_choice(environ) == "system" or not sys.platform.startswith("linux"):
         return None
     preloaded = [entry for entry in environ.get("LD_PRELOAD", "").replace(":", " ").split() if entry]
     if any("tcmalloc" in Path(entry).name for entry in preloaded):
@@ -104,11 +99,22 @@ def tcmalloc_environment(environ: Mapping[str, str] | None = None) -> dict[str, 
     return environ
 
 
+def _allocator_choice(environ: Mapping[str, str]) -> str:
+    choice = environ.get(ALLOCATOR_ENV, "tcmalloc")
+    if choice not in ("tcmalloc", "system"):
+        from torchspec.draft_models.errors import UserInputError
+
+        raise UserInputError(f"{ALLOCATOR_ENV}={choice!r}; use tcmalloc (the default) or system")
+    return choice
+
+
 def relaunch_with_tcmalloc() -> None:
     """Replace this process (same pid, arguments and environment, so ``torchrun`` keeps tracking
     it) by one with tcmalloc preloaded, when :func:`tcmalloc_environment` says so. Call it early in
     a command's ``main``, before anything is written. Does nothing when the process already runs
-    on tcmalloc or jemalloc, or was relaunched once already."""
+    on tcmalloc or jemalloc, or was relaunched once already. An unknown
+    ``TORCHSPEC_HOST_ALLOCATOR`` is a :class:`UserInputError` in every case."""
+    _allocator_choice(os.environ)
     if loaded_allocator() != "system" or os.environ.get(_RELAUNCHED_ENV):
         return
     environ = tcmalloc_environment()
