@@ -77,8 +77,7 @@ def run_project(arch: str, vocab: int, args) -> dict:
     from torchspec.trainer.optimizer import build_optimizer
     from torchspec.trainer.parallelize import apply_activation_checkpointing
 
-    if loaded_allocator() == "system":
-        pin_malloc_mmap_threshold()
+    pin_malloc_mmap_threshold()  # as the trainer does: glibc only
     torch.manual_seed(0)
     hidden, seq = args.hidden, args.seq
     draft = AutoEagle3DraftModel.from_config(draft_config(arch, hidden, vocab)).float()

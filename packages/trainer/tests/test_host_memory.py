@@ -33,8 +33,8 @@ def conda_tcmalloc(tmp_path):
 
 
 @pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="no C library found")
-def test_the_mmap_threshold_can_be_pinned_where_the_c_library_is_glibc():
-    assert pin_malloc_mmap_threshold() is (platform.libc_ver()[0] == "glibc")
+def test_the_mmap_threshold_is_pinned_where_malloc_is_glibcs_only():
+    assert pin_malloc_mmap_threshold() is (platform.libc_ver()[0] == "glibc" and loaded_allocator() == "system")
 
 
 def test_the_python_environments_own_tcmalloc_is_found_first(conda_tcmalloc):

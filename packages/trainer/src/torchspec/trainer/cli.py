@@ -71,12 +71,6 @@ def _quiet_library_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _runs_on_cpu(device: str) -> bool:
-    import torch
-
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-
-
 def _is_program() -> bool:
     """This module runs as the program (``python -m``, ``torchrun -m``), not imported by a caller
     whose process must not be replaced."""
@@ -117,10 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _setup_logging()
     config = load_config(args.config, args.overrides)
-    if args.command == "train" and _runs_on_cpu(config.training.device) and _is_program():
+    if args.command == "train" and _is_program():
+        from torchspec.trainer.distributed import device_type
         from torchspec.trainer.host_memory import relaunch_with_tcmalloc
 
-        relaunch_with_tcmalloc()  # a CPU step is ~10% faster on tcmalloc (host_memory); returns if it cannot
+        if device_type(config.training.device) == "cpu":
+            relaunch_with_tcmalloc()  # a CPU step is ~10% faster on tcmalloc (host_memory); returns if it cannot
     from torchspec.trainer.trainer import train
 
     if (

@@ -20,6 +20,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "destroy_distributed",
+    "device_type",
     "init_distributed",
     "mixed_precision_policy",
 ]
@@ -38,9 +39,15 @@ class DistributedContext:
         return self.rank == 0
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
+def device_type(device: str) -> str:
+    """``training.device`` as the device type a process trains on (``auto``: cuda where visible)."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    device = device_type(device)
     if device == "cuda":
         if not torch.cuda.is_available():
             from torchspec.trainer.config import ConfigError

@@ -43,8 +43,10 @@ _TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_
 
 
 def pin_malloc_mmap_threshold(threshold_bytes: int = 1 << 20) -> bool:
-    """Serve allocations of at least ``threshold_bytes`` with mmap. Returns False where the C
-    library is not glibc (nothing changes then)."""
+    """Serve allocations of at least ``threshold_bytes`` with mmap. Returns False where malloc is
+    not glibc's (another C library, or tcmalloc/jemalloc preloaded): nothing changes then."""
+    if loaded_allocator() != "system":
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
@@ -53,8 +55,9 @@ def pin_malloc_mmap_threshold(threshold_bytes: int = 1 << 20) -> bool:
 
 
 def find_tcmalloc(environ: Mapping[str, str] | None = None) -> str | None:
-    """Path of a tcmalloc shared library: the Python environment's own (conda's gperftools), then
-    the system's (Debian/Ubuntu: ``apt install libtcmalloc-minimal4``). None if there is none."""
+    """A tcmalloc shared library for ``LD_PRELOAD``: the Python environment's own (conda's
+    gperftools, as a path), then the system's (Debian/Ubuntu: ``apt install libtcmalloc-minimal4``,
+    as its soname). None if there is none."""
     environ = os.environ if environ is None else environ
     prefixes = [environ.get("CONDA_PREFIX"), sys.prefix, sys.base_prefix]
     for prefix in filter(None, prefixes):
@@ -62,12 +65,9 @@ def find_tcmalloc(environ: Mapping[str, str] | None = None) -> str | None:
             if (Path(prefix) / "lib" / name).is_file():
                 return str(Path(prefix) / "lib" / name)
     for stem in ("tcmalloc_minimal", "tcmalloc"):
-        found = ctypes.util.find_library(stem)  # the linker's cache: /usr/lib/x86_64-linux-gnu, ...
+        found = ctypes.util.find_library(stem)  # a soname from the linker's cache, which LD_PRELOAD accepts
         if found:
-            for directory in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
-                if (Path(directory) / found).is_file():
-                    return str(Path(directory) / found)
-            return found  # a bare soname: the dynamic loader finds it in its cache
+            return found
     return None
 
 

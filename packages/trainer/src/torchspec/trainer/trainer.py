@@ -103,8 +103,8 @@ def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None
         summary_writer_class()  # a missing package stops the run before anything loads or is written
     created_group = not dist.is_initialized()
     ctx = init_distributed(config.training.device)
-    if ctx.device.type == "cpu" and loaded_allocator() == "system":
-        pin_malloc_mmap_threshold()  # glibc: give freed activations back to the OS (host_memory)
+    if ctx.device.type == "cpu":
+        pin_malloc_mmap_threshold()  # glibc only: give freed activations back to the OS (host_memory)
     # Before the target loads: a second run on this folder, or one that cannot be written, stops here.
     lock = OutputDirLock(config.training.output_dir) if ctx.is_main else None
     try:
