@@ -227,3 +227,67 @@ def test_a_batch_without_counted_rows_gives_zero_loss_and_zero_gradients():
     assert out.counted.tolist() == [0, 0, 0] and out.losses.tolist() == [0.0, 0.0, 0.0]
     out.total_loss().backward()
     assert draft.lm_head.weight.grad is not None and draft.lm_head.weight.grad.abs().sum() == 0
+
+
+def test_fused_loss_over_several_vocabulary_blocks_matches_the_direct_formula():
+    """A vocabulary longer than one CPU logits block (1024 rows) and not a multiple of it, several
+    position chunks: loss, per-step sums, top-1 agreement and both gradients against the formula
+    written with full logits and log_softmax in float64."""
+    from torchspec.draft_models.loss import TargetFromHead
+
+    torch.manual_seed(0)
+    vocab, hidden_size, rows, steps = 2 * 1024 + 77, 16, 12, 3
+    hidden = torch.randn(rows, hidden_size, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size) * 0.3).requires_grad_()
+    target_hidden, target_weight = torch.randn(1, 5, hidden_size), torch.randn(vocab, hidden_size) * 0.3
+    positions = torch.tensor([0, 1, 2, 3, 4])
+    row_index = torch.randint(0, rows, (steps, 5))
+    counted = torch.rand(steps, 5) > 0.2
+    row_weight = torch.rand(steps, 5) * counted
+
+    loss, loss_sums, correct = fused_forward_kl(
+        hidden,
+        weight,
+        TargetFromHead(target_hidden, target_weight),
+        positions,
+        row_index,
+        row_weight,
+        counted,
+        chunk_elements=2 * vocab,  # two positions a chunk
+    )
+    loss.backward()
+
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    p = torch.softmax(target_hidden[0].double() @ target_weight.double().T, -1)[positions]  # [5, V]
+    log_q = torch.log_softmax(h64[row_index] @ w64.T, -1)  # [steps, 5, V]
+    row_loss = -(p * log_q).sum(-1)
+    expected = (row_weight.double() * row_loss).sum()
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_sums.double(), (row_loss * counted).sum(-1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(correct, (log_q.argmax(-1) == p.argmax(-1)) & counted)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_on_the_cpu_the_loss_takes_128_target_positions_at_a_time_at_large_vocabularies():
+    """The CPU default chunk: 2**23 [rows, vocab] elements, never fewer than 128 rows (the logits
+    buffer and one chunk of target probabilities are the loss's two vocabulary-sized buffers)."""
+    from torchspec.draft_models.loss import TargetDistribution
+
+    class CountingTarget(TargetDistribution):
+        def __init__(self, vocab):
+            self.vocab, self.chunks = vocab, []
+
+        def probs(self, positions):
+            self.chunks.append(positions.numel())
+            return torch.full((positions.numel(), self.vocab), 1.0 / self.vocab)
+
+    for vocab, expected in [(1 << 16, [128, 128, 44]), (1 << 14, [300])]:  # 128 rows; 512 rows > 300
+        target = CountingTarget(vocab)
+        positions = torch.arange(300)
+        rows = torch.zeros(1, 300, dtype=torch.long)
+        fused_forward_kl(
+            torch.randn(1, 4), torch.randn(vocab, 4), target, positions, rows, torch.zeros(1, 300), rows.bool()
+        )
+        assert target.chunks == expected
