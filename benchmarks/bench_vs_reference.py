@@ -2,6 +2,7 @@
 
     python benchmarks/bench_vs_reference.py                       # Llama and MLA, vocab 32000 and 151936
     python benchmarks/bench_vs_reference.py --cases llama:32000 --seq 4096 --steps 1
+    python benchmarks/bench_vs_reference.py --no-reference --cases mla:32000 --profile   # where the time goes
 
 Each side runs in its own process (both packages are named ``torchspec``), fp32 on the CPU, with the
 reference's shapes (``../shared/reference/README.md``): H=1024, sequence 512, TTT length 7, batch 1,
@@ -102,6 +103,13 @@ def run_project(arch: str, vocab: int, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step(batch())
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            step(batch())
+        # On stderr: stdout carries the child's one JSON line.
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
     with FlopCounterMode(display=False) as counter:
         step(batch())
     times = []
@@ -145,6 +153,8 @@ def _project_in_child(arch: str, vocab: int) -> dict:
     from torchspec.trainer.host_memory import tcmalloc_environment
 
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=tcmalloc_environment())
+    if "--profile" in cmd:
+        print(done.stderr, file=sys.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -156,6 +166,9 @@ def main() -> None:
     parser.add_argument("--ttt", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-reference", action="store_true", help="time this project only")
+    parser.add_argument(
+        "--profile", action="store_true", help="print where this project's step spends its time (torch.profiler)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
