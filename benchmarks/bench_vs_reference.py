@@ -147,13 +147,13 @@ def run_reference(arch: str, vocab: int, args) -> dict | None:
     )
 
 
-def _project_in_child(arch: str, vocab: int) -> dict:
+def _project_in_child(arch: str, vocab: int, show_profile: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", f"{arch}:{vocab}"] + [a for a in sys.argv[1:] if a != "--child"]
     # Started as the trainer starts a CPU run: on tcmalloc where the system has it (host_memory).
     from torchspec.trainer.host_memory import tcmalloc_environment
 
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=tcmalloc_environment())
-    if "--profile" in cmd:
+    if show_profile:
         print(done.stderr, file=sys.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -182,7 +182,7 @@ def main() -> None:
     for case in args.cases:
         arch, vocab = case.split(":")
         reference = None if args.no_reference else run_reference(arch, int(vocab), args)
-        ours = _project_in_child(arch, int(vocab))
+        ours = _project_in_child(arch, int(vocab), args.profile)
         line = f"{arch:6} {vocab:>7} | "
         if reference:
             line += f"{reference['ms_per_step'] / 1000:16.2f} {reference['peak_rss_mb'] / 1024:7.2f} | "

@@ -172,12 +172,8 @@ class _FusedForwardKL(torch.autograd.Function):
         logits_buffer = torch.empty(
             min(chunk_rows, positions.numel()), weight.shape[0], dtype=torch.float32, device=hidden.device
         )
-        target_probs = None
         for start in range(0, positions.numel(), chunk_rows):
             end = min(start + chunk_rows, positions.numel())
-            # The previous chunk's probabilities go before the next are made: otherwise three
-            # [rows, vocab] buffers are alive at once (the peak of the step at large vocabularies).
-            del target_probs
             target_probs = target.probs(positions[start:end])
             target_mass = target_probs.sum(-1)
             target_top = target_probs.argmax(-1)
@@ -210,6 +206,9 @@ class _FusedForwardKL(torch.autograd.Function):
                     else:
                         torch.mm(grad_logits.T, states.float(), out=grad_weight)
                         grad_weight_written = True
+            # Freed before the next chunk's are made: otherwise three [rows, vocab] buffers are
+            # alive at once (the peak of the step at large vocabularies).
+            del target_probs
         if grad_weight is not None and not grad_weight_written:
             grad_weight.zero_()  # no rows at all
         ctx.grads = (
@@ -262,12 +261,12 @@ def fused_forward_kl(
             f"row_index {tuple(row_index.shape)}, row_weight {tuple(row_weight.shape)} and counted "
             f"{tuple(counted.shape)} must all be [steps, {positions.numel()}]"
         )
-    if chunk_elements is None and hidden.device.type == "cpu":
-        chunk_rows = max(_CPU_MIN_CHUNK_ROWS, _CPU_CHUNK_ELEMENTS // weight.shape[0])
-    elif chunk_elements is None:
-        chunk_rows = max(MIN_CHUNK_ROWS, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
-    else:
+    if chunk_elements is not None:
         chunk_rows = max(1, chunk_elements // weight.shape[0])
+    elif hidden.device.type == "cpu":
+        chunk_rows = max(_CPU_MIN_CHUNK_ROWS, _CPU_CHUNK_ELEMENTS // weight.shape[0])
+    else:
+        chunk_rows = max(MIN_CHUNK_ROWS, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _FusedForwardKL.apply(
         hidden, weight, target, positions, row_index, row_weight.float(), counted.bool(), chunk_rows, with_grads
