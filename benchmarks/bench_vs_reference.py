@@ -74,9 +74,9 @@ def run_project(arch: str, vocab: int, args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from torchspec.draft_models import AutoEagle3DraftModel, Eagle3Model, step0_loss_mask
-    from torchspec.trainer.host_memory import loaded_allocator, pin_malloc_mmap_threshold
-    from torchspec.trainer.optimizer import build_optimizer
-    from torchspec.trainer.parallelize import apply_activation_checkpointing
+    from torchspec.trainer.distributed.host_memory import loaded_allocator, pin_malloc_mmap_threshold
+    from torchspec.trainer.distributed.parallelize import apply_activation_checkpointing
+    from torchspec.trainer.loop.optimizer import build_optimizer
 
     pin_malloc_mmap_threshold()  # as the trainer does: glibc only
     torch.manual_seed(0)
@@ -150,7 +150,7 @@ def run_reference(arch: str, vocab: int, args) -> dict | None:
 def _project_in_child(arch: str, vocab: int, show_profile: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", f"{arch}:{vocab}"] + [a for a in sys.argv[1:] if a != "--child"]
     # Started as the trainer starts a CPU run: on tcmalloc where the system has it (host_memory).
-    from torchspec.trainer.host_memory import tcmalloc_environment
+    from torchspec.trainer.distributed.host_memory import tcmalloc_environment
 
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=tcmalloc_environment())
     if show_profile:

@@ -11,7 +11,7 @@ from e2e_helpers import STEPS, train_default  # noqa: E402
 
 @pytest.fixture(scope="session")
 def default_target():
-    from torchspec.trainer.default_assets import ensure_default_target
+    from torchspec.trainer.commands.default_assets import ensure_default_target
 
     return ensure_default_target()
 

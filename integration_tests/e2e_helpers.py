@@ -10,7 +10,7 @@ import torch
 from torchspec.converter import export_checkpoint
 from torchspec.data import sample_conversations_path
 from torchspec.trainer.config import load_config
-from torchspec.trainer.trainer import train
+from torchspec.trainer.loop.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"llama": REPO / "configs" / "default_llama.yaml", "mla": REPO / "configs" / "default_mla.yaml"}
@@ -43,8 +43,8 @@ def train_default(arch: str, output_dir: Path, steps: int, *overrides: str, step
 
 def untrained_draft(arch: str, target_dir: Path, out: Path, *overrides: str) -> Path:
     """The draft a run would start from (same config, same seed), exported without training."""
-    from torchspec.trainer.draft import build_draft, resolve_draft_config
-    from torchspec.trainer.target import TargetModel
+    from torchspec.trainer.loop.draft import build_draft, resolve_draft_config
+    from torchspec.trainer.targets.in_process import TargetModel
 
     config = load_config(CONFIGS[arch], [*FAST, *overrides])
     target = TargetModel.from_pretrained(target_dir)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from torchspec.draft_models import AutoEagle3DraftModel
-from torchspec.trainer.evaluate import evaluate_draft
+from torchspec.trainer.commands.evaluate import evaluate_draft
 
 from e2e_helpers import (
     PRUNED_ALT_AUX,

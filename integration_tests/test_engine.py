@@ -16,8 +16,8 @@ import os
 
 import pytest
 
-from torchspec.trainer.engine import EngineError, run_vllm, vllm_available
-from torchspec.trainer.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
+from torchspec.trainer.commands.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
+from torchspec.trainer.engine.launch import EngineError, run_vllm, vllm_available
 
 from e2e_helpers import (
     PRUNED_ALT_AUX,
@@ -152,7 +152,7 @@ def test_eagle3_1_llama_exports(default_target, trained_run, prompts, target_alo
 
 
 def test_verify_command(default_target, trained_run, tmp_path, capsys):
-    from torchspec.trainer.verify import main as verify_main
+    from torchspec.trainer.commands.verify import main as verify_main
 
     exported = export(trained_run("llama"), tmp_path / "verify_hf")
     code = verify_main(
@@ -168,7 +168,7 @@ def test_verify_command(default_target, trained_run, tmp_path, capsys):
 
 
 def test_verify_quotes_the_engines_reason_for_a_refused_folder(default_target, trained_run, tmp_path, capsys):
-    from torchspec.trainer.verify import main as verify_main
+    from torchspec.trainer.commands.verify import main as verify_main
 
     exported = export(trained_run("llama"), tmp_path / "broken_hf")
     config = read_config(exported)
@@ -183,7 +183,7 @@ def test_verify_quotes_the_engines_reason_for_a_refused_folder(default_target, t
 
 
 def test_missing_engine_is_one_line(monkeypatch, default_target, prompts):
-    import torchspec.trainer.engine as engine
+    import torchspec.trainer.engine.launch as engine
 
     monkeypatch.setattr(engine, "vllm_available", lambda: False)
     with pytest.raises(EngineError, match="vLLM is not installed.*hatch run engine"):

@@ -17,11 +17,12 @@ import time
 import pytest
 import torch
 
+from torchspec.trainer.commands.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
 from torchspec.trainer.config import ConfigError, load_config
-from torchspec.trainer.engine import EngineError, vllm_available
-from torchspec.trainer.engine_target import EngineWorker
-from torchspec.trainer.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
-from torchspec.trainer.state_dump import dump_states, sample_key
+from torchspec.trainer.engine.launch import EngineError, vllm_available
+from torchspec.trainer.commands.dump_states import dump_states
+from torchspec.trainer.targets.dump import sample_key
+from torchspec.trainer.engine.launch import EngineWorker
 
 from e2e_helpers import CONFIGS, FAST, SAMPLES, export, train_default
 
@@ -164,7 +165,7 @@ def _tokens_of(key, config, target_dir):
     """The token ids of the sample a dump names ``key``, found by tokenizing the data as training does."""
     from transformers import AutoTokenizer
 
-    from torchspec.trainer.training_data import load_training_data
+    from torchspec.trainer.loop.training_data import load_training_data
 
     data = load_training_data(config.data, AutoTokenizer.from_pretrained(str(target_dir)), 0, True)
     for split in (data.train, data.eval):

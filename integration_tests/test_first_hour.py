@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from torchspec.trainer.engine import vllm_available
+from torchspec.trainer.engine.launch import vllm_available
 
 pytestmark = pytest.mark.slow
 

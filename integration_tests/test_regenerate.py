@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from torchspec.trainer.engine import vllm_available
+from torchspec.trainer.engine.launch import vllm_available
 
 from e2e_helpers import SAMPLES
 
@@ -36,7 +36,7 @@ def test_regenerated_answers_are_the_targets_greedy_answers(default_target, tmp_
 
     from torchspec.data import build_training_dataset, get_template
     from torchspec.trainer.cli import main
-    from torchspec.trainer.regenerate import turn_prompt
+    from torchspec.trainer.commands.regenerate import turn_prompt
 
     out = tmp_path / "regenerated.jsonl"
     args = ["--output", str(out), "--limit", str(LIMIT), "--max-new-tokens", str(NEW_TOKENS)]

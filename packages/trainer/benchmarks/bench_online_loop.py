@@ -32,7 +32,7 @@ from pathlib import Path
 def _large_target(directory: Path) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from torchspec.trainer.default_assets import ensure_default_target
+    from torchspec.trainer.commands.default_assets import ensure_default_target
 
     if (directory / "config.json").is_file():
         return directory
@@ -62,7 +62,7 @@ def _child(preset: str, steps: int, warmup: int, workdir: Path) -> dict:
     import logging
 
     from torchspec.trainer.config import load_config
-    from torchspec.trainer.trainer import train
+    from torchspec.trainer.loop.trainer import train
 
     logging.basicConfig(level=logging.WARNING)
     overrides = [

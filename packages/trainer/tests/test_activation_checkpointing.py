@@ -9,13 +9,13 @@ import torch
 
 from torchspec.draft_models import Eagle3Model
 from torchspec.trainer.config import ModelConfig
-from torchspec.trainer.draft import build_draft, resolve_draft_config
-from torchspec.trainer.parallelize import (
+from torchspec.trainer.distributed.parallelize import (
     ACTIVATION_CHECKPOINTING,
     apply_activation_checkpointing,
     checkpointed_modules,
 )
-from torchspec.trainer.target import TargetModel
+from torchspec.trainer.loop.draft import build_draft, resolve_draft_config
+from torchspec.trainer.targets.in_process import TargetModel
 
 from trainer_test_helpers import VOCAB, tiny_qwen3
 

@@ -119,7 +119,7 @@ def _cut_draft_weights(env: Env) -> dict:
 def _draft_config_for_another_target(env: Env) -> str:
     from transformers import AutoConfig
 
-    from torchspec.trainer.draft import draft_config_from_target
+    from torchspec.trainer.loop.draft import draft_config_from_target
 
     values = draft_config_from_target(AutoConfig.from_pretrained(env.assets["target"]))
     values["target_hidden_size"] = 4096
@@ -312,7 +312,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, env, capsys):
 def test_trainer_errors_are_torchspec_errors():
     from torchspec.draft_models.errors import TorchSpecError, UserInputError
     from torchspec.trainer import ConfigError
-    from torchspec.trainer.engine import EngineError
+    from torchspec.trainer.engine.launch import EngineError
 
     assert issubclass(ConfigError, UserInputError) and issubclass(ConfigError, ValueError)
     assert issubclass(EngineError, TorchSpecError) and issubclass(EngineError, RuntimeError)

@@ -6,8 +6,8 @@ import textwrap
 import pytest
 import torch
 
-from torchspec.trainer.checkpoint import COMPLETE_MARKER, Checkpointer, find_latest, is_complete, list_checkpoints
-from torchspec.trainer.states import ModelState
+from torchspec.trainer.loop.checkpoint import COMPLETE_MARKER, Checkpointer, find_latest, is_complete, list_checkpoints
+from torchspec.trainer.loop.states import ModelState
 
 from trainer_test_helpers import SMALL_AUX_LAYERS, small_states
 from trainer_test_helpers import SmallCheckpointModel as Small
@@ -82,7 +82,7 @@ KILLER = textwrap.dedent(
     """
     import os, sys, torch
     from torch import nn
-    from torchspec.trainer.checkpoint import Checkpointer
+    from torchspec.trainer.loop.checkpoint import Checkpointer
     model = nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     point = sys.argv[2]
@@ -90,11 +90,11 @@ KILLER = textwrap.dedent(
         if point == "extras":
             os._exit(9)
     checkpointer = Checkpointer(sys.argv[1])
-    from torchspec.trainer.states import ModelState, OptimizerState
+    from torchspec.trainer.loop.states import ModelState, OptimizerState
     states = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
     checkpointer.save(1, states, {"config.json": lambda p: p.write_text("{}")})
     if point == "marker":
-        import torchspec.trainer.checkpoint as module
+        import torchspec.trainer.loop.checkpoint as module
         real = module._write_atomic
         def write(path, data):
             if path.name == "COMPLETE":
@@ -127,7 +127,7 @@ def _full_disk_for(monkeypatch, staging_name: str, where: str) -> None:
 
     from torch.distributed.checkpoint.filesystem import FileSystem
 
-    import torchspec.trainer.checkpoint as checkpoint_module
+    import torchspec.trainer.loop.checkpoint as checkpoint_module
     from torchspec.draft_models.testing import FullDiskFile
 
     if where == "dcp-data":
@@ -223,14 +223,14 @@ def test_the_shared_layout_reads_what_the_checkpointer_writes(tmp_path):
 
 
 def _schedule(total_steps: int):
-    from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler
+    from torchspec.trainer.loop.lr_schedule import WarmupDecaySchedule, build_lr_scheduler
 
     model, optimizer = trained()
     return model, optimizer, build_lr_scheduler(optimizer, WarmupDecaySchedule(total_steps, 2, "cosine", 0.1))
 
 
 def test_the_lr_schedule_state_is_its_position_and_the_shape_comes_from_the_config():
-    from torchspec.trainer.states import LRScheduleState
+    from torchspec.trainer.loop.states import LRScheduleState
 
     _, optimizer, scheduler = _schedule(10)
     for _ in range(4):
@@ -261,7 +261,7 @@ def test_the_lr_schedule_state_is_its_position_and_the_shape_comes_from_the_conf
 def test_a_checkpoint_written_before_0_4_0_still_resumes(tmp_path):
     """torchspec-trainer 0.3.0 kept the train state's entries at the top of trainer_state.json and
     recorded the LR schedule's shape (LambdaLR's lr_lambdas) beside its position."""
-    from torchspec.trainer.states import LRScheduleState
+    from torchspec.trainer.loop.states import LRScheduleState
 
     model, optimizer, scheduler = _schedule(10)
     for _ in range(3):
@@ -289,7 +289,7 @@ def test_a_checkpoint_written_before_0_4_0_still_resumes(tmp_path):
 
 def test_a_checkpoint_of_other_aux_layers_or_without_a_component_is_one_config_error(tmp_path):
     from torchspec.trainer.config import ConfigError
-    from torchspec.trainer.states import TrainState
+    from torchspec.trainer.loop.states import TrainState
 
     model, optimizer = trained()
     path = save(Checkpointer(tmp_path), 2, model, optimizer)

@@ -139,7 +139,7 @@ def test_cross_field_checks():
 def test_warmup_steps_alone_replaces_the_default_ratio(tmp_path):
     """The README says to set one of warmup_steps/warmup_ratio: setting warmup_steps is enough (the
     default ratio 0.05 used to make it a "both set" error), and the steps are what the schedule uses."""
-    from torchspec.trainer.lr_schedule import warmup_steps_for
+    from torchspec.trainer.loop.lr_schedule import warmup_steps_for
 
     lr_schedule = load_config(None, ["lr_schedule.warmup_steps=10"]).lr_schedule
     assert (lr_schedule.warmup_steps, lr_schedule.warmup_ratio) == (10, None)

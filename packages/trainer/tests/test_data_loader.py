@@ -2,7 +2,7 @@ import datasets
 import pytest
 import torch
 
-from torchspec.trainer.data_loader import DistributedBatchLoader, EvalBatches, collate
+from torchspec.trainer.loop.data_loader import DistributedBatchLoader, EvalBatches, collate
 
 from trainer_test_helpers import token_dataset
 

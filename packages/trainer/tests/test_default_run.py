@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from torchspec.trainer.config import TrainConfig, load_config
-from torchspec.trainer.host_memory import find_tcmalloc
+from torchspec.trainer.distributed.host_memory import find_tcmalloc
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -7,10 +7,14 @@ from torch.distributed.fsdp import FSDPModule
 
 from torchspec.draft_models import Eagle3Model
 from torchspec.trainer.config import ModelConfig
-from torchspec.trainer.distributed import all_reduce_sum, init_distributed, mixed_precision_policy
-from torchspec.trainer.draft import build_draft, resolve_draft_config
-from torchspec.trainer.parallelize import apply_activation_checkpointing, draft_fsdp_units, parallelize_draft
-from torchspec.trainer.target import TargetModel
+from torchspec.trainer.distributed.parallelize import (
+    apply_activation_checkpointing,
+    draft_fsdp_units,
+    parallelize_draft,
+)
+from torchspec.trainer.distributed.process_group import all_reduce_sum, init_distributed, mixed_precision_policy
+from torchspec.trainer.loop.draft import build_draft, resolve_draft_config
+from torchspec.trainer.targets.in_process import TargetModel
 
 from trainer_test_helpers import VOCAB, tiny_qwen3
 

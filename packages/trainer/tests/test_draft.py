@@ -7,13 +7,13 @@ import torch
 from torchspec.data import VocabMapping
 from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, Eagle3Model, LlamaEagle3Config
 from torchspec.trainer.config import ConfigError, ModelConfig
-from torchspec.trainer.draft import (
+from torchspec.trainer.loop.draft import (
     build_draft,
     check_draft_against_target,
     draft_config_from_target,
     resolve_draft_config,
 )
-from torchspec.trainer.target import TargetModel
+from torchspec.trainer.targets.in_process import TargetModel
 
 from trainer_test_helpers import VOCAB, tiny_qwen3
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from torchspec.trainer.evaluate import evaluate_draft, load_for_evaluation
+from torchspec.trainer.commands.evaluate import evaluate_draft, load_for_evaluation
 
 from trainer_test_helpers import save_small_llama_draft, save_tiny_qwen3
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from torchspec.draft_models.errors import UserInputError
-from torchspec.trainer.host_memory import (
+from torchspec.trainer.distributed.host_memory import (
     ALLOCATOR_ENV,
     find_tcmalloc,
     loaded_allocator,
@@ -66,7 +66,7 @@ def test_an_unknown_allocator_choice_is_one_line_naming_the_variable(conda_tcmal
 @linux_only
 @pytest.mark.skipif(find_tcmalloc() is None, reason="no tcmalloc on this machine (apt install libtcmalloc-minimal4)")
 def test_a_process_started_with_that_environment_runs_on_tcmalloc():
-    code = "from torchspec.trainer.host_memory import loaded_allocator; print(loaded_allocator())"
+    code = "from torchspec.trainer.distributed.host_memory import loaded_allocator; print(loaded_allocator())"
     started = subprocess.run(
         [sys.executable, "-c", code], env=tcmalloc_environment(), capture_output=True, text=True, check=True
     )

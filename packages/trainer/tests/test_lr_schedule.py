@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
+from torchspec.trainer.loop.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
 
 
 def lrs_through_lambda_lr(schedule: WarmupDecaySchedule, base_lr: float = 0.5) -> list[float]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from torchspec.trainer.config import ConfigError
-from torchspec.trainer.metrics import (
+from torchspec.trainer.loop.metrics import (
     JsonlWriter,
     MetricsSink,
     ProgressBar,
@@ -184,7 +184,7 @@ def test_progress_bar_starts_at_a_resumed_step_and_logs_above_itself(monkeypatch
 
 
 def test_the_loop_clock_splits_the_wall_time_into_its_parts(monkeypatch):
-    import torchspec.trainer.metrics as metrics
+    import torchspec.trainer.loop.metrics as metrics
 
     now = [100.0]
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])

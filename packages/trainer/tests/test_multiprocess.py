@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from torchspec.trainer.checkpoint import list_checkpoints
 from torchspec.trainer.config import load_config
-from torchspec.trainer.trainer import train
+from torchspec.trainer.loop.checkpoint import list_checkpoints
+from torchspec.trainer.loop.trainer import train
 
 from trainer_test_helpers import read_metrics, small_overrides
 

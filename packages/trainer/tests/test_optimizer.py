@@ -2,7 +2,7 @@
 
 import torch
 
-from torchspec.trainer.optimizer import build_optimizer
+from torchspec.trainer.loop.optimizer import build_optimizer
 
 
 def _params(seed):

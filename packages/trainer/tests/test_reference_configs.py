@@ -6,7 +6,7 @@ import pytest
 
 from torchspec.draft_models import AutoDraftModelConfig
 from torchspec.trainer.config import load_config
-from torchspec.trainer.draft import eagle3_1_options
+from torchspec.trainer.loop.draft import eagle3_1_options
 
 REPO = Path(__file__).resolve().parents[3]
 

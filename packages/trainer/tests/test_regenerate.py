@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import torchspec.trainer.regenerate as regenerate_module
+import torchspec.trainer.commands.regenerate as regenerate_module
 from torchspec.data import get_template
 from torchspec.trainer.cli import main
-from torchspec.trainer.engine import EngineError
-from torchspec.trainer.regenerate import regenerate_conversations, split_answer, turn_prompt
+from torchspec.trainer.commands.regenerate import regenerate_conversations, split_answer, turn_prompt
+from torchspec.trainer.engine.launch import EngineError
 
 from trainer_test_helpers import assert_one_line_error
 
@@ -345,7 +345,7 @@ def test_an_existing_output_is_kept_unless_overwrite(setup, capsys):
 
 
 def test_no_vllm_is_one_line_and_writes_nothing(setup, capsys, monkeypatch):
-    import torchspec.trainer.engine_target as engine_target
+    import torchspec.trainer.targets.engine as engine_target
 
     monkeypatch.setattr(regenerate_module, "_start_engine", _real_start_engine)
     monkeypatch.setattr(engine_target, "vllm_available", lambda: False)

@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from torchspec.trainer.config import ConfigError
-from torchspec.trainer.run_lock import OutputDirLock
+from torchspec.trainer.loop.run_lock import OutputDirLock
 
 HOLD = """
 import sys, time
-from torchspec.trainer.run_lock import OutputDirLock
+from torchspec.trainer.loop.run_lock import OutputDirLock
 lock = OutputDirLock(sys.argv[1]); lock.acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -57,7 +57,7 @@ def test_released_on_exit_and_reacquirable_in_process(tmp_path):
 
 def test_training_refuses_a_folder_held_by_another_run_before_loading_anything(tmp_path, assets):
     from torchspec.trainer.config import load_config
-    from torchspec.trainer.trainer import train
+    from torchspec.trainer.loop.trainer import train
 
     from trainer_test_helpers import small_overrides
 

@@ -21,12 +21,14 @@ import torch
 from safetensors.torch import save_file
 
 from torchspec.trainer.config import ConfigError, load_config
-from torchspec.trainer.data_loader import DistributedBatchLoader
-from torchspec.trainer.engine import EngineError
-from torchspec.trainer.engine_target import PrefetchingLoader, batch_prompts
-from torchspec.trainer.state_dump import DUMP_FORMAT, sample_key, target_identity
-from torchspec.trainer.target import TargetHead, TargetModel, states_to_output
-from torchspec.trainer.trainer import train
+from torchspec.trainer.engine.launch import EngineError
+from torchspec.trainer.loop.data_loader import DistributedBatchLoader
+from torchspec.trainer.loop.trainer import train
+from torchspec.trainer.targets.dump import DUMP_FORMAT, sample_key, target_identity
+from torchspec.trainer.loop.prefetch import PrefetchingLoader
+from torchspec.trainer.targets.contract import states_to_output, unpadded_rows
+from torchspec.trainer.targets.head import TargetHead
+from torchspec.trainer.targets.in_process import TargetModel
 
 from trainer_test_helpers import save_tiny_qwen3, small_overrides, token_dataset
 
@@ -95,7 +97,7 @@ def _write_dump(directory, config, *, complete=True, drop_one=False):
     """A dump in the documented layout, its states computed by transformers."""
     from transformers import AutoTokenizer
 
-    from torchspec.trainer.training_data import load_training_data
+    from torchspec.trainer.loop.training_data import load_training_data
 
     target_path = config.model.target_model_path
     target = TargetModel.from_pretrained(target_path)
@@ -182,11 +184,15 @@ class _RecordingTarget:
     def __init__(self):
         self.asked, self.discarded = [], 0
 
-    def prefetch(self, batch):
-        self.asked.append(batch_prompts(batch))
+    def prefetch(self, input_ids, attention_mask):
+        self.asked.append(unpadded_rows(input_ids, attention_mask))
 
     def discard_pending(self):
         self.discarded += 1
+
+
+def _rows(batch):
+    return unpadded_rows(batch.input_ids, batch.attention_mask)
 
 
 def _loader():
@@ -199,10 +205,10 @@ def test_prefetching_asks_ahead_and_saves_the_position_of_the_batch_returned():
     first = ahead.next_batches()
     # The batch returned and the two after it were asked for (2 micro-batches each).
     assert len(engine.asked) == 6
-    assert [batch_prompts(b) for b in first] == [batch_prompts(b) for b in plain.next_batches()]
+    assert [_rows(b) for b in first] == [_rows(b) for b in plain.next_batches()]
     assert ahead.state_dict() == plain.state_dict()  # not the underlying loader's, 2 batches further
     for _ in range(3):
-        assert [batch_prompts(b) for b in ahead.next_batches()] == [batch_prompts(b) for b in plain.next_batches()]
+        assert [_rows(b) for b in ahead.next_batches()] == [_rows(b) for b in plain.next_batches()]
         assert ahead.state_dict() == plain.state_dict()
     assert ahead.epoch == plain.epoch == 1  # 4 steps per epoch
 
@@ -211,20 +217,20 @@ def test_prefetching_resumes_the_saved_position_and_drops_what_was_asked_ahead()
     ahead = PrefetchingLoader(_loader(), _RecordingTarget(), depth=1)
     ahead.next_batches()
     saved = ahead.state_dict()
-    expected = [batch_prompts(b) for b in ahead.next_batches()]
+    expected = [_rows(b) for b in ahead.next_batches()]
     resumed_engine = _RecordingTarget()
     resumed = PrefetchingLoader(_loader(), resumed_engine, depth=1)
     resumed.next_batches()  # somewhere else, with requests in flight
     resumed.load_state_dict(saved)
     assert resumed_engine.discarded == 1
-    assert [batch_prompts(b) for b in resumed.next_batches()] == expected
+    assert [_rows(b) for b in resumed.next_batches()] == expected
 
 
 # --- configuration mistakes, before any engine starts ---------------------------------------------
 
 
 def test_engine_backend_mistakes_stop_before_an_engine_starts(assets, tmp_path, monkeypatch):
-    import torchspec.trainer.engine_target as engine_target
+    import torchspec.trainer.engine.launch as engine_target
 
     def no_engine(*args, **kwargs):
         raise AssertionError("an engine was started")
@@ -242,11 +248,11 @@ def test_engine_backend_mistakes_stop_before_an_engine_starts(assets, tmp_path, 
 
 
 def test_without_vllm_the_engine_backend_says_how_to_install_it(assets, tmp_path, monkeypatch):
-    import torchspec.trainer.engine_target as engine_target
+    import torchspec.trainer.engine.launch as engine_target
 
     monkeypatch.setattr(engine_target, "vllm_available", lambda: False)
     monkeypatch.delenv("TORCHSPEC_ENGINE_PYTHON", raising=False)
-    with pytest.raises(EngineError, match="needs vLLM, which is not installed here; install vLLM"):
+    with pytest.raises(EngineError, match="needs vLLM, which is not installed here; install the engine environment"):
         train(load_config(None, small_overrides(assets, tmp_path / "run") + ["target.backend=vllm"]))
 
 

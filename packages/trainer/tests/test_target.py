@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from torchspec.trainer.config import ConfigError
-from torchspec.trainer.target import TargetModel
+from torchspec.trainer.targets.in_process import TargetModel
 
 from trainer_test_helpers import VOCAB, save_tiny_qwen3, tiny_qwen3
 

@@ -66,7 +66,7 @@ def build_small_assets(root: Path) -> dict:
     import json
 
     from torchspec.data import sample_conversations_path
-    from torchspec.trainer.default_assets import TinyTargetRecipe, ensure_default_target
+    from torchspec.trainer.commands.default_assets import TinyTargetRecipe, ensure_default_target
 
     target = ensure_default_target(root / "targets", TinyTargetRecipe(**SMALL_TARGET))
     conversations = root / "conversations.jsonl"
@@ -159,7 +159,7 @@ SMALL_AUX_LAYERS = [0, 1, 2]
 def small_states(model, optimizer=None, step: int = 0) -> dict:
     """The ``states`` mapping of a checkpoint round trip: model, optimizer (when given), a train
     state at ``step`` and this rank's RNG, the trainer's own components."""
-    from torchspec.trainer.states import ModelState, OptimizerState, RNGState, TrainState
+    from torchspec.trainer.loop.states import ModelState, OptimizerState, RNGState, TrainState
 
     states = {"model": ModelState(model)}
     if optimizer is not None:

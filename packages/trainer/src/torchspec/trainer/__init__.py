@@ -1,15 +1,17 @@
 """Online EAGLE-3 draft training against a live target model with FSDP2."""
 
+from torchspec.trainer import _moved
 from torchspec.trainer.__about__ import __version__
-from torchspec.trainer.checkpoint import Checkpointer, find_latest
+from torchspec.trainer.commands.default_assets import ensure_default_target
 from torchspec.trainer.config import ConfigError, TrainConfig, dump_config, load_config
-from torchspec.trainer.data_loader import DistributedBatchLoader, EvalBatches, MicroBatch
-from torchspec.trainer.default_assets import ensure_default_target
-from torchspec.trainer.lr_schedule import WarmupDecaySchedule
-from torchspec.trainer.metrics import TTTCounts, acceptance_length, summarize, ttt_counts
-from torchspec.trainer.states import TrainState
-from torchspec.trainer.target import TargetModel, TargetOutput
-from torchspec.trainer.trainer import Trainer, TrainResult, train
+from torchspec.trainer.loop.checkpoint import Checkpointer, find_latest
+from torchspec.trainer.loop.data_loader import DistributedBatchLoader, EvalBatches, MicroBatch
+from torchspec.trainer.loop.lr_schedule import WarmupDecaySchedule
+from torchspec.trainer.loop.metrics import TTTCounts, acceptance_length, summarize, ttt_counts
+from torchspec.trainer.loop.states import TrainState
+from torchspec.trainer.loop.trainer import Trainer, TrainResult, train
+from torchspec.trainer.targets.contract import TargetOutput
+from torchspec.trainer.targets.in_process import TargetModel
 
 __all__ = [
     "Checkpointer",
@@ -35,3 +37,5 @@ __all__ = [
     "train",
     "ttt_counts",
 ]
+
+_moved.install()  # the module paths of torchspec-trainer < 0.7 still import, with a DeprecationWarning

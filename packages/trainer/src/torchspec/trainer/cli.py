@@ -1,6 +1,6 @@
 """Command line: ``python -m torchspec.trainer.cli train [--config FILE] [section.key=value ...]``,
-``... dump-states [--config FILE] [overrides]`` (``torchspec.trainer.state_dump``) and
-``python -m torchspec.trainer.cli evaluate|verify|regenerate ...`` (``torchspec.trainer.evaluate``,
+``... dump-states [--config FILE] [overrides]`` (``torchspec.trainer.targets.dump``) and
+``python -m torchspec.trainer.cli evaluate|verify|regenerate ...`` (``torchspec.trainer.commands.evaluate``,
 ``verify``, ``regenerate``).
 
 With no ``--config`` the embedded default runs (a tiny built-in target, the bundled sample
@@ -84,16 +84,16 @@ def _is_program() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["evaluate"]:
-        from torchspec.trainer.evaluate import main as evaluate_main
+        from torchspec.trainer.commands.evaluate import main as evaluate_main
 
         _quiet_library_bars()
         return evaluate_main(argv[1:])
     if argv[:1] == ["verify"]:
-        from torchspec.trainer.verify import main as verify_main
+        from torchspec.trainer.commands.verify import main as verify_main
 
         return verify_main(argv[1:])
     if argv[:1] == ["regenerate"]:
-        from torchspec.trainer.regenerate import main as regenerate_main
+        from torchspec.trainer.commands.regenerate import main as regenerate_main
 
         _setup_logging()  # one line per turn of the conversations while the engine generates
         return regenerate_main(argv[1:])
@@ -112,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     config = load_config(args.config, args.overrides)
     if args.command == "train" and _is_program():
-        from torchspec.trainer.distributed import device_type
-        from torchspec.trainer.host_memory import relaunch_with_tcmalloc
+        from torchspec.trainer.distributed.host_memory import relaunch_with_tcmalloc
+        from torchspec.trainer.distributed.process_group import device_type
 
         if device_type(config.training.device) == "cpu":
             relaunch_with_tcmalloc()  # a CPU step is ~10% faster on tcmalloc (host_memory); returns if it cannot
-    from torchspec.trainer.trainer import train
+    from torchspec.trainer.loop.trainer import train
 
     if (
         args.command == "train" and os.environ.get("RANK", "0") == "0"
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         record_last_run(config.training.output_dir)
 
     if args.command == "dump-states":
-        from torchspec.trainer.state_dump import dump_states
+        from torchspec.trainer.commands.dump_states import dump_states
 
         dump_states(config, shard_size=args.shard_size)
         return 0

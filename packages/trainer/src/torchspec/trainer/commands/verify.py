@@ -6,7 +6,7 @@ on both sides, so both verify the same number of rounds):
 
 1. vLLM serving the target alone,
 2. vLLM serving the target with the draft (``speculative_config: eagle3``),
-3. the in-process evaluator (``torchspec.trainer.evaluate``) with the same draft.
+3. the in-process evaluator (``torchspec.trainer.commands.evaluate``) with the same draft.
 
 The draft is good to deploy when vLLM loads it, (2) equals (1) token for token, and the
 acceptance vLLM counts is what you expect. In float32 the evaluator's counts equal vLLM's exactly
@@ -101,13 +101,13 @@ def verify_draft(
 ) -> VerifyReport:
     from transformers import AutoTokenizer
 
-    from torchspec.trainer.engine import run_vllm
-    from torchspec.trainer.evaluate import (
+    from torchspec.trainer.commands.evaluate import (
         evaluate_prompts,
         load_for_evaluation,
         prompts_from_conversations,
         require_model_folders,
     )
+    from torchspec.trainer.engine.launch import run_vllm
 
     require_model_folders(draft_path, target_path)
     if prompts is None:
@@ -149,7 +149,7 @@ def verify_draft(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from torchspec.trainer.evaluate import add_decoding_arguments
+    from torchspec.trainer.commands.evaluate import add_decoding_arguments
 
     parser = argparse.ArgumentParser(
         prog="torchspec-verify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    from torchspec.trainer.evaluate import decoding_inputs, write_report
+    from torchspec.trainer.commands.evaluate import decoding_inputs, write_report
 
     args = build_parser().parse_args(argv)
     report = verify_draft(*decoding_inputs(args), args.dtype)

@@ -1,7 +1,7 @@
 """The training state a checkpoint holds, one ``Stateful`` component each (``state_dict()`` /
 ``load_state_dict(state)``, torch.distributed.checkpoint's protocol), in the style of torchtitan's
 ``components/checkpoint.py``. The trainer puts them in one ``states`` mapping that the
-:class:`~torchspec.trainer.checkpoint.Checkpointer` saves and loads:
+:class:`~torchspec.trainer.loop.checkpoint.Checkpointer` saves and loads:
 
 =================  =========================  ==================================================
 key                component                  stored in

@@ -1,9 +1,9 @@
-"""The target on vLLM, as a child process: ``python -m torchspec.trainer.engine_worker SPEC``.
+"""The target on vLLM, as a child process: ``python -m torchspec.trainer.engine.worker SPEC``.
 
-The parent (``torchspec.trainer.engine_target.EngineWorker``) writes one JSON request per line to
-the child's stdin and reads one JSON reply per line from a pipe the child keeps for replies alone
-(everything vLLM prints goes to the log). The first reply says the engine is ready, or why it is
-not. Requests:
+The parent (``torchspec.trainer.engine.launch.EngineWorker``, the one way the project starts vLLM)
+writes one JSON request per line to the child's stdin and reads one JSON reply per line from a pipe
+the child keeps for replies alone (everything vLLM prints goes to the log). The first reply says the
+engine is ready, or why it is not. Requests:
 
 * ``{"op": "extract", "prompts": [[ids], ...], "out": PATH}``: the hidden states entering the
   layers ``spec["layer_ids"]`` (vLLM numbering: id ``i`` is Hugging Face ``output_hidden_states[i]``,
@@ -11,9 +11,10 @@ not. Requests:
   safetensors file (tensor ``names[i]``, default ``states.{i}``, ``[T_i, n_layers, H]``) at
   ``out``, atomically.
 * ``{"op": "generate", "prompts": [...], "max_new_tokens": N, "temperature": t, "top_p": p,
-  "seed": s, "stop_token_ids": [...]}``: the generated token ids of every prompt.
+  "seed": s, "stop_token_ids": [...], "ignore_eos": b, "spec_stats": b}``: the generated token ids
+  of every prompt, and with ``spec_stats`` the engine's speculative-decoding counters so far.
 
-The parent starts it with ``torchspec.trainer.engine.engine_environment`` (among others
+The parent starts it with ``engine_environment`` (among others
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set: the engine core inside this process, 16 s to start
 instead of 54 s on 2 CPU cores), greedy prefill of one token per
 prompt for extraction (the states of the prompt are what training reads).
@@ -28,13 +29,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__: list[str] = []
+__all__ = ["cpu_mla_compilation_config"]
 
 
 def _engine(spec: dict[str, Any]):
     import torch
     from vllm import LLM
 
+    on_cpu = not torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
         model=spec["target"],
         dtype=spec["dtype"],
@@ -45,8 +47,10 @@ def _engine(spec: dict[str, Any]):
         trust_remote_code=spec.get("trust_remote_code", False),
         # On CPU, compiling the model costs more (tens of seconds at start and first request) than
         # it saves on the prefills extraction runs; GPUs keep vLLM's default (compiled, graphs).
-        enforce_eager=not torch.cuda.is_available(),
+        enforce_eager=on_cpu,
     )
+    if spec.get("max_num_seqs"):
+        kwargs["max_num_seqs"] = spec["max_num_seqs"]
     if spec.get("layer_ids") is not None:
         kwargs["speculative_config"] = {
             "method": "extract_hidden_states",
@@ -55,12 +59,27 @@ def _engine(spec: dict[str, Any]):
         }
         kwargs["kv_transfer_config"] = {
             "kv_connector": "HostHiddenStatesConnector",
-            "kv_connector_module_path": "torchspec.trainer.engine_connector",
+            "kv_connector_module_path": "torchspec.trainer.engine.connector",
             "kv_role": "kv_producer",
             "kv_connector_extra_config": {"shared_storage_path": spec["scratch_dir"]},
         }
+    elif spec.get("draft") is not None:
+        kwargs["speculative_config"] = {"method": "eagle3", **spec["draft"]}
+        kwargs["disable_log_stats"] = False  # the spec-decode counters are read from the engine's stats
     kwargs.update(spec.get("engine_args") or {})  # the user's own engine settings come last
+    if on_cpu and spec.get("has_mla"):
+        kwargs["compilation_config"] = cpu_mla_compilation_config(kwargs.get("compilation_config"))
     return LLM(**kwargs)
+
+
+def cpu_mla_compilation_config(configured: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's CPU rotary-embedding kernel assumes a 2-D ``[tokens, heads * head_size]`` query, while
+    DeepSeek MLA passes strided 3-D views, so rope lands on the wrong rows
+    (docs/vllm-cpu-mla-rope.md); ``-rotary_embedding`` makes vLLM rotate in PyTorch instead."""
+    config = dict(configured or {})
+    custom_ops = [op for op in config.get("custom_ops") or [] if op.lstrip("+-") != "rotary_embedding"]
+    config["custom_ops"] = [*custom_ops, "-rotary_embedding"]
+    return config
 
 
 def _extract(llm, request: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +149,8 @@ def _locked(path: str) -> bool:
 
 
 def _generate(llm, request: dict[str, Any]) -> dict[str, Any]:
+    import time
+
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -139,13 +160,35 @@ def _generate(llm, request: dict[str, Any]) -> dict[str, Any]:
         max_tokens=int(request["max_new_tokens"]),
         seed=request.get("seed"),
         stop_token_ids=list(request.get("stop_token_ids") or []),
+        ignore_eos=bool(request.get("ignore_eos", False)),
         detokenize=False,
     )
+    start = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params, use_tqdm=False)
-    return {
+    reply: dict[str, Any] = {
         "outputs": [list(o.outputs[0].token_ids) for o in outputs],
         "finish_reasons": [o.outputs[0].finish_reason for o in outputs],
+        "seconds": time.perf_counter() - start,
     }
+    if request.get("spec_stats"):
+        reply.update(_spec_decode_counters(llm))
+    return reply
+
+
+def _spec_decode_counters(llm) -> dict[str, Any]:
+    """vLLM's speculative-decoding counters (totals since the engine started)."""
+    counters: dict[str, Any] = {}
+    names = {
+        "vllm:spec_decode_num_drafts": "num_drafts",
+        "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+        "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens",
+    }
+    for metric in llm.get_metrics():
+        if metric.name in names:
+            counters[names[metric.name]] = int(metric.value)
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            counters["accepted_per_position"] = [int(v) for v in metric.values]
+    return counters
 
 
 def _one_line(err: BaseException, limit: int = 600) -> str:

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from torchspec.trainer.config import BUILTIN_SAMPLE_CONVERSATIONS, DataConfig
-from torchspec.trainer.distributed import barrier
+from torchspec.trainer.distributed.process_group import barrier
 
-__all__ = ["TrainingData", "load_training_data", "vocab_mapping_from_data"]
+__all__ = ["TrainingData", "data_source", "load_training_data", "vocab_mapping_from_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class TrainingData:
     summary: str
 
 
-def _source(path: str):
+def data_source(path: str):
     from torchspec.data import sample_conversations_path
 
     return sample_conversations_path() if path == BUILTIN_SAMPLE_CONVERSATIONS else path
@@ -34,7 +34,7 @@ def _build(path: str, tokenizer, config: DataConfig, key: str):
 
     try:
         return build_training_dataset(
-            _source(path),
+            data_source(path),
             tokenizer,
             config.chat_template,
             config.max_seq_length,

@@ -224,7 +224,7 @@ class _BuildProgress:
     lines with the ETA so far, since the build is otherwise silent for minutes."""
 
     def __init__(self, total: int):
-        from torchspec.trainer.metrics import ProgressBar
+        from torchspec.trainer.loop.metrics import ProgressBar
 
         self.total = total
         self.bar = ProgressBar(total, desc="tiny target", unit="step")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,31 +28,27 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchspec.draft_models import AutoDraftModelConfig, DraftConfigError, Eagle3Model, step0_loss_mask
-from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, resolve_checkpoint
-from torchspec.draft_models.config import DTYPES
+from torchspec.draft_models import Eagle3Model, step0_loss_mask
 from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.run_pointer import serving_folder
-from torchspec.trainer.checkpoint import (
-    TRAINER_STATE,
-    Checkpointer,
-    checkpoint_name,
-    find_latest,
-    list_checkpoints,
+from torchspec.trainer.config import ConfigError, TrainConfig, dump_config
+from torchspec.trainer.distributed.host_memory import loaded_allocator, pin_malloc_mmap_threshold
+from torchspec.trainer.distributed.parallelize import (
+    apply_activation_checkpointing,
+    parallelize_draft,
+    parallelize_target,
 )
-from torchspec.trainer.config import BUILTIN_TINY_TARGET, ConfigError, TrainConfig, dump_config
-from torchspec.trainer.data_loader import DistributedBatchLoader, EvalBatches, MicroBatch, steps_per_epoch
-from torchspec.trainer.distributed import (
+from torchspec.trainer.distributed.process_group import (
     DistributedContext,
     all_reduce_sum,
     init_distributed,
     mixed_precision_policy,
 )
-from torchspec.trainer.draft import build_draft, check_draft_against_target, resolve_draft_config
-from torchspec.trainer.engine_target import EngineTarget, PrefetchingLoader, engine_options
-from torchspec.trainer.host_memory import loaded_allocator, pin_malloc_mmap_threshold
-from torchspec.trainer.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
-from torchspec.trainer.metrics import (
+from torchspec.trainer.loop.checkpoint import Checkpointer, checkpoint_name, find_latest
+from torchspec.trainer.loop.data_loader import DistributedBatchLoader, EvalBatches, MicroBatch
+from torchspec.trainer.loop.draft import build_draft, check_draft_against_target, resolve_draft_config
+from torchspec.trainer.loop.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
+from torchspec.trainer.loop.metrics import (
     LoopClock,
     MetricsSink,
     ProgressBar,
@@ -63,15 +58,23 @@ from torchspec.trainer.metrics import (
     summary_writer_class,
     ttt_counts,
 )
-from torchspec.trainer.optimizer import build_optimizer
-from torchspec.trainer.parallelize import apply_activation_checkpointing, parallelize_draft, parallelize_target
-from torchspec.trainer.run_lock import OutputDirLock
-from torchspec.trainer.state_dump import DumpTarget
-from torchspec.trainer.states import LRScheduleState, ModelState, OptimizerState, RNGState, TrainState
-from torchspec.trainer.target import ServedTarget, TargetModel
-from torchspec.trainer.training_data import load_training_data, vocab_mapping_from_data
+from torchspec.trainer.loop.optimizer import build_optimizer
+from torchspec.trainer.loop.prefetch import PrefetchingLoader
+from torchspec.trainer.loop.resume import check_same_draft, complete_checkpoint, completed_run, resume_hint, resume_path
+from torchspec.trainer.loop.run_lock import OutputDirLock
+from torchspec.trainer.loop.states import LRScheduleState, ModelState, OptimizerState, RNGState, TrainState
+from torchspec.trainer.loop.training_data import load_training_data, vocab_mapping_from_data
+from torchspec.trainer.targets.contract import ServedTarget
+from torchspec.trainer.targets.factory import (
+    backend_name,
+    build_target,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_target_path,
+)
+from torchspec.trainer.targets.in_process import TargetModel
 
-__all__ = ["TrainResult", "Trainer", "completed_run", "train"]
+__all__ = ["TrainResult", "Trainer", "train"]
 
 logger = logging.getLogger("torchspec.trainer")
 
@@ -98,7 +101,8 @@ def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None
     """
     completed = completed_run(config)
     if completed is not None:
-        return completed
+        checkpoint, step = completed
+        return TrainResult(Path(config.training.output_dir), checkpoint, step, already_complete=True)
     if config.metrics.tensorboard:
         summary_writer_class()  # a missing package stops the run before anything loads or is written
     created_group = not dist.is_initialized()
@@ -130,13 +134,13 @@ class Trainer:
         self.config, self.ctx = config, ctx
         t, m, ckpt = config.training, config.model, config.checkpoint
         self.output_dir = Path(t.output_dir)
-        self.resume_from = _resume_path(ckpt.resume, self.output_dir)
+        self.resume_from = resume_path(ckpt.resume, self.output_dir)
         self.checkpointer = Checkpointer(self.output_dir, ckpt.keep_last)
         self.checkpointer.clean_stale()
 
         # The target, its tokenizer, the data.
-        target_path = _target_path(m.target_model_path)
-        self.target = _build_target(config, target_path, ctx)
+        target_path = resolve_target_path(m.target_model_path)
+        self.target = build_target(config, target_path, ctx)
         try:
             self._build(config, ctx, target_path)
         except BaseException:
@@ -145,10 +149,10 @@ class Trainer:
 
     def _build(self, config: TrainConfig, ctx: DistributedContext, target_path: Path) -> None:
         t, m, ckpt = config.training, config.model, config.checkpoint
-        tokenizer = _load_tokenizer(m.tokenizer_path or target_path, m.trust_remote_code)
+        tokenizer = load_tokenizer(m.tokenizer_path or target_path, m.trust_remote_code)
         data = load_training_data(config.data, tokenizer, t.seed, ctx.is_main)
         _log(ctx, f"data: {data.summary}")
-        if isinstance(self.target, DumpTarget):
+        if isinstance(self.target, ServedTarget):
             self.target.check_covers(data.train, data.eval, max_seq_length=config.data.max_seq_length)
         self.eval_dataset, self.eos_token_id = data.eval, tokenizer.eos_token_id
 
@@ -163,13 +167,13 @@ class Trainer:
         ttt = config.ttt
         self.model = Eagle3Model(self.draft, ttt.length, ttt.attention_backend, loss_decay=ttt.loss_decay)
         apply_activation_checkpointing(self.model, "layer" if ttt.gradient_checkpointing else "mlp")
-        parallelize_draft(self.model, ctx.mesh, mixed_precision_policy(_dtype(t.dtype, ctx.device)))
+        parallelize_draft(self.model, ctx.mesh, mixed_precision_policy(resolve_dtype(t.dtype, ctx.device)))
         if isinstance(self.target, TargetModel) and t.shard_target:
             parallelize_target(self.target, ctx.mesh, ctx.device)
         _log(
             ctx,
             f"target: {target_path} ({self.target.num_layers} layers, aux layers {self.target.aux_layer_ids}"
-            f"{', sharded' if t.shard_target else ''}; hidden states from {_backend_name(config)}); "
+            f"{', sharded' if t.shard_target else ''}; hidden states from {backend_name(config)}); "
             f"draft: {self.draft_config.architectures[0]}, "
             f"{_count(self.draft):,} trainable parameters, vocab {self.draft_config.draft_vocab_size}/"
             f"{self.draft_config.vocab_size}; world size {ctx.world_size} on {ctx.device}"
@@ -196,7 +200,7 @@ class Trainer:
             )
         except UserInputError as err:
             raise ConfigError(f"training.global_batch_size: {err}") from None
-        if isinstance(self.target, EngineTarget):  # the engine computes the next batches while the draft trains
+        if isinstance(self.target, ServedTarget) and self.target.prefetches:  # computed while the draft trains
             self.loader = PrefetchingLoader(self.loader, self.target, config.target.prefetch_batches)
         self.total_steps = t.max_steps or t.num_epochs * self.loader.steps_per_epoch
         sched = config.lr_schedule
@@ -211,7 +215,7 @@ class Trainer:
                 data.eval, t.micro_batch_size, pad_id, ctx.rank, ctx.world_size, config.data.max_seq_length
             )
         self.train_state = TrainState(self.target.aux_layer_ids, ctx.world_size)
-        # What a checkpoint holds, each component Stateful (torchspec.trainer.states).
+        # What a checkpoint holds, each component Stateful (torchspec.trainer.loop.states).
         self.states: dict[str, Stateful] = {
             "model": ModelState(self.draft),
             "optimizer": OptimizerState(self.draft, self.optimizer),
@@ -250,15 +254,15 @@ class Trainer:
         """Resume everything from ``checkpoint.resume``, or take only the weights of ``continual_training``."""
         ckpt = self.config.checkpoint
         if self.resume_from is not None:
-            _check_same_draft(self.resume_from, self.draft_config, "checkpoint.resume")
+            check_same_draft(self.resume_from, self.draft_config, "checkpoint.resume")
             self.checkpointer.load(self.resume_from, self.states, source="checkpoint.resume")
             _log(
                 self.ctx,
-                _resume_hint(cast(str, ckpt.resume), self.output_dir, self.resume_from, self.step, self.total_steps),
+                resume_hint(cast(str, ckpt.resume), self.output_dir, self.resume_from, self.step, self.total_steps),
             )
         elif ckpt.continual_training is not None:
-            source = _complete_checkpoint(ckpt.continual_training, "checkpoint.continual_training")
-            _check_same_draft(source, self.draft_config, "checkpoint.continual_training")
+            source = complete_checkpoint(ckpt.continual_training, "checkpoint.continual_training")
+            check_same_draft(source, self.draft_config, "checkpoint.continual_training")
             self.checkpointer.load(source, {"model": self.states["model"]}, source="checkpoint.continual_training")
             _log(self.ctx, f"draft weights from {source}; optimizer, schedule and data start fresh")
 
@@ -368,7 +372,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from torchspec.draft_models import AutoEagle3DraftModel
-        from torchspec.trainer.evaluate import evaluate_prompts, prompts_from_tokenized
+        from torchspec.trainer.commands.evaluate import evaluate_prompts, prompts_from_tokenized
 
         ctx = self.ctx
         if not isinstance(self.target, TargetModel):
@@ -510,210 +514,11 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def _backend_name(config: TrainConfig) -> str:
-    backend = config.target.backend
-    if backend == "vllm":
-        return "a vLLM engine (target.backend=vllm)"
-    if backend == "dump":
-        return f"the dump {config.target.dump_dir}"
-    return "transformers in this process"
-
-
-def _build_target(config: TrainConfig, path: Path, ctx: DistributedContext) -> TargetModel | ServedTarget:
-    """The target as ``target.backend`` says: in this process, on a vLLM engine, or a dump on disk."""
-    m, t, backend = config.model, config.training, config.target
-    dtype = _dtype(m.dtype, ctx.device)
-    if backend.backend == "transformers":
-        device = "cpu" if t.shard_target else ctx.device
-        return TargetModel.from_pretrained(path, m.aux_layer_ids, dtype, device, m.trust_remote_code)
-    if t.shard_target:
-        raise ConfigError(
-            f"training.shard_target applies to target.backend=transformers, not {backend.backend}; an engine shards "
-            "its target itself (target.engine_args: {tensor_parallel_size: N})"
-        )
-    if backend.backend == "dump":
-        assert backend.dump_dir is not None  # validate_config
-        return DumpTarget.open(backend.dump_dir, path, m.aux_layer_ids, dtype, ctx.device, m.trust_remote_code)
-    if ctx.world_size > 1:
-        raise ConfigError(
-            f"target.backend=vllm trains on one process (this run has {ctx.world_size}); for several ranks dump the "
-            "states first (`hatch run trainer:dump-states`) and train with target.backend=dump"
-        )
-    return EngineTarget.start(
-        path,
-        m.aux_layer_ids,
-        dtype,
-        ctx.device,
-        max_seq_length=config.data.max_seq_length,
-        log_path=Path(t.output_dir) / "engine.log" if ctx.is_main else None,
-        **engine_options(config),
-    )
-
-
-def _target_path(path: str) -> Path:
-    if path == BUILTIN_TINY_TARGET:
-        from torchspec.trainer.default_assets import ensure_default_target
-
-        return ensure_default_target()
-    return Path(path)
-
-
-def _load_tokenizer(path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(
-            f"tokenizer folder {path} does not exist; set model.tokenizer_path or model.target_model_path"
-        )
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); set model.tokenizer_path"
-        ) from err
-
-
 def _pad_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)
     return 0  # padding is masked out everywhere; any id will do
-
-
-def _complete_checkpoint(path: str, key: str) -> Path:
-    try:
-        return resolve_checkpoint(path, what=key)
-    except CheckpointNotFoundError as err:
-        raise ConfigError(str(err)) from None
-
-
-def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
-    if resume == "auto":
-        latest = find_latest(output_dir)
-        return latest  # None: nothing to resume yet, a fresh start
-    if resume is not None:
-        return _complete_checkpoint(resume, "checkpoint.resume")
-    if list_checkpoints(output_dir):
-        raise ConfigError(
-            f"training.output_dir {output_dir} already holds checkpoints; set checkpoint.resume=auto to continue "
-            "that run, "
-            "or choose another output_dir"
-        )
-    return None
-
-
-def _resume_hint(resume: str, output_dir: Path, checkpoint: Path, step: int, total_steps: int) -> str:
-    """The one line a resumed run starts with."""
-    if resume == "auto":
-        return (
-            f"resuming {output_dir} from step {step} of {total_steps} (checkpoint.resume=auto); "
-            f"to start over instead, delete {output_dir} or set training.output_dir to another folder"
-        )
-    return f"resuming from {checkpoint} at step {step} of {total_steps} (checkpoint.resume={resume})"
-
-
-def completed_run(config: TrainConfig) -> TrainResult | None:
-    """The result of a run that ``checkpoint.resume`` would continue but that has already reached
-    this config's last step (after logging one line saying so and how to start over), else None.
-
-    Decided from the checkpoint's ``trainer_state.json`` alone (its step and the data size it was
-    trained with), before the target, the data or a process group are touched; every rank decides
-    the same. Anything unusual (a different global batch size, an unreadable state) is left to the
-    full resume, which explains it.
-    """
-    t, resume = config.training, config.checkpoint.resume
-    if resume is None:
-        return None
-    output_dir = Path(t.output_dir)
-    checkpoint = _resume_path(resume, output_dir)
-    if checkpoint is None:
-        return None
-    try:
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        step, data = int(state["step"]), state.get("data") or {}  # the checkpointer's step, the data position
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    total = t.max_steps
-    if total is None:
-        if data.get("global_batch_size") != t.global_batch_size or not data.get("num_samples"):
-            return None
-        total = t.num_epochs * steps_per_epoch(int(data["num_samples"]), t.global_batch_size)
-    if step < total:
-        return None
-    where = output_dir if resume == "auto" else checkpoint
-    message = (
-        f"the run in {where} is already complete at step {step} ({checkpoint}, checkpoint.resume={resume}); "
-        f"to start over, delete {output_dir} or set training.output_dir to another folder; "
-        f"to train longer, raise training.max_steps or training.num_epochs"
-    )
-    differing = _config_differences(checkpoint / "training_config.yaml", config)
-    if differing:
-        message += (
-            f" (note: that run's config differs from this one in {', '.join(differing[:3])}"
-            + (", ..." if len(differing) > 3 else "")
-            + ")"
-        )
-    if _is_main_process():
-        logger.info(message)
-    return TrainResult(output_dir, checkpoint, step, already_complete=True)
-
-
-def _config_differences(saved_file: Path, config: TrainConfig) -> list[str]:
-    """Key paths whose values differ between a checkpoint's resolved config and ``config``."""
-    import yaml
-
-    from torchspec.trainer.config import config_to_dict, upgrade_saved_config
-
-    try:
-        saved = yaml.safe_load(saved_file.read_text())
-    except (OSError, yaml.YAMLError):
-        return []
-    if not isinstance(saved, dict) or not all(isinstance(v, dict) or v is None for v in saved.values()):
-        return []
-    saved = upgrade_saved_config(saved)  # a run saved by torchspec-trainer < 0.4.0 has the old layout
-    current = config_to_dict(config)
-    # How and where a run is launched (a run folder may be moved), not what it trains.
-    ignored = {"checkpoint.resume", "metrics.progress_bar", "training.output_dir"}
-    differing = []
-    for section, values in current.items():
-        saved_values = saved.get(section) or {}
-        for key, value in values.items():
-            path = f"{section}.{key}"
-            if path not in ignored and key in saved_values and saved_values[key] != value:
-                differing.append(path)
-    return differing
-
-
-def _is_main_process() -> bool:
-    if dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _check_same_draft(path: Path, draft_config, key: str) -> None:
-    """The checkpoint's draft must have this run's shapes, or its weights cannot load."""
-    saved_file = path / "config.json"
-    if not saved_file.is_file():
-        return
-    saved, current = json.loads(saved_file.read_text()), draft_config.to_dict()
-    try:  # fill the defaults of keys older versions did not write (the EAGLE-3.1 flags)
-        saved = AutoDraftModelConfig.from_dict(saved).to_dict()
-    except DraftConfigError:
-        pass
-    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "torch_dtype")
-    if differing:
-        key_name = differing[0]
-        raise ConfigError(
-            f"{key} {path}: the checkpoint's draft has {key_name}={saved.get(key_name)!r}, this run's has "
-            f"{current.get(key_name)!r}; use the draft config it was trained with (model.draft_config={saved_file})"
-        )
 
 
 def _vocab_mapping(draft_config, continual_training: str | None, train_dataset):
@@ -722,7 +527,7 @@ def _vocab_mapping(draft_config, continual_training: str | None, train_dataset):
     if continual_training is not None:
         from torchspec.data import VocabMapping
 
-        source = _complete_checkpoint(continual_training, "checkpoint.continual_training") / VOCAB_MAPPING_FILE
+        source = complete_checkpoint(continual_training, "checkpoint.continual_training") / VOCAB_MAPPING_FILE
         if source.is_file():
             return VocabMapping.load(source)  # the head's rows follow the mapping it was trained with
     return vocab_mapping_from_data(train_dataset, draft_config.vocab_size, draft_config.draft_vocab_size)

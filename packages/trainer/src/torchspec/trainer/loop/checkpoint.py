@@ -14,7 +14,7 @@ on every rank alike, instead of leaving the others waiting at a barrier: the sta
 removed and a ``ConfigError`` names the output folder, the reason, and the checkpoint that is still
 the latest complete one (the one ``checkpoint.resume=auto`` and the converter pick).
 
-What is saved is one ``states`` mapping of ``Stateful`` components (``torchspec.trainer.states``:
+What is saved is one ``states`` mapping of ``Stateful`` components (``torchspec.trainer.loop.states``:
 model, optimizer, LR schedule, data position, train state, RNG); :meth:`Checkpointer.save` writes
 each where the layout keeps it and :meth:`Checkpointer.load` restores exactly the components it is
 given (all of them to resume, the model alone for ``continual_training``):
@@ -62,8 +62,8 @@ from torchspec.draft_models.checkpoint_layout import (
 from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.safe_checkpoint import load_dcp, load_torch
 from torchspec.trainer.config import ConfigError
-from torchspec.trainer.distributed import barrier
-from torchspec.trainer.states import rng_state, set_rng_state
+from torchspec.trainer.distributed.process_group import barrier
+from torchspec.trainer.loop.states import rng_state, set_rng_state
 
 __all__ = [
     "COMPLETE_MARKER",

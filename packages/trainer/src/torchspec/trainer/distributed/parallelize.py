@@ -28,7 +28,7 @@ from torch import nn
 
 from torchspec.draft_models import Eagle3Model
 from torchspec.draft_models.layers import GatedMLP
-from torchspec.trainer.target import TargetModel
+from torchspec.trainer.targets.in_process import TargetModel
 
 __all__ = [
     "ACTIVATION_CHECKPOINTING",

@@ -4,7 +4,7 @@ A draft accepts best what it was trained on, and what a deployed draft sees is t
 output. Training on answers the target itself would give therefore raises acceptance over training
 on answers some other model (or person) wrote. This command reads the configured conversations
 (``data.train_path``), regenerates every assistant turn with the target served by vLLM (a plain
-engine in a child process, :class:`~torchspec.trainer.engine_target.EngineWorker`), and writes a
+engine in a child process, :class:`~torchspec.trainer.targets.engine.EngineWorker`), and writes a
 JSON Lines dataset the data package reads: one ``{prompt_key: [messages]}`` object per line, the
 non-assistant messages unchanged.
 
@@ -54,7 +54,7 @@ Thinking = Literal["keep", "drop"]
 
 
 class _Worker(Protocol):
-    """What regeneration needs of an engine: :class:`~torchspec.trainer.engine_target.EngineWorker`."""
+    """What regeneration needs of an engine: :class:`~torchspec.trainer.targets.engine.EngineWorker`."""
 
     def send(self, op: str, **request: Any) -> int: ...
 
@@ -191,7 +191,7 @@ def regenerate_conversations(
         reply = worker.reply(request)
         outputs, reasons = reply["outputs"], reply.get("finish_reasons") or [None] * len(reply["outputs"])
         if len(outputs) != len(prompts):
-            from torchspec.trainer.engine import EngineError
+            from torchspec.trainer.engine.launch import EngineError
 
             raise EngineError(f"the engine answered {len(outputs)} of {len(prompts)} prompts of turn {turn + 1}")
         generated = 0
@@ -282,7 +282,7 @@ def _max_position_embeddings(target_path: Path) -> int | None:
 
 def _start_engine(target_path: Path, *, dtype: str, max_model_len: int, config) -> _Worker:
     """A plain (generating) vLLM engine for the target; tests replace this."""
-    from torchspec.trainer.engine_target import EngineWorker, engine_options
+    from torchspec.trainer.engine.launch import EngineWorker, engine_options
 
     return EngineWorker(target_path, dtype=dtype, max_model_len=max_model_len, **engine_options(config))
 
@@ -327,8 +327,8 @@ def regenerate_dataset(
     from torchspec.data import DataError, get_template, load_conversation_dataset
     from torchspec.data.tokenization import ConversationEncoder
     from torchspec.trainer.__about__ import __version__
-    from torchspec.trainer.trainer import _load_tokenizer, _target_path
-    from torchspec.trainer.training_data import _source
+    from torchspec.trainer.loop.training_data import data_source
+    from torchspec.trainer.targets.factory import load_tokenizer, resolve_target_path
 
     path = _check_output(output, overwrite)
     m, d = config.model, config.data
@@ -338,10 +338,10 @@ def regenerate_dataset(
             "reasoning markers); set data.chat_template to the target's, e.g. qwen3-thinking"
         )
     template = get_template(d.chat_template)
-    target_path = _target_path(m.target_model_path)
-    tokenizer = _load_tokenizer(m.tokenizer_path or target_path, m.trust_remote_code)
+    target_path = resolve_target_path(m.target_model_path)
+    tokenizer = load_tokenizer(m.tokenizer_path or target_path, m.trust_remote_code)
     ConversationEncoder(tokenizer, template)  # checks the template's special tokens against the tokenizer
-    source = _source(d.train_path)
+    source = data_source(d.train_path)
     try:
         records = load_conversation_dataset(
             source, d.prompt_key, cache_dir=Path(d.cache_dir) / "records" if d.cache_dir else None

@@ -142,7 +142,7 @@ def load_for_evaluation(draft_path: str, target_path: str):
     import torch
 
     from torchspec.draft_models import AutoEagle3DraftModel
-    from torchspec.trainer.target import load_causal_lm
+    from torchspec.trainer.targets.in_process import load_causal_lm
 
     require_model_folders(draft_path, target_path)
     target = load_causal_lm(target_path, "--target", torch.float32)
@@ -269,7 +269,7 @@ def apply_defaults(args) -> None:
     if args.target is None:
         args.target = recorded.get("target_model_path") or BUILTIN_TINY_TARGET
     if args.target == BUILTIN_TINY_TARGET:
-        from torchspec.trainer.default_assets import ensure_default_target
+        from torchspec.trainer.commands.default_assets import ensure_default_target
 
         args.target = str(ensure_default_target())
     if args.data is None:

@@ -1,0 +1,54 @@
+"""The training configuration: the schema users read (``schema``), reading files and overrides
+(``loading``), checks across keys (``validation``) and keys that moved between versions (``migration``)."""
+
+from torchspec.trainer.config.loading import (
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    parse_yaml_scalar,
+)
+from torchspec.trainer.config.migration import LAYOUT_VERSION, MOVED_KEYS, upgrade_saved_config
+from torchspec.trainer.config.schema import (
+    BUILTIN_SAMPLE_CONVERSATIONS,
+    BUILTIN_TINY_TARGET,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    LRScheduleConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TargetConfig,
+    TrainConfig,
+    TrainingConfig,
+    TTTConfig,
+)
+from torchspec.trainer.config.validation import validate_config
+
+__all__ = [
+    "BUILTIN_SAMPLE_CONVERSATIONS",
+    "BUILTIN_TINY_TARGET",
+    "LAYOUT_VERSION",
+    "MOVED_KEYS",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LRScheduleConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "TTTConfig",
+    "TargetConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_yaml_scalar",
+    "upgrade_saved_config",
+    "validate_config",
+]

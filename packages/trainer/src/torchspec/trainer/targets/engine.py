@@ -1,0 +1,123 @@
+"""The target served by vLLM: an engine in its own process computes the hidden states the draft reads.
+
+The engine (``torchspec.trainer.engine.worker``) runs vLLM's ``extract_hidden_states`` method with
+a host-side KV connector of ours (``torchspec.trainer.engine.connector``); the trainer talks to it
+through ``engine.launch.EngineWorker`` (one JSON line per request and reply, the states in a
+safetensors file per micro-batch) and holds only the target's head (``targets.head.TargetHead``).
+
+Online training overlaps the two: ``loop.prefetch.PrefetchingLoader`` draws the next
+``prefetch_batches`` global batches ahead and asks the engine for their states at once
+(:meth:`EngineTarget.prefetch`), so the engine computes while the draft trains; the bound on
+batches ahead is the buffer (and the disk it holds), and the trainer waits when the engine falls
+behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchspec.trainer.engine.launch import EngineWorker
+from torchspec.trainer.targets.contract import ServedTarget, TargetOutput, states_to_output, unpadded_rows
+from torchspec.trainer.targets.head import TargetHead
+
+__all__ = ["EngineTarget", "vllm_layer_ids"]
+
+
+def vllm_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
+    """What vLLM is asked for: the aux layers' inputs (vLLM id ``i`` = transformers
+    ``output_hidden_states[i]``), then id ``num_layers``, the last layer's output before the final norm."""
+    return [*aux_layer_ids, num_layers]
+
+
+def _batch_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
+    digest = hashlib.sha1(input_ids.cpu().numpy().tobytes())
+    digest.update(attention_mask.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class EngineTarget(ServedTarget):
+    """The target on a vLLM engine: the trainer's target interface (shape facts, head weights, a
+    call that returns a ``TargetOutput``) over an :class:`EngineWorker`.
+
+    ``prefetch(batch)`` asks the engine for a batch's states without waiting; calling the target
+    on that batch later collects them (or asks and waits, for a batch nobody prefetched).
+    """
+
+    def __init__(self, head: TargetHead, worker: EngineWorker, aux_layer_ids: list[int]):
+        super().__init__(head, aux_layer_ids)
+        self.worker = worker
+        self._pending: dict[str, deque[tuple[int, Path, int]]] = {}
+        self._files = 0
+
+    @classmethod
+    def start(
+        cls,
+        path: str | os.PathLike,
+        aux_layer_ids: list[int] | None,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        max_seq_length: int,
+        **worker_options: Any,
+    ) -> EngineTarget:
+        """Read the head from ``path``, check the aux layer ids, then start the engine
+        (``worker_options``: :class:`EngineWorker`'s, e.g. ``engine_options(config)``)."""
+        head = TargetHead.from_pretrained(path, dtype, device, worker_options.get("trust_remote_code", False))
+        aux = head.validate_aux_layer_ids(aux_layer_ids)
+        worker = EngineWorker(
+            path,
+            layer_ids=vllm_layer_ids(aux, head.num_layers),
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=max_seq_length + 2,  # the prompt and the one token generated
+            **worker_options,
+        )
+        return cls(head, worker, aux)
+
+    prefetches = True
+
+    def prefetch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self._ask(input_ids, attention_mask)
+
+    def _ask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        out = self.worker.scratch_dir / "batches" / f"{self._files}.safetensors"
+        self._files += 1
+        request_id = self.worker.send("extract", prompts=unpadded_rows(input_ids, attention_mask), out=str(out))
+        key = _batch_key(input_ids, attention_mask)
+        self._pending.setdefault(key, deque()).append((request_id, out, input_ids.shape[1]))
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        key = _batch_key(input_ids, attention_mask)
+        if not self._pending.get(key):
+            self._ask(input_ids, attention_mask)
+        request_id, path, width = self._pending[key].popleft()
+        if not self._pending[key]:
+            del self._pending[key]
+        self.worker.reply(request_id)
+        return self._load(path, width, input_ids.device)
+
+    def _load(self, path: Path, width: int, device: torch.device) -> TargetOutput:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        path.unlink()
+        states = [tensors[f"states.{i}"] for i in range(len(tensors))]
+        return states_to_output(states, width, self.head.final_norm, device)
+
+    def discard_pending(self) -> None:
+        """Collect and delete the states of every prefetched batch (a resume changes what comes next)."""
+        for entries in self._pending.values():
+            for request_id, path, _ in entries:
+                self.worker.reply(request_id)
+                path.unlink(missing_ok=True)
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.worker.close()

@@ -1,0 +1,92 @@
+"""One place builds the configured target: in this process (transformers), on a vLLM engine, or from
+a dump (``target.backend``), with the tokenizer and dtype every command resolves the same way.
+The engine and dump modules are imported only when chosen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from torchspec.draft_models.config import DTYPES
+from torchspec.trainer.config import BUILTIN_TINY_TARGET, ConfigError, TrainConfig
+from torchspec.trainer.distributed.process_group import DistributedContext
+from torchspec.trainer.targets.contract import ServedTarget
+from torchspec.trainer.targets.in_process import TargetModel
+
+__all__ = ["backend_name", "build_target", "load_tokenizer", "resolve_dtype", "resolve_target_path"]
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def backend_name(config: TrainConfig) -> str:
+    backend = config.target.backend
+    if backend == "vllm":
+        return "a vLLM engine (target.backend=vllm)"
+    if backend == "dump":
+        return f"the dump {config.target.dump_dir}"
+    return "transformers in this process"
+
+
+def build_target(config: TrainConfig, path: Path, ctx: DistributedContext) -> TargetModel | ServedTarget:
+    """The target as ``target.backend`` says: in this process, on a vLLM engine, or a dump on disk."""
+    m, t, backend = config.model, config.training, config.target
+    dtype = resolve_dtype(m.dtype, ctx.device)
+    if backend.backend == "transformers":
+        device = "cpu" if t.shard_target else ctx.device
+        return TargetModel.from_pretrained(path, m.aux_layer_ids, dtype, device, m.trust_remote_code)
+    if t.shard_target:
+        raise ConfigError(
+            f"training.shard_target applies to target.backend=transformers, not {backend.backend}; an engine shards "
+            "its target itself (target.engine_args: {tensor_parallel_size: N})"
+        )
+    if backend.backend == "dump":
+        from torchspec.trainer.targets.dump import DumpTarget
+
+        assert backend.dump_dir is not None  # validate_config
+        return DumpTarget.open(backend.dump_dir, path, m.aux_layer_ids, dtype, ctx.device, m.trust_remote_code)
+    if ctx.world_size > 1:
+        raise ConfigError(
+            f"target.backend=vllm trains on one process (this run has {ctx.world_size}); for several ranks dump the "
+            "states first (`hatch run trainer:dump-states`) and train with target.backend=dump"
+        )
+    from torchspec.trainer.engine.launch import engine_options
+    from torchspec.trainer.targets.engine import EngineTarget
+
+    return EngineTarget.start(
+        path,
+        m.aux_layer_ids,
+        dtype,
+        ctx.device,
+        max_seq_length=config.data.max_seq_length,
+        log_path=Path(t.output_dir) / "engine.log" if ctx.is_main else None,
+        **engine_options(config),
+    )
+
+
+def resolve_target_path(path: str) -> Path:
+    if path == BUILTIN_TINY_TARGET:
+        from torchspec.trainer.commands.default_assets import ensure_default_target  # builds it once, cached
+
+        return ensure_default_target()
+    return Path(path)
+
+
+def load_tokenizer(path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(
+            f"tokenizer folder {path} does not exist; set model.tokenizer_path or model.target_model_path"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); set model.tokenizer_path"
+        ) from err
