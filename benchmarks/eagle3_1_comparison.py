@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from torchspec.trainer.config import load_config
-from torchspec.trainer.loop.trainer import train
+from torchspec.trainer.loop.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import torch
 from torchspec.converter import export_checkpoint
 from torchspec.data import sample_conversations_path
 from torchspec.trainer.config import load_config
-from torchspec.trainer.loop.trainer import train
+from torchspec.trainer.loop.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"llama": REPO / "configs" / "default_llama.yaml", "mla": REPO / "configs" / "default_mla.yaml"}

@@ -17,12 +17,11 @@ import time
 import pytest
 import torch
 
+from torchspec.trainer.commands.dump_states import dump_states
 from torchspec.trainer.commands.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
 from torchspec.trainer.config import ConfigError, load_config
-from torchspec.trainer.engine.launch import EngineError, vllm_available
-from torchspec.trainer.commands.dump_states import dump_states
+from torchspec.trainer.engine.launch import EngineError, EngineWorker, vllm_available
 from torchspec.trainer.targets.dump import sample_key
-from torchspec.trainer.engine.launch import EngineWorker
 
 from e2e_helpers import CONFIGS, FAST, SAMPLES, export, train_default
 

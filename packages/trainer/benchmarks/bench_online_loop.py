@@ -62,7 +62,7 @@ def _child(preset: str, steps: int, warmup: int, workdir: Path) -> dict:
     import logging
 
     from torchspec.trainer.config import load_config
-    from torchspec.trainer.loop.trainer import train
+    from torchspec.trainer.loop.run import train
 
     logging.basicConfig(level=logging.WARNING)
     overrides = [

@@ -29,7 +29,7 @@ def test_verify_goes_to_the_engine_check_with_the_same_error_policy(capsys, tmp_
 
 def test_overrides_on_both_sides_of_config(capsys, tmp_path, monkeypatch):
     """`train a.b=1 --config x.yaml c.d=2`: both overrides apply, in command-line order, over the file."""
-    import torchspec.trainer.loop.trainer as trainer_module
+    import torchspec.trainer.loop.run as trainer_module
 
     path = tmp_path / "x.yaml"
     path.write_text("training:\n  max_steps: 3\n  seed: 5\n")

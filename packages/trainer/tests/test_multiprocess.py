@@ -8,7 +8,7 @@ import pytest
 
 from torchspec.trainer.config import load_config
 from torchspec.trainer.loop.checkpoint import list_checkpoints
-from torchspec.trainer.loop.trainer import train
+from torchspec.trainer.loop.run import train
 
 from trainer_test_helpers import read_metrics, small_overrides
 

@@ -345,7 +345,7 @@ def test_an_existing_output_is_kept_unless_overwrite(setup, capsys):
 
 
 def test_no_vllm_is_one_line_and_writes_nothing(setup, capsys, monkeypatch):
-    import torchspec.trainer.targets.engine as engine_target
+    import torchspec.trainer.engine.launch as engine_target
 
     monkeypatch.setattr(regenerate_module, "_start_engine", _real_start_engine)
     monkeypatch.setattr(engine_target, "vllm_available", lambda: False)

@@ -57,7 +57,7 @@ def test_released_on_exit_and_reacquirable_in_process(tmp_path):
 
 def test_training_refuses_a_folder_held_by_another_run_before_loading_anything(tmp_path, assets):
     from torchspec.trainer.config import load_config
-    from torchspec.trainer.loop.trainer import train
+    from torchspec.trainer.loop.run import train
 
     from trainer_test_helpers import small_overrides
 

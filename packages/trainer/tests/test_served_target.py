@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 from torchspec.trainer.config import ConfigError, load_config
 from torchspec.trainer.engine.launch import EngineError
 from torchspec.trainer.loop.data_loader import DistributedBatchLoader
-from torchspec.trainer.loop.trainer import train
-from torchspec.trainer.targets.dump import DUMP_FORMAT, sample_key, target_identity
 from torchspec.trainer.loop.prefetch import PrefetchingLoader
+from torchspec.trainer.loop.run import train
 from torchspec.trainer.targets.contract import states_to_output, unpadded_rows
+from torchspec.trainer.targets.dump import DUMP_FORMAT, sample_key, target_identity
 from torchspec.trainer.targets.head import TargetHead
 from torchspec.trainer.targets.in_process import TargetModel
 

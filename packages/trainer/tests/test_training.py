@@ -8,7 +8,7 @@ import yaml
 
 from torchspec.trainer.config import ConfigError, load_config
 from torchspec.trainer.loop.checkpoint import find_latest, list_checkpoints
-from torchspec.trainer.loop.trainer import train
+from torchspec.trainer.loop.run import train
 
 from trainer_test_helpers import read_metrics, small_overrides
 

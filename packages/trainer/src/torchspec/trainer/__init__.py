@@ -8,8 +8,9 @@ from torchspec.trainer.loop.checkpoint import Checkpointer, find_latest
 from torchspec.trainer.loop.data_loader import DistributedBatchLoader, EvalBatches, MicroBatch
 from torchspec.trainer.loop.lr_schedule import WarmupDecaySchedule
 from torchspec.trainer.loop.metrics import TTTCounts, acceptance_length, summarize, ttt_counts
+from torchspec.trainer.loop.run import train
 from torchspec.trainer.loop.states import TrainState
-from torchspec.trainer.loop.trainer import Trainer, TrainResult, train
+from torchspec.trainer.loop.trainer import Trainer, TrainResult
 from torchspec.trainer.targets.contract import TargetOutput
 from torchspec.trainer.targets.in_process import TargetModel
 

@@ -23,7 +23,7 @@ _MOVED = {
     "metrics": ("loop.metrics",),
     "run_lock": ("loop.run_lock",),
     "draft": ("loop.draft",),
-    "trainer": ("loop.trainer", "loop.resume"),
+    "trainer": ("loop.run", "loop.trainer", "loop.resume"),
     "parallelize": ("distributed.parallelize",),
     "host_memory": ("distributed.host_memory",),
     "target": ("targets.contract", "targets.head", "targets.in_process"),

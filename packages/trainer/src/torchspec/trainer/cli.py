@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if device_type(config.training.device) == "cpu":
             relaunch_with_tcmalloc()  # a CPU step is ~10% faster on tcmalloc (host_memory); returns if it cannot
-    from torchspec.trainer.loop.trainer import train
+    from torchspec.trainer.loop.run import train
 
     if (
         args.command == "train" and os.environ.get("RANK", "0") == "0"

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from torchspec.draft_models.errors import UserInputError, cli_main
+from torchspec.trainer.loop.speculative_eval import EvaluationResult, evaluate_prompts, prompts_from_tokenized
 
 __all__ = [
     "EvaluationResult",
@@ -34,47 +35,6 @@ __all__ = [
     "require_model_folders",
     "write_report",
 ]
-
-
-@dataclass
-class EvaluationResult:
-    draft: str
-    target: str
-    num_prompts: int
-    num_draft_tokens: int
-    acceptance_length: float
-    position_acceptance: list[float]
-    generated_tokens: int
-    speculative_seconds: float
-    target_only_seconds: float
-    identical_to_target: bool
-    per_prompt_acceptance: list[float] = field(default_factory=list)
-    num_rounds: int = 0  # target verification rounds that carried a draft (vLLM: spec_decode_num_drafts)
-    num_accepted_tokens: int = 0  # accepted draft tokens, bonus tokens excluded
-    target_outputs: list[list[int]] = field(default_factory=list, repr=False)  # the target's own greedy tokens
-
-    @property
-    def speedup(self) -> float:
-        return self.target_only_seconds / max(self.speculative_seconds, 1e-9)
-
-    def table(self) -> str:
-        lines = [
-            f"draft                 {self.draft}",
-            f"target                {self.target}",
-            f"prompts               {self.num_prompts} ({self.generated_tokens} generated tokens)",
-            f"acceptance length     {self.acceptance_length:.3f} tokens/round (accepted drafts + 1 bonus, "
-            f"K={self.num_draft_tokens})",
-            "position acceptance   " + "  ".join(f"{i + 1}:{a:.2f}" for i, a in enumerate(self.position_acceptance)),
-            f"wall time             speculative {self.speculative_seconds:.2f}s vs target alone "
-            f"{self.target_only_seconds:.2f}s (x{self.speedup:.2f})",
-            "output                "
-            + (
-                "identical to target greedy decoding"
-                if self.identical_to_target
-                else "DIFFERS from target greedy decoding"
-            ),
-        ]
-        return "\n".join(lines)
 
 
 def prompts_from_conversations(data_path: str, tokenizer, prompt_key: str, limit: int) -> list[list[int]]:
@@ -160,70 +120,6 @@ def load_for_evaluation(draft_path: str, target_path: str):
         with torch.no_grad():
             draft.load_embedding(target_embedding)
     return draft, target
-
-
-def evaluate_prompts(
-    draft,
-    target,
-    prompts: list[list[int]],
-    max_new_tokens: int = 64,
-    num_draft_tokens: int = 4,
-    eos_token_id: int | None = None,
-    draft_name: str = "draft",
-    target_name: str = "target",
-) -> EvaluationResult:
-    """Speculative vs plain greedy decoding of ``prompts`` with models already in memory."""
-    from torchspec.draft_models import SpeculativeGenerator, target_greedy_generate
-
-    generator = SpeculativeGenerator(draft, target, num_draft_tokens=num_draft_tokens)
-    accepted, produced, identical, per_prompt, target_outputs = [], 0, True, [], []
-    spec_seconds = plain_seconds = 0.0
-    import sys
-
-    from tqdm.auto import tqdm
-
-    for prompt in tqdm(
-        prompts, desc="speculative decoding", unit="prompt", leave=False, disable=not sys.stderr.isatty()
-    ):
-        expected, seconds = target_greedy_generate(target, prompt, max_new_tokens, eos_token_id)
-        plain_seconds += seconds
-        target_outputs.append(expected)
-        result = generator.generate(prompt, max_new_tokens, eos_token_id)
-        spec_seconds += result.wall_time_s
-        identical &= result.tokens == expected
-        accepted += result.accepted_per_round
-        per_prompt.append(result.acceptance_length)
-        produced += len(result.tokens)
-    rounds = max(len(accepted), 1)
-    return EvaluationResult(
-        draft=draft_name,
-        target=target_name,
-        num_prompts=len(prompts),
-        num_draft_tokens=num_draft_tokens,
-        acceptance_length=sum(a + 1 for a in accepted) / rounds,
-        position_acceptance=[sum(a >= i for a in accepted) / rounds for i in range(1, num_draft_tokens + 1)],
-        generated_tokens=produced,
-        speculative_seconds=spec_seconds,
-        target_only_seconds=plain_seconds,
-        identical_to_target=identical,
-        per_prompt_acceptance=per_prompt,
-        num_rounds=len(accepted),
-        num_accepted_tokens=sum(accepted),
-        target_outputs=target_outputs,
-    )
-
-
-def prompts_from_tokenized(dataset, limit: int) -> list[list[int]]:
-    """Prompts from tokenized samples: each sample up to its first supervised token, i.e. the
-    context the target saw before it started to answer (works with any chat template)."""
-    prompts = []
-    for sample in dataset:
-        mask = list(sample["loss_mask"])
-        if 1 in mask and mask.index(1) > 0:
-            prompts.append(list(sample["input_ids"][: mask.index(1)]))
-        if len(prompts) >= limit:
-            break
-    return prompts
 
 
 def _at_least_one(text: str) -> int:

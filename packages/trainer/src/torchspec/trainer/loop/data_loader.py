@@ -21,7 +21,7 @@ import torch
 
 from torchspec.draft_models.errors import UserInputError
 
-__all__ = ["DistributedBatchLoader", "EvalBatches", "MicroBatch", "collate", "steps_per_epoch"]
+__all__ = ["DistributedBatchLoader", "EvalBatches", "MicroBatch", "collate", "pad_token_id", "steps_per_epoch"]
 
 
 @dataclass
@@ -190,3 +190,11 @@ class EvalBatches:
                 filler = dict(self.dataset[0])
                 samples = [{"input_ids": filler["input_ids"], "loss_mask": [0] * len(filler["input_ids"])}]
             yield collate(samples, self.pad_token_id, self.max_seq_length)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding is filled with: the tokenizer's pad token, else its EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # padding is masked out everywhere; any id will do

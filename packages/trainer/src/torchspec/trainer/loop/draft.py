@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from torchspec.draft_models import AutoDraftModelConfig, AutoEagle3DraftModel, DraftConfigError, Eagle3DraftConfig
 from torchspec.draft_models.config import EAGLE3_1_OPTIONS
 from torchspec.draft_models.draft_model import Eagle3DraftModel
 from torchspec.trainer.config import ConfigError, ModelConfig
 
 __all__ = [
+    "count_trainable",
     "build_draft",
     "check_draft_against_target",
     "draft_config_from_target",
@@ -167,3 +170,7 @@ def build_draft(draft_config: Eagle3DraftConfig, target, vocab_mapping=None) -> 
             raise ValueError("a pruned draft vocabulary needs a vocab mapping")
         draft.set_vocab_mapping(vocab_mapping.d2t, vocab_mapping.t2d)
     return draft
+
+
+def count_trainable(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -127,6 +127,13 @@ class TrainState:
     step: int = 0
     best: dict[str, Any] | None = field(default=None)
 
+    def offer_best(self, acceptance_length: float, checkpoint: str) -> bool:
+        """Record an evaluation at the current step; whether it is the best so far."""
+        if self.best is not None and acceptance_length <= self.best["acceptance_length"]:
+            return False
+        self.best = {"step": self.step, "acceptance_length": acceptance_length, "checkpoint": checkpoint}
+        return True
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,

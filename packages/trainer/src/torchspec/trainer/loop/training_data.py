@@ -11,7 +11,17 @@ import torch
 from torchspec.trainer.config import BUILTIN_SAMPLE_CONVERSATIONS, DataConfig
 from torchspec.trainer.distributed.process_group import barrier
 
-__all__ = ["TrainingData", "data_source", "load_training_data", "vocab_mapping_from_data"]
+__all__ = [
+    "VOCAB_MAPPING_FILE",
+    "TrainingData",
+    "data_source",
+    "load_training_data",
+    "run_vocab_mapping",
+    "vocab_mapping_from_data",
+]
+
+# The pruned vocabulary a checkpoint was trained with, beside its weights.
+VOCAB_MAPPING_FILE = "vocab_mapping.safetensors"
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +92,19 @@ def vocab_mapping_from_data(dataset, vocab_size: int, draft_vocab_size: int):
         100 * covered,
     )
     return mapping
+
+
+def run_vocab_mapping(draft_config, continual_training: str | None, train_dataset):
+    """The pruned draft vocabulary of a run: the one its ``continual_training`` source was trained
+    with (the head's rows follow it), else the most frequent target tokens of the training data;
+    None for a full vocabulary."""
+    if not draft_config.is_vocab_pruned:
+        return None
+    if continual_training is not None:
+        from torchspec.data import VocabMapping
+        from torchspec.trainer.loop.resume import complete_checkpoint
+
+        source = complete_checkpoint(continual_training, "checkpoint.continual_training") / VOCAB_MAPPING_FILE
+        if source.is_file():
+            return VocabMapping.load(source)
+    return vocab_mapping_from_data(train_dataset, draft_config.vocab_size, draft_config.draft_vocab_size)
