@@ -9,7 +9,7 @@ import torch
 import torchspec.draft_models.deepseek  # noqa: F401  (registers the MLA draft)
 import torchspec.draft_models.llama  # noqa: F401  (registers the Llama draft)
 from torchspec.draft_models.config import AutoDraftModelConfig, Eagle3DraftConfig
-from torchspec.draft_models.draft_model import Eagle3DraftModel, _model_class_for
+from torchspec.draft_models.draft_model import Eagle3DraftModel, model_class_for
 
 __all__ = ["AutoEagle3DraftModel"]
 
@@ -19,7 +19,7 @@ class AutoEagle3DraftModel:
     def from_config(config: Eagle3DraftConfig | dict) -> Eagle3DraftModel:
         if isinstance(config, dict):
             config = AutoDraftModelConfig.from_dict(config)
-        return _model_class_for(config)(config)
+        return model_class_for(config)(config)
 
     @staticmethod
     def from_pretrained(

@@ -35,7 +35,7 @@ from torchspec.draft_models.safe_checkpoint import open_safetensors
 from torchspec.draft_models.serving_folder import serving_config
 from torchspec.draft_models.ttt_attention import DecodeMask, TTTMask
 
-__all__ = ["DraftCheckpointError", "Eagle3DraftModel"]
+__all__ = ["DraftCheckpointError", "Eagle3DraftModel", "model_class_for", "register_draft_model"]
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -179,7 +179,7 @@ class Eagle3DraftModel(nn.Module):
     ) -> Eagle3DraftModel:
         directory = Path(directory)
         config = AutoDraftModelConfig.from_pretrained(directory)
-        model_class = _model_class_for(config)
+        model_class = model_class_for(config)
         if cls is not Eagle3DraftModel and not issubclass(model_class, cls):
             raise DraftCheckpointError(
                 f"{directory}/config.json describes {config.architectures[0]}, not {cls.__name__}; "
@@ -253,6 +253,7 @@ def register_draft_model(model_class: type[Eagle3DraftModel]) -> type[Eagle3Draf
     return model_class
 
 
-def _model_class_for(config: Eagle3DraftConfig) -> type[Eagle3DraftModel]:
+def model_class_for(config: Eagle3DraftConfig) -> type[Eagle3DraftModel]:
+    """The model class registered for ``config``'s architecture."""
     AutoDraftModelConfig.config_class_for(config.architectures)  # same error text for bad names
     return _MODEL_CLASSES[type(config)]
