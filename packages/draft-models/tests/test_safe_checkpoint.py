@@ -11,8 +11,9 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from torchspec.draft_models import UnsafeCheckpointError, load_dcp, load_torch, read_dcp_metadata
 from torchspec.draft_models.safe_checkpoint import DCP_METADATA_ALLOWED_GLOBALS
-from torchspec.draft_models.testing import CodeRunningPayload as Payload
-from torchspec.draft_models.testing import plant_pickled_tensor, rewrite_dcp_metadata
+
+from crafted_checkpoints import CodeRunningPayload as Payload
+from crafted_checkpoints import plant_pickled_tensor, rewrite_dcp_metadata
 
 
 def _save_dcp(state, path):
