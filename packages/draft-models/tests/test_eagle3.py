@@ -287,7 +287,51 @@ def test_on_the_cpu_the_loss_takes_128_target_positions_at_a_time_at_large_vocab
         target = CountingTarget(vocab)
         positions = torch.arange(300)
         rows = torch.zeros(1, 300, dtype=torch.long)
+        every_row = torch.ones(1, 300, dtype=torch.bool)  # positions no step counts are never computed
         fused_forward_kl(
-            torch.randn(1, 4), torch.randn(vocab, 4), target, positions, rows, torch.zeros(1, 300), rows.bool()
+            torch.randn(1, 4), torch.randn(vocab, 4), target, positions, rows, torch.zeros(1, 300), every_row
         )
         assert target.chunks == expected
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("target_kind", ["head", "dense"])
+def test_nan_or_inf_in_rows_that_do_not_count_changes_nothing(poison, target_kind):
+    """Rows the loss does not count (their weight is 0) and target positions no step counts may hold
+    anything: padding, a dump's garbage. The loss, its per-step sums, top-1 agreement and both
+    gradients equal those of the same rows holding finite values (0 * NaN would be NaN)."""
+    from torchspec.draft_models.loss import TargetFromHead
+
+    torch.manual_seed(0)
+    vocab, hidden_size, steps, rows = 53, 8, 3, 12
+    positions = torch.arange(7)
+    counted = torch.rand(steps, 7) > 0.3
+    counted[:, 6] = False  # a position no step counts
+    counted[0, :6] = True
+    # Counted rows read rows 0..5 of the hidden states; the rest point at rows 6..11 only.
+    row_index = torch.where(counted, torch.randint(0, 6, (steps, 7)), torch.randint(6, rows, (steps, 7)))
+    row_weight = torch.rand(steps, 7) * counted
+    clean_hidden = torch.randn(rows, hidden_size)
+    weight = torch.randn(vocab, hidden_size) * 0.5
+    target_hidden, target_weight = torch.randn(1, 7, hidden_size), torch.randn(vocab, hidden_size) * 0.5
+
+    def run(hidden, target_states):
+        hidden = hidden.clone().requires_grad_()
+        head = weight.clone().requires_grad_()
+        if target_kind == "head":
+            target = TargetFromHead(target_states, target_weight)
+        else:
+            target = DenseTargetProbs(torch.softmax(target_states @ target_weight.T, -1))
+        loss, sums, correct = fused_forward_kl(
+            hidden, head, target, positions, row_index, row_weight, counted, chunk_elements=3 * vocab
+        )
+        loss.backward()
+        return loss, sums, correct, hidden.grad, head.grad
+
+    poisoned_hidden, poisoned_target = clean_hidden.clone(), target_hidden.clone()
+    poisoned_hidden[6:] = poison
+    poisoned_target[0, 6] = poison
+    expected, actual = run(clean_hidden, target_hidden), run(poisoned_hidden, poisoned_target)
+    for name, e, a in zip(["loss", "loss_sums", "correct", "hidden grad", "lm_head grad"], expected, actual):
+        assert torch.isfinite(a.float()).all(), name
+        assert torch.equal(a, e), name
