@@ -1,3 +1,5 @@
+import contextlib
+
 import torch
 
 from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, LlamaEagle3Config
@@ -121,3 +123,50 @@ def make_batch(batch=2, seq_len=12, target_hidden=32, vocab=VOCAB, seed=0, pad_l
         target_head_weight=torch.randn(vocab, target_hidden, generator=generator),
         token_loss_mask=(torch.rand(batch, seq_len, generator=generator) > 0.3).long() * attention_mask,
     )
+
+
+def explicit_ttt_attention(query, key, value, mask, cache_keys, cache_values, use_cache, scale):
+    """``ttt_attention`` written out: one softmax over the concatenated cache, the mask built from the
+    rules (step-0 keys: causal and not padding; a later step's key: the query's own position)."""
+    assert use_cache, "the TTT reference always extends the cache"
+    cache_keys, cache_values = [*(cache_keys or []), key], [*(cache_values or []), value]
+    group = query.shape[1] // key.shape[1]
+    keys = torch.cat(cache_keys, 2).repeat_interleave(group, 1)
+    values = torch.cat(cache_values, 2).repeat_interleave(group, 1)
+    seq_len = query.shape[2]
+    key_step, key_pos = torch.arange(keys.shape[2]) // seq_len, torch.arange(keys.shape[2]) % seq_len
+    query_pos = torch.arange(seq_len)[:, None]
+    step0 = (key_step == 0) & (key_pos <= query_pos) & mask.padding[:, None, None, key_pos]
+    visible = step0 | ((key_step > 0) & (key_pos == query_pos))  # [B, 1, T, steps * T]
+    scores = (query @ keys.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, -1) @ values, cache_keys, cache_values
+
+
+@contextlib.contextmanager
+def plain_formulas(draft):
+    """Run ``draft`` with its norms, MLP and TTT attention replaced by the plain formulas above, under
+    autograd: a reference independent of the hand-written backward passes (projections, RoPE and
+    embeddings stay the draft's own; their tests are elsewhere)."""
+    import torchspec.draft_models.deepseek as deepseek
+    import torchspec.draft_models.llama as llama
+    from torchspec.draft_models.layers import GatedMLP, RMSNorm
+
+    patched = []
+    for module in draft.modules():
+        if isinstance(module, RMSNorm):
+            module.forward = lambda x, m=module: explicit_rms_norm(x, m.weight, m.eps)
+        elif isinstance(module, GatedMLP):
+            module.forward = lambda x, m=module: m.down_proj(torch.nn.functional.silu(m.gate_proj(x)) * m.up_proj(x))
+        else:
+            continue
+        patched.append(module)
+    originals = {llama: llama.ttt_attention, deepseek: deepseek.ttt_attention}
+    try:
+        for namespace in originals:
+            namespace.ttt_attention = explicit_ttt_attention
+        yield draft
+    finally:
+        for namespace, original in originals.items():
+            namespace.ttt_attention = original
+        for module in patched:
+            del module.forward
