@@ -201,16 +201,31 @@ def test_fused_loss_rejects_row_tables_of_another_shape():
         )
 
 
-def test_the_fused_loss_under_no_grad_computes_no_gradients_and_says_so_on_backward():
+def test_the_fused_loss_under_no_grad_gives_the_same_sums_and_no_graph():
     draft = build_draft("llama")
     batch = make_batch()
     model = Eagle3Model(draft, length=2)
     with torch.no_grad():
         out = _forward(model, batch)
-    assert not out.loss.requires_grad
+    assert not out.loss.requires_grad and out.loss.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):  # autograd's own message
+        out.loss.backward()
     with_grad = _forward(model, batch)
     torch.testing.assert_close(out.loss_sums, with_grad.loss_sums)
     assert torch.equal(out.correct, with_grad.correct)
+
+
+@pytest.mark.parametrize("retain_graph", [False, True])
+def test_a_second_backward_through_the_fused_loss_says_so(retain_graph):
+    """The gradients are formed in forward and handed over by the first backward; a second one
+    (an accumulation loop that reuses an output) has nothing left to give."""
+    draft = build_draft("llama")
+    out = _forward(Eagle3Model(draft, length=2), make_batch())
+    out.loss.backward(retain_graph=retain_graph)
+    with pytest.raises(RuntimeError) as err:
+        out.loss.backward()
+    message = str(err.value)
+    assert "\n" not in message and "second backward" in message and "forward again" in message, message
 
 
 # A bf16 TTT step keeps its activations in bf16 (8 significant bits, up to 2**-9 off per rounding) and

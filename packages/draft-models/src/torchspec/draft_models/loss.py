@@ -231,11 +231,16 @@ class _FusedForwardKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_loss_sums, _grad_correct):
-        grad_hidden, grad_weight = ctx.grads
-        if grad_hidden is None and grad_weight is None and any(ctx.needs_input_grad[:2]):
+        # Under torch.no_grad autograd records no node, so backward only runs where forward formed
+        # the gradients; they are handed over once (keeping them would hold [rows, hidden] and
+        # lm_head-sized buffers until the graph is freed).
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
             raise RuntimeError(
-                "the fused loss ran without gradients (under torch.no_grad) and cannot be backpropagated"
+                "a second backward through the fused loss: its gradients are formed in forward and were "
+                "used by the first backward (retain_graph cannot replay them); run the forward again"
             )
+        grad_hidden, grad_weight = grads
         del ctx.grads
         # Scaled in place: these buffers belong to this node alone (an lm_head-sized copy otherwise).
         return (
