@@ -2,7 +2,7 @@ import contextlib
 
 import torch
 
-from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, LlamaEagle3Config
+from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, LlamaEagle3Config, step0_loss_mask
 
 VOCAB = 97
 
@@ -170,3 +170,65 @@ def plain_formulas(draft):
             namespace.ttt_attention = original
         for module in patched:
             del module.forward
+
+
+def reference_ttt(draft, batch, length, token_loss_mask, pruned=False):
+    """The TTT objective written out row by row from the alignment rules in eagle3.py's docstring.
+
+    Runs the draft one step at a time through its public pieces, its norms, MLP and attention as
+    plain formulas under autograd (``plain_formulas``), and computes every loss with the full logits
+    and an explicit softmax, without chunking or sorting.
+    """
+    with plain_formulas(draft):
+        return _reference_ttt_rows(draft, batch, length, token_loss_mask, pruned)
+
+
+def _reference_ttt_rows(draft, batch, length, token_loss_mask, pruned):
+    ids, attn = batch["input_ids"], batch["attention_mask"].bool()
+    B, T = ids.shape
+    target_logits = batch["target_hidden"] @ batch["target_head_weight"].T  # [B, T, V]
+    draft_ids = draft.draft_to_target_ids()
+    hidden = explicit_fc(draft, batch["hidden_states"])
+    cache_k = cache_v = None
+    loss_sums, counts, corrects = [], [], []
+    for k in range(length):
+        tokens = torch.zeros_like(ids)
+        tokens[:, : T - 1 - k] = ids[:, k + 1 :]
+        positions = torch.arange(T).expand(B, T) + k
+        hidden, cache_k, cache_v = draft.backbone(
+            draft.embed_input_ids(tokens), hidden, attn, positions, cache_k, cache_v
+        )
+        logits = draft.compute_logits(hidden)
+        hidden = explicit_next_hidden(draft, hidden)
+        total, count, correct = 0.0, 0, 0
+        for b in range(B):
+            for t in range(T):
+                j = t + 1 + k  # target position
+                if j >= T or not attn[b, j] or not attn[b, t] or t + k + 2 >= T or not token_loss_mask[b, t + k + 2]:
+                    continue
+                full = target_logits[b, j]
+                if pruned and not draft.t2d[full.argmax()]:
+                    continue
+                p = torch.softmax(full[draft_ids], -1)
+                total = total - (p * torch.log_softmax(logits[b, t], -1)).sum()
+                count += 1
+                correct += int(logits[b, t].argmax() == p.argmax())
+        loss_sums.append(total)
+        counts.append(count)
+        corrects.append(correct)
+    return loss_sums, counts, corrects
+
+
+def forward_batch(model, batch, loss_mask=None, **kwargs):
+    """``model`` on a :func:`make_batch` batch, the target given as hidden states and head weight."""
+    if loss_mask is None:
+        loss_mask = step0_loss_mask(batch["token_loss_mask"])
+    return model(
+        batch["input_ids"],
+        batch["hidden_states"],
+        loss_mask,
+        batch["attention_mask"],
+        target_hidden=batch["target_hidden"],
+        target_head_weight=batch["target_head_weight"],
+        **kwargs,
+    )

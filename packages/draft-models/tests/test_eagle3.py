@@ -7,76 +7,7 @@ import torch
 from torchspec.draft_models import Eagle3Model, step0_loss_mask
 from torchspec.draft_models.loss import DenseTargetProbs, fused_forward_kl
 
-from draft_helpers import (
-    EAGLE3_1_VARIANTS,
-    build_draft,
-    explicit_fc,
-    explicit_next_hidden,
-    make_batch,
-    plain_formulas,
-)
-
-
-def _reference_ttt(draft, batch, length, token_loss_mask, pruned=False):
-    """The TTT objective written out row by row from the alignment rules in the docstring.
-
-    Runs the draft one step at a time through its public pieces, its norms, MLP and attention as
-    plain formulas under autograd (``plain_formulas``), and computes every loss with the full logits
-    and an explicit softmax, without chunking or sorting.
-    """
-    with plain_formulas(draft):
-        return _reference_ttt_rows(draft, batch, length, token_loss_mask, pruned)
-
-
-def _reference_ttt_rows(draft, batch, length, token_loss_mask, pruned):
-    ids, attn = batch["input_ids"], batch["attention_mask"].bool()
-    B, T = ids.shape
-    target_logits = batch["target_hidden"] @ batch["target_head_weight"].T  # [B, T, V]
-    draft_ids = draft.draft_to_target_ids()
-    hidden = explicit_fc(draft, batch["hidden_states"])
-    cache_k = cache_v = None
-    loss_sums, counts, corrects = [], [], []
-    for k in range(length):
-        tokens = torch.zeros_like(ids)
-        tokens[:, : T - 1 - k] = ids[:, k + 1 :]
-        positions = torch.arange(T).expand(B, T) + k
-        hidden, cache_k, cache_v = draft.backbone(
-            draft.embed_input_ids(tokens), hidden, attn, positions, cache_k, cache_v
-        )
-        logits = draft.compute_logits(hidden)
-        hidden = explicit_next_hidden(draft, hidden)
-        total, count, correct = 0.0, 0, 0
-        for b in range(B):
-            for t in range(T):
-                j = t + 1 + k  # target position
-                if j >= T or not attn[b, j] or not attn[b, t] or t + k + 2 >= T or not token_loss_mask[b, t + k + 2]:
-                    continue
-                full = target_logits[b, j]
-                if pruned and not draft.t2d[full.argmax()]:
-                    continue
-                p = torch.softmax(full[draft_ids], -1)
-                total = total - (p * torch.log_softmax(logits[b, t], -1)).sum()
-                count += 1
-                correct += int(logits[b, t].argmax() == p.argmax())
-        loss_sums.append(total)
-        counts.append(count)
-        corrects.append(correct)
-    return loss_sums, counts, corrects
-
-
-def _forward(model, batch, loss_mask=None, **kwargs):
-    """``model`` on a :func:`make_batch` batch, the target given as hidden states and head weight."""
-    if loss_mask is None:
-        loss_mask = step0_loss_mask(batch["token_loss_mask"])
-    return model(
-        batch["input_ids"],
-        batch["hidden_states"],
-        loss_mask,
-        batch["attention_mask"],
-        target_hidden=batch["target_hidden"],
-        target_head_weight=batch["target_head_weight"],
-        **kwargs,
-    )
+from draft_helpers import EAGLE3_1_VARIANTS, build_draft, forward_batch, make_batch, reference_ttt
 
 
 @pytest.mark.parametrize("variant", sorted(EAGLE3_1_VARIANTS))
@@ -86,8 +17,8 @@ def test_losses_match_the_row_by_row_formula(draft_kind, pruned, variant):
     batch = make_batch()
     length = 4
     model = Eagle3Model(draft, length=length, loss_chunk_elements=97 * 5)  # several chunks
-    out = _forward(model, batch)
-    loss_sums, counts, corrects = _reference_ttt(draft, batch, length, batch["token_loss_mask"], pruned)
+    out = forward_batch(model, batch)
+    loss_sums, counts, corrects = reference_ttt(draft, batch, length, batch["token_loss_mask"], pruned)
     assert out.counted.tolist() == counts
     assert out.counted_mask.sum().item() == sum(counts)
     torch.testing.assert_close(
@@ -116,7 +47,7 @@ def test_pruned_vocab_reports_and_excludes_positions_outside_the_draft_vocab():
     assert torch.equal(valid, expected_valid)
     assert 0 < valid.sum() < valid.numel()  # the test exercises both cases
     loss_mask = step0_loss_mask(torch.ones_like(batch["input_ids"]))
-    out = _forward(model, batch, loss_mask)
+    out = forward_batch(model, batch, loss_mask)
     k, b, t = out.counted_mask.nonzero(as_tuple=True)
     assert valid[b, t + 1 + k].all()
     assert torch.equal(out.counted, model.count_positions(loss_mask, batch["attention_mask"], valid))
@@ -127,7 +58,7 @@ def test_dense_target_probs_equal_the_lazy_target(draft_kind):
     batch = make_batch()
     loss_mask = step0_loss_mask(batch["token_loss_mask"])
     model = Eagle3Model(draft, length=3)
-    lazy = _forward(model, batch, loss_mask)
+    lazy = forward_batch(model, batch, loss_mask)
     probs = torch.softmax(batch["target_hidden"] @ batch["target_head_weight"].T, -1)
     dense = model(batch["input_ids"], batch["hidden_states"], loss_mask, batch["attention_mask"], target_probs=probs)
     torch.testing.assert_close(lazy.loss_sums, dense.loss_sums, rtol=1e-5, atol=1e-5)
@@ -148,7 +79,7 @@ def test_loss_normalizer_divides_the_sums():
     draft = build_draft("mla")
     batch = make_batch()
     model = Eagle3Model(draft, length=2, loss_decay=0.5)
-    out = _forward(model, batch, loss_normalizer=torch.tensor([100.0, 50.0]))
+    out = forward_batch(model, batch, loss_normalizer=torch.tensor([100.0, 50.0]))
     torch.testing.assert_close(out.losses, out.loss_sums / torch.tensor([100.0, 50.0]))
     assert out.loss.item() == pytest.approx((out.losses[0] + 0.5 * out.losses[1]).item())
     assert out.total_loss(0.5) is out.loss
@@ -161,7 +92,7 @@ def test_gradients_reach_every_trainable_parameter_and_not_the_frozen_embedding(
     draft.freeze_embedding()
     batch = make_batch()
     model = Eagle3Model(draft, length=3)
-    out = _forward(model, batch)
+    out = forward_batch(model, batch)
     out.total_loss().backward()
     assert draft.embed_tokens.weight.grad is None
     for name, param in draft.named_parameters():
@@ -206,11 +137,11 @@ def test_the_fused_loss_under_no_grad_gives_the_same_sums_and_no_graph():
     batch = make_batch()
     model = Eagle3Model(draft, length=2)
     with torch.no_grad():
-        out = _forward(model, batch)
+        out = forward_batch(model, batch)
     assert not out.loss.requires_grad and out.loss.grad_fn is None
     with pytest.raises(RuntimeError, match="does not require grad"):  # autograd's own message
         out.loss.backward()
-    with_grad = _forward(model, batch)
+    with_grad = forward_batch(model, batch)
     torch.testing.assert_close(out.loss_sums, with_grad.loss_sums)
     assert torch.equal(out.correct, with_grad.correct)
 
@@ -220,7 +151,7 @@ def test_a_second_backward_through_the_fused_loss_says_so(retain_graph):
     """The gradients are formed in forward and handed over by the first backward; a second one
     (an accumulation loop that reuses an output) has nothing left to give."""
     draft = build_draft("llama")
-    out = _forward(Eagle3Model(draft, length=2), make_batch())
+    out = forward_batch(Eagle3Model(draft, length=2), make_batch())
     out.loss.backward(retain_graph=retain_graph)
     with pytest.raises(RuntimeError) as err:
         out.loss.backward()
@@ -245,11 +176,11 @@ def test_bf16_ttt_losses_and_gradients_match_the_fp64_formula(draft_kind):
     batch64 = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
     length, decay = 3, 0.8
 
-    out = _forward(Eagle3Model(draft, length=length, loss_decay=decay), batch)
+    out = forward_batch(Eagle3Model(draft, length=length, loss_decay=decay), batch)
     out.total_loss().backward()
     assert draft.lm_head.weight.grad.dtype == torch.bfloat16
 
-    loss_sums, counts, _ = _reference_ttt(reference_draft, batch64, length, batch["token_loss_mask"])
+    loss_sums, counts, _ = reference_ttt(reference_draft, batch64, length, batch["token_loss_mask"])
     objective = sum(decay**k * loss_sums[k] / max(counts[k], 1) for k in range(length))
     objective.backward()
     expected_sums = torch.stack(loss_sums).detach()
@@ -265,7 +196,7 @@ def test_a_batch_without_counted_rows_gives_zero_loss_and_zero_gradients():
     produce a graph (zero gradients) so collective gradient reduction does not hang."""
     draft = build_draft("llama")
     batch = make_batch()
-    out = _forward(Eagle3Model(draft, length=3), batch, torch.zeros_like(batch["input_ids"]))
+    out = forward_batch(Eagle3Model(draft, length=3), batch, torch.zeros_like(batch["input_ids"]))
     assert out.counted.tolist() == [0, 0, 0] and out.losses.tolist() == [0.0, 0.0, 0.0]
     out.total_loss().backward()
     assert draft.lm_head.weight.grad is not None and draft.lm_head.weight.grad.abs().sum() == 0
