@@ -6,7 +6,10 @@
 2. bf16 numerics of one TTT step against an fp32 reference (loss and gradient agreement);
 3. timing of one TTT training step (hidden 4096, vocab 32000, seq 2048, length 7) for both drafts.
 
-Prints one JSON line per check. Exits 0 with a message when no GPU is present.
+Prints one JSON line per check. Exits 1 when a check is not ``ok``, and 1 with one line on stderr
+when there is no CUDA device: a check that was asked for and could not run has not passed.
+For the correctness of the GPU-only paths against fp64 references, run
+``python -m pytest packages/draft-models/tests/test_gpu_paths.py`` on the same machine.
 """
 
 from __future__ import annotations
@@ -140,14 +143,23 @@ def time_step(kind: str, backend: str) -> dict:
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("no CUDA device: nothing to check here (run this on a lent GPU machine)")
-        return 0
+        print(
+            "gpu_check: no CUDA device visible, so nothing was checked; run it on a machine with a GPU", file=sys.stderr
+        )
+        return 1
+    failed = []
     for kind in ("llama", "mla"):
         for check in (check_flex_vs_sdpa, check_bf16_numerics):
-            print(json.dumps(check(kind)), flush=True)
+            result = check(kind)
+            print(json.dumps(result), flush=True)
+            if not result["ok"]:
+                failed.append(f"{result['check']} ({kind})")
         for backend in ("sdpa", "flex_attention"):
             torch.cuda.reset_peak_memory_stats()
             print(json.dumps(time_step(kind, backend)), flush=True)
+    if failed:
+        print(f"gpu_check: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

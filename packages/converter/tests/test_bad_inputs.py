@@ -21,9 +21,9 @@ import pytest
 import torchspec.converter.export as export_module
 import torchspec.converter.safetensors_stream as stream_module
 from torchspec.converter.cli import main
-from torchspec.draft_models.testing import FullDiskFile
 
 from converter_helpers import tiny_draft, write_training_checkpoint
+from crafted_checkpoints import FullDiskFile
 
 
 @dataclass

@@ -3,10 +3,10 @@
 from torchspec.converter.cli import main
 from torchspec.draft_models import UnsafeCheckpointError
 from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint
-from torchspec.draft_models.testing import CodeRunningPayload as Payload
-from torchspec.draft_models.testing import plant_pickled_tensor, rewrite_dcp_metadata
 
 from converter_helpers import tiny_draft, write_training_checkpoint
+from crafted_checkpoints import CodeRunningPayload as Payload
+from crafted_checkpoints import plant_pickled_tensor, rewrite_dcp_metadata
 
 
 def _one_line_refusal(err: str, file_part: str) -> str:

@@ -1,6 +1,8 @@
+import contextlib
+
 import torch
 
-from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, LlamaEagle3Config
+from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, LlamaEagle3Config, step0_loss_mask
 
 VOCAB = 97
 
@@ -120,4 +122,113 @@ def make_batch(batch=2, seq_len=12, target_hidden=32, vocab=VOCAB, seed=0, pad_l
         target_hidden=torch.randn(batch, seq_len, target_hidden, generator=generator),
         target_head_weight=torch.randn(vocab, target_hidden, generator=generator),
         token_loss_mask=(torch.rand(batch, seq_len, generator=generator) > 0.3).long() * attention_mask,
+    )
+
+
+def explicit_ttt_attention(query, key, value, mask, cache_keys, cache_values, use_cache, scale):
+    """``ttt_attention`` written out: one softmax over the concatenated cache, the mask built from the
+    rules (step-0 keys: causal and not padding; a later step's key: the query's own position)."""
+    assert use_cache, "the TTT reference always extends the cache"
+    cache_keys, cache_values = [*(cache_keys or []), key], [*(cache_values or []), value]
+    group = query.shape[1] // key.shape[1]
+    keys = torch.cat(cache_keys, 2).repeat_interleave(group, 1)
+    values = torch.cat(cache_values, 2).repeat_interleave(group, 1)
+    seq_len = query.shape[2]
+    key_step, key_pos = torch.arange(keys.shape[2]) // seq_len, torch.arange(keys.shape[2]) % seq_len
+    query_pos = torch.arange(seq_len)[:, None]
+    step0 = (key_step == 0) & (key_pos <= query_pos) & mask.padding[:, None, None, key_pos]
+    visible = step0 | ((key_step > 0) & (key_pos == query_pos))  # [B, 1, T, steps * T]
+    scores = (query @ keys.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, -1) @ values, cache_keys, cache_values
+
+
+@contextlib.contextmanager
+def plain_formulas(draft):
+    """Run ``draft`` with its norms, MLP and TTT attention replaced by the plain formulas above, under
+    autograd: a reference independent of the hand-written backward passes (projections, RoPE and
+    embeddings stay the draft's own; their tests are elsewhere)."""
+    import torchspec.draft_models.deepseek as deepseek
+    import torchspec.draft_models.llama as llama
+    from torchspec.draft_models.layers import GatedMLP, RMSNorm
+
+    patched = []
+    for module in draft.modules():
+        if isinstance(module, RMSNorm):
+            module.forward = lambda x, m=module: explicit_rms_norm(x, m.weight, m.eps)
+        elif isinstance(module, GatedMLP):
+            module.forward = lambda x, m=module: m.down_proj(torch.nn.functional.silu(m.gate_proj(x)) * m.up_proj(x))
+        else:
+            continue
+        patched.append(module)
+    originals = {llama: llama.ttt_attention, deepseek: deepseek.ttt_attention}
+    try:
+        for namespace in originals:
+            namespace.ttt_attention = explicit_ttt_attention
+        yield draft
+    finally:
+        for namespace, original in originals.items():
+            namespace.ttt_attention = original
+        for module in patched:
+            del module.forward
+
+
+def reference_ttt(draft, batch, length, token_loss_mask, pruned=False):
+    """The TTT objective written out row by row from the alignment rules in eagle3.py's docstring.
+
+    Runs the draft one step at a time through its public pieces, its norms, MLP and attention as
+    plain formulas under autograd (``plain_formulas``), and computes every loss with the full logits
+    and an explicit softmax, without chunking or sorting.
+    """
+    with plain_formulas(draft):
+        return _reference_ttt_rows(draft, batch, length, token_loss_mask, pruned)
+
+
+def _reference_ttt_rows(draft, batch, length, token_loss_mask, pruned):
+    ids, attn = batch["input_ids"], batch["attention_mask"].bool()
+    B, T = ids.shape
+    target_logits = batch["target_hidden"] @ batch["target_head_weight"].T  # [B, T, V]
+    draft_ids = draft.draft_to_target_ids()
+    hidden = explicit_fc(draft, batch["hidden_states"])
+    cache_k = cache_v = None
+    loss_sums, counts, corrects = [], [], []
+    for k in range(length):
+        tokens = torch.zeros_like(ids)
+        tokens[:, : T - 1 - k] = ids[:, k + 1 :]
+        positions = torch.arange(T).expand(B, T) + k
+        hidden, cache_k, cache_v = draft.backbone(
+            draft.embed_input_ids(tokens), hidden, attn, positions, cache_k, cache_v
+        )
+        logits = draft.compute_logits(hidden)
+        hidden = explicit_next_hidden(draft, hidden)
+        total, count, correct = 0.0, 0, 0
+        for b in range(B):
+            for t in range(T):
+                j = t + 1 + k  # target position
+                if j >= T or not attn[b, j] or not attn[b, t] or t + k + 2 >= T or not token_loss_mask[b, t + k + 2]:
+                    continue
+                full = target_logits[b, j]
+                if pruned and not draft.t2d[full.argmax()]:
+                    continue
+                p = torch.softmax(full[draft_ids], -1)
+                total = total - (p * torch.log_softmax(logits[b, t], -1)).sum()
+                count += 1
+                correct += int(logits[b, t].argmax() == p.argmax())
+        loss_sums.append(total)
+        counts.append(count)
+        corrects.append(correct)
+    return loss_sums, counts, corrects
+
+
+def forward_batch(model, batch, loss_mask=None, **kwargs):
+    """``model`` on a :func:`make_batch` batch, the target given as hidden states and head weight."""
+    if loss_mask is None:
+        loss_mask = step0_loss_mask(batch["token_loss_mask"])
+    return model(
+        batch["input_ids"],
+        batch["hidden_states"],
+        loss_mask,
+        batch["attention_mask"],
+        target_hidden=batch["target_hidden"],
+        target_head_weight=batch["target_head_weight"],
+        **kwargs,
     )

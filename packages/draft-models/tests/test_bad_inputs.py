@@ -26,8 +26,8 @@ from torchspec.draft_models import (
     UnsafeCheckpointError,
     load_dcp,
 )
-from torchspec.draft_models.testing import CodeRunningPayload, rewrite_dcp_metadata
 
+from crafted_checkpoints import CodeRunningPayload, rewrite_dcp_metadata
 from draft_helpers import build_draft
 
 

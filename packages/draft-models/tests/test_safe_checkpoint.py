@@ -1,5 +1,6 @@
 """Crafted checkpoints must be refused without running their payload; genuine ones still load."""
 
+import pathlib
 import pickle
 import random
 import warnings
@@ -11,8 +12,9 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from torchspec.draft_models import UnsafeCheckpointError, load_dcp, load_torch, read_dcp_metadata
 from torchspec.draft_models.safe_checkpoint import DCP_METADATA_ALLOWED_GLOBALS
-from torchspec.draft_models.testing import CodeRunningPayload as Payload
-from torchspec.draft_models.testing import plant_pickled_tensor, rewrite_dcp_metadata
+
+from crafted_checkpoints import CodeRunningPayload as Payload
+from crafted_checkpoints import plant_pickled_tensor, rewrite_dcp_metadata
 
 
 def _save_dcp(state, path):
@@ -129,3 +131,132 @@ def test_allow_list_is_metadata_only():
         for name in DCP_METADATA_ALLOWED_GLOBALS
     )
     assert not {"builtins.eval", "builtins.getattr", "posix.system", "os.system"} & DCP_METADATA_ALLOWED_GLOBALS
+
+
+# --- state set on something the file did not create -----------------------------------------------
+
+
+def _push_global(module: str, name: str) -> bytes:
+    return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def _build_and_pop(state: dict[str, str], as_slots: bool) -> bytes:
+    """BUILD the object on top of the stack with ``state`` (as ``(None, state)`` when ``as_slots``:
+    pickle then setattr's each item), then POP it, leaving the stack as it found it."""
+    items = b"".join(pickle.UNICODE + f"{v}\n".encode() for kv in state.items() for v in kv)
+    built = pickle.MARK + items + pickle.DICT
+    if as_slots:
+        built = pickle.NONE + built + pickle.TUPLE2
+    return built + pickle.BUILD + pickle.POP
+
+
+def _enum_member() -> bytes:
+    return (
+        _push_global("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING")
+        + pickle.INT
+        + b"1\n"
+        + pickle.TUPLE1
+        + pickle.REDUCE
+    )
+
+
+def _targets():
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, Metadata
+    from torch.serialization import _get_layout
+
+    return {
+        # The issue's case: every Path in the process would render as the attacker's file.
+        "path-class": (pathlib.PurePosixPath, _push_global("pathlib", "PurePosixPath"), {"_str": "/tmp/x"}, True),
+        "dcp-class": (Metadata, _push_global("torch.distributed.checkpoint.metadata", "Metadata"), {"x": "y"}, True),
+        # A function's attributes: _get_layout keeps its name -> layout table in one.
+        "function": (_get_layout, _push_global("torch.serialization", "_get_layout"), {"cache": "z"}, False),
+        # REDUCE of an Enum returns the shared member, not a new object.
+        "enum-member": (_MEM_FORMAT_ENCODING(1), _enum_member(), {"_value_": "9"}, False),
+    }
+
+
+@pytest.mark.parametrize("case", ["path-class", "dcp-class", "function", "enum-member"])
+def test_metadata_setting_state_on_a_shared_object_is_refused_and_changes_nothing(tmp_path, case):
+    """A genuine .metadata behind a few opcodes that BUILD an allowed class, function or shared
+    object before the real pickle starts: the prefix passes every check on globals."""
+    victim, push, state, as_slots = _targets()[case]
+    path = tmp_path / "ckpt"
+    _genuine(path)
+    metadata = path / ".metadata"
+    metadata.write_bytes(push + _build_and_pop(state, as_slots) + metadata.read_bytes())
+    before = dict(vars(victim))
+    try:
+        with pytest.raises(UnsafeCheckpointError) as err:
+            read_dcp_metadata(path)
+        assert dict(vars(victim)) == before
+    finally:  # a failing run must not leave the process poisoned for the tests after it
+        for key in set(vars(victim)) - set(before):
+            delattr(victim, key)
+        for key, value in before.items():
+            if vars(victim).get(key, object()) is not value:
+                setattr(victim, key, value)
+    message = str(err.value)
+    assert "\n" not in message and str(metadata) in message and "refused" in message, message
+    assert str(pathlib.PurePosixPath("a") / "b") == "a/b"
+
+
+def test_metadata_filling_a_class_as_a_dict_is_refused(tmp_path):
+    path = tmp_path / "ckpt"
+    _genuine(path)
+    metadata = path / ".metadata"
+    setitem = pickle.UNICODE + b"k\n" + pickle.UNICODE + b"v\n" + pickle.SETITEM + pickle.POP
+    metadata.write_bytes(_push_global("torch", "Size") + setitem + metadata.read_bytes())
+    with pytest.raises(UnsafeCheckpointError, match="torch.Size"):
+        read_dcp_metadata(path)
+
+
+def test_genuine_metadata_with_every_kind_of_entry_loads(tmp_path):
+    """Tensor and bytes entries, several chunks, storage_meta, planner_data: the dataclasses are
+    built through NEWOBJ + BUILD, which must stay allowed on the instances the file creates."""
+    path = tmp_path / "ckpt"
+    state = {"a": torch.randn(3, 4), "b": {"c": torch.ones(2, dtype=torch.float16), "n": 3, "s": "text"}}
+    _save_dcp(state, path)
+    expected = FileSystemReader(str(path)).read_metadata()  # genuine, written by this test
+    loaded = read_dcp_metadata(path)
+    assert loaded.state_dict_metadata == expected.state_dict_metadata
+    assert loaded.storage_data == expected.storage_data
+    assert loaded.planner_data == expected.planner_data
+
+
+# --- links ------------------------------------------------------------------------------------------
+
+
+def _assert_link_refused(err, link):
+    message = str(err.value)
+    assert "\n" not in message and str(link) in message and "symbolic link" in message, message
+
+
+def test_a_data_file_that_is_a_symbolic_link_is_refused(tmp_path):
+    """A link would let the checkpoint read any file of the machine through torch.load."""
+    path = tmp_path / "ckpt"
+    _genuine(path)
+    data = next(path.glob("*.distcp"))
+    data.rename(tmp_path / "elsewhere")
+    data.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_dcp({"model": {"w": torch.zeros(2, 3), "b": torch.zeros(3, dtype=torch.bfloat16)}}, path)
+    _assert_link_refused(err, data)
+
+
+def test_metadata_that_is_a_symbolic_link_is_refused(tmp_path):
+    path = tmp_path / "ckpt"
+    _genuine(path)
+    (path / ".metadata").rename(tmp_path / "elsewhere")
+    (path / ".metadata").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafeCheckpointError) as err:
+        read_dcp_metadata(path)
+    _assert_link_refused(err, path / ".metadata")
+
+
+def test_a_torch_file_that_is_a_symbolic_link_is_refused(tmp_path):
+    torch.save({"torch": torch.get_rng_state()}, tmp_path / "elsewhere.pt")
+    link = tmp_path / "rng_state_rank0.pt"
+    link.symlink_to(tmp_path / "elsewhere.pt")
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_torch(link)
+    _assert_link_refused(err, link)

@@ -128,7 +128,8 @@ def _full_disk_for(monkeypatch, staging_name: str, where: str) -> None:
     from torch.distributed.checkpoint.filesystem import FileSystem
 
     import torchspec.trainer.loop.checkpoint as checkpoint_module
-    from torchspec.draft_models.testing import FullDiskFile
+
+    from crafted_checkpoints import FullDiskFile
 
     if where == "dcp-data":
         real_create_stream = FileSystem.create_stream

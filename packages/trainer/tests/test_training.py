@@ -158,8 +158,9 @@ def test_a_full_disk_during_a_save_keeps_the_last_complete_checkpoint(assets, tm
     from torch.distributed.checkpoint.filesystem import FileSystem
 
     from torchspec.draft_models.checkpoint_layout import resolve_checkpoint
-    from torchspec.draft_models.testing import FullDiskFile
     from torchspec.trainer.cli import main
+
+    from crafted_checkpoints import FullDiskFile
 
     output_dir = tmp_path / "run"
     overrides = small_overrides(

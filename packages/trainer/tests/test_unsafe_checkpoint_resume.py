@@ -9,11 +9,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from torchspec.draft_models import UnsafeCheckpointError
-from torchspec.draft_models.testing import CodeRunningPayload as Payload
-from torchspec.draft_models.testing import rewrite_dcp_metadata
 from torchspec.trainer.loop.checkpoint import Checkpointer
 from torchspec.trainer.loop.states import ModelState
 
+from crafted_checkpoints import CodeRunningPayload as Payload
+from crafted_checkpoints import rewrite_dcp_metadata
 from trainer_test_helpers import SmallCheckpointModel as Small
 from trainer_test_helpers import save_small_checkpoint as save
 from trainer_test_helpers import small_states

@@ -6,14 +6,16 @@ itself on ext4/xfs). Folders (checkpoints, exports, dump shards): every file in 
 fsynced, then the staging folder is renamed into place. Replacing an existing folder is an atomic
 exchange where the kernel supports it (``renameat2(RENAME_EXCHANGE)``, Linux >= 3.15), so at every
 instant the destination is either the old folder or the new one; elsewhere the old folder is moved
-aside first and :func:`recover_replaced_dir` puts it back if the process died in between.
+aside first and :func:`recover_replaced_dir` puts it back if the process died in between (or
+deletes it if the process died after the new folder was in place).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+import functools
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -102,16 +104,23 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
 def recover_replaced_dir(final: str | os.PathLike) -> Path | None:
     """Where a process died between moving ``final`` aside and renaming its replacement in (only
     possible without an atomic exchange), put the previous folder back. Returns the folder restored,
-    or None. Set-aside folders of processes that still run are left alone."""
+    or None. Where it died after the rename, before deleting the previous folder, delete it (the new
+    one is in place). Set-aside folders of processes that still run are left alone."""
     final = Path(final)
+    # The name is matched literally: a folder called "run[1]" is not a pattern.
+    dead_asides = [
+        aside
+        for aside in sorted(final.parent.glob(f".{glob.escape(final.name)}.{_ASIDE_TAG}-*"))
+        if (pid := aside.name.rsplit("-", 1)[-1]).isdigit() and not _process_alive(int(pid))
+    ]
     if final.exists():
+        for aside in dead_asides:
+            shutil.rmtree(aside, ignore_errors=True)
         return None
-    for aside in sorted(final.parent.glob(f".{final.name}.{_ASIDE_TAG}-*")):
-        pid = aside.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            os.replace(aside, final)
-            fsync_dir(final.parent)
-            return final
+    if dead_asides:
+        os.replace(dead_asides[0], final)
+        fsync_dir(final.parent)
+        return final
     return None
 
 
@@ -129,17 +138,24 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+@functools.cache
+def _renameat2():
+    """libc's ``renameat2`` (glibc >= 2.28), or None. Looked up in the symbols the process already
+    has, not by file name: ``ctypes.util.find_library`` runs ldconfig or a compiler, and finds
+    nothing in a container without them."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically with ``renameat2``; False where the system has no such call."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
-    try:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     if result == 0:
         return True

@@ -174,23 +174,33 @@ class _FusedForwardKL(torch.autograd.Function):
         )
         for start in range(0, positions.numel(), chunk_rows):
             end = min(start + chunk_rows, positions.numel())
-            target_probs = target.probs(positions[start:end])
+            # Counted rows are selected, not weighted by 0: a NaN or inf in what does not count
+            # (padding, a position no step trains toward) must not reach the sums, and 0 * NaN is
+            # NaN. Once per chunk, on [steps, rows] tables: positions no step counts are dropped
+            # (their target is never computed); below, each step's uncounted rows read zeros
+            # instead of their states. No vocabulary-sized tensor is added.
+            kept = counted[:, start:end].any(0).nonzero().view(-1)
+            if kept.numel() == 0:
+                continue
+            chunk_rows_index = row_index[:, start:end].index_select(1, kept)
+            chunk_counted = counted[:, start:end].index_select(1, kept)
+            chunk_weights = torch.where(chunk_counted, row_weight[:, start:end].index_select(1, kept), 0.0)
+            chunk_correct = torch.zeros(chunk_counted.shape, dtype=torch.bool, device=hidden.device)
+            target_probs = target.probs(positions[start:end].index_select(0, kept))
             target_mass = target_probs.sum(-1)
             target_top = target_probs.argmax(-1)
             for step in range(steps):
-                rows = row_index[step, start:end]
-                weights = row_weight[step, start:end]
-                is_counted = counted[step, start:end]
-                states = flat_hidden.index_select(0, rows)
-                logits = _logits_into(logits_buffer[: end - start], states, weight)
-                correct[step, start:end] = (logits.argmax(-1) == target_top) & is_counted
+                rows, weights, is_counted = chunk_rows_index[step], chunk_weights[step], chunk_counted[step]
+                states = flat_hidden.index_select(0, rows).masked_fill_(~is_counted.unsqueeze(1), 0)
+                logits = _logits_into(logits_buffer[: kept.numel()], states, weight)
+                chunk_correct[step] = (logits.argmax(-1) == target_top) & is_counted
                 # -sum p log softmax(z) = -sum p (z - m) + sum(p) * log sum exp(z - m)
                 logits.sub_(logits.amax(-1, keepdim=True))
                 cross = torch.bmm(target_probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
                 exp_sum = logits.exp_().sum(-1)
-                row_loss = target_mass * exp_sum.log() - cross
-                loss_sums[step] += row_loss.double()[is_counted].sum()
-                total += (row_loss.double() * weights.double()).sum()
+                row_loss = torch.where(is_counted, target_mass * exp_sum.log() - cross, 0.0).double()
+                loss_sums[step] += row_loss.sum()
+                total += (row_loss * weights.double()).sum()
                 if grad_hidden is None and grad_weight is None:
                     continue
                 # d/dz of -sum p log softmax(z) is softmax(z) * sum(p) - p; rows weighted by their share.
@@ -206,6 +216,7 @@ class _FusedForwardKL(torch.autograd.Function):
                     else:
                         torch.mm(grad_logits.T, states.float(), out=grad_weight)
                         grad_weight_written = True
+            correct[:, start:end].index_copy_(1, kept, chunk_correct)
             # Freed before the next chunk's are made: otherwise three [rows, vocab] buffers are
             # alive at once (the peak of the step at large vocabularies).
             del target_probs
@@ -220,11 +231,16 @@ class _FusedForwardKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_loss_sums, _grad_correct):
-        grad_hidden, grad_weight = ctx.grads
-        if grad_hidden is None and grad_weight is None and any(ctx.needs_input_grad[:2]):
+        # Under torch.no_grad autograd records no node, so backward only runs where forward formed
+        # the gradients; they are handed over once (keeping them would hold [rows, hidden] and
+        # lm_head-sized buffers until the graph is freed).
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
             raise RuntimeError(
-                "the fused loss ran without gradients (under torch.no_grad) and cannot be backpropagated"
+                "a second backward through the fused loss: its gradients are formed in forward and were "
+                "used by the first backward (retain_graph cannot replay them); run the forward again"
             )
+        grad_hidden, grad_weight = grads
         del ctx.grads
         # Scaled in place: these buffers belong to this node alone (an lm_head-sized copy otherwise).
         return (
@@ -249,7 +265,9 @@ def fused_forward_kl(
     rows). ``positions`` ``[U]`` are the flat target positions trained toward; for each of ``S``
     steps, ``row_index[s, u]`` is the row of ``hidden`` trained toward ``positions[u]``,
     ``row_weight[s, u]`` its weight in the returned loss and ``counted[s, u]`` whether it counts at
-    all (rows that do not count must have weight 0; their index may point anywhere).
+    all. Rows that do not count are never read (their weight is ignored, their index may point
+    anywhere, at states holding anything, NaN included), nor are the targets of positions that no
+    step counts.
 
     Returns ``(loss, loss_sums, correct)``: the differentiable ``sum(row_weight * row_loss)``, the
     unweighted loss of the counted rows per step ``[S]``, and top-1 agreement with the target

@@ -5,16 +5,20 @@ file names. Every pickle TorchSpec reads goes through one of these loaders:
 
 * ``read_dcp_metadata`` / ``load_dcp``: a ``torch.distributed.checkpoint`` folder. Its ``.metadata``
   (``FileSystemReader.read_metadata`` would ``pickle.load`` it) is read by an unpickler that resolves
-  only ``DCP_METADATA_ALLOWED_GLOBALS`` and torch's dtype/layout/memory-format constants; its
-  ``_StorageInfo`` entries must name plain files inside the folder. Tensors in ``*.distcp`` are read
-  by DCP itself with ``torch.load(weights_only=True)``; non-tensor items (``BytesIO`` entries such
-  as optimizer hyperparameters), which DCP's default planner reads with ``weights_only=False``, are
-  read here with ``weights_only=True``.
+  only ``DCP_METADATA_ALLOWED_GLOBALS`` and torch's dtype/layout/memory-format constants, and that
+  sets state only on objects the file itself created (never on an allowed class, function or shared
+  Enum member, which would change them for the whole process); its ``_StorageInfo`` entries must
+  name plain files inside the folder. Tensors in ``*.distcp`` are read by DCP itself with
+  ``torch.load(weights_only=True)``; non-tensor items (``BytesIO`` entries such as optimizer
+  hyperparameters), which DCP's default planner reads with ``weights_only=False``, are read here with
+  ``weights_only=True``.
 * ``load_torch``: a ``torch.save`` file, always ``weights_only=True`` (tensors, numbers, strings and
   containers of them).
 
 Anything else is refused before it is built: ``UnsafeCheckpointError``, one line naming the file and
-the global it tried to load. ``safetensors``, JSON and YAML (``SafeLoader``) files carry no code.
+the global it tried to load (or the object it tried to change). So is a checkpoint file
+(``.metadata``, ``*.distcp``, a ``torch.save`` file) that is a symbolic link or not a regular file.
+``safetensors``, JSON and YAML (``SafeLoader``) files carry no code.
 
 A file cut short or corrupted (an interrupted copy, download or save) is a different problem with a
 different fix: ``DamagedCheckpointError``, one line naming the file. ``load_dcp`` checks that every
@@ -25,6 +29,7 @@ different fix: ``DamagedCheckpointError``, one line naming the file. ``load_dcp`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -32,10 +37,12 @@ import pathlib
 import pickle
 import pickletools
 import re
+import stat
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -66,6 +73,20 @@ class DamagedCheckpointError(UserInputError):
 
 def _damaged(file: str | os.PathLike, detail: str) -> DamagedCheckpointError:
     return DamagedCheckpointError(f"{file} is damaged or truncated ({detail}); copy, download or save it again")
+
+
+def _lstat_plain_file(file: str | os.PathLike) -> os.stat_result:
+    """``os.lstat(file)`` of a checkpoint item, refused unless a regular file: a symbolic link would
+    let the checkpoint read any file of the machine (and a FIFO or device would block the read)."""
+    status = os.lstat(file)
+    if stat.S_ISLNK(status.st_mode):
+        raise UnsafeCheckpointError(
+            f"{file} is a symbolic link; the checkpoint is refused because its files must be plain files (replace "
+            "the link with a copy of the file it points at if you trust it)"
+        )
+    if not stat.S_ISREG(status.st_mode):
+        raise UnsafeCheckpointError(f"{file} is not a regular file; the checkpoint is refused")
+    return status
 
 
 def _first_line(err: BaseException) -> str:
@@ -129,10 +150,78 @@ def _resolve_allowed(module: str, name: str) -> Any | None:
     return getattr(dcp_metadata if module == _DCP_METADATA else dcp_filesystem, name)
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+@functools.cache
+def _dcp_dataclasses() -> frozenset[type]:
+    """The metadata types a ``.metadata`` may create with NEWOBJ and then fill in with BUILD."""
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+    import torch.distributed.checkpoint.metadata as dcp_metadata
+
+    return frozenset(
+        {
+            dcp_metadata.Metadata,
+            dcp_metadata.TensorStorageMetadata,
+            dcp_metadata.BytesStorageMetadata,
+            dcp_metadata.ChunkStorageMetadata,
+            dcp_metadata.TensorProperties,
+            dcp_metadata.StorageMeta,
+            dcp_metadata.MetadataIndex,
+            dcp_filesystem._StorageInfo,
+        }
+    )
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return f"the function {getattr(obj, '__module__', '?')}.{obj.__qualname__}"
+    return f"a {type(obj).__module__}.{type(obj).__qualname__} it did not create"
+
+
+# The pure-Python unpickler, not pickle.Unpickler: the C one gives no hook between reading an opcode
+# and changing the object it targets, and the allow-list alone does not stop a file from setting
+# attributes on the allowed classes themselves (BUILD on a class is setattr on the class).
+_PurePythonUnpickler = pickle._Unpickler
+_Handler = Callable[[Any], None]
+_BASE_DISPATCH: dict[int, _Handler] = dict(_PurePythonUnpickler.dispatch)
+# Opcodes that fill in the object under their operands, and the one type each may fill.
+_FILLED_BY = {
+    pickle.SETITEM[0]: dict,
+    pickle.SETITEMS[0]: dict,
+    pickle.APPEND[0]: list,
+    pickle.APPENDS[0]: list,
+    pickle.ADDITEMS[0]: set,
+}
+_TAKES_MARK = {pickle.SETITEMS[0], pickle.APPENDS[0], pickle.ADDITEMS[0]}
+_CREATING = (
+    pickle.EMPTY_DICT,
+    pickle.DICT,
+    pickle.EMPTY_LIST,
+    pickle.LIST,
+    pickle.EMPTY_SET,
+    pickle.NEWOBJ,
+    pickle.NEWOBJ_EX,
+)
+
+
+class _MetadataUnpickler(_PurePythonUnpickler):
+    """Resolves only the allow-list, and changes only objects this load created.
+
+    Every object a pickle fills in (BUILD, SETITEM(S), APPEND(S), ADDITEMS) must be a container or a
+    DCP dataclass instance that this file itself created (EMPTY_DICT, LIST, ..., NEWOBJ of a DCP
+    dataclass). Everything else that can reach the stack is shared by the whole process: the allowed
+    classes and functions from ``find_class``, the Enum members and layouts that REDUCE returns.
+    """
+
+    dispatch: ClassVar[dict[int, _Handler]] = dict(_BASE_DISPATCH)
+    stack: list[Any]  # the base class's working state during load()
+    metastack: list[list[Any]]
+
     def __init__(self, file, source: str | os.PathLike):
         super().__init__(file)
         self._source = source
+        # id -> object for everything this load created; holding the objects keeps their ids unique.
+        self._created: dict[int, Any] = {}
 
     def find_class(self, module: str, name: str) -> Any:  # every GLOBAL/STACK_GLOBAL/EXT comes here
         found = _resolve_allowed(module, name)
@@ -142,6 +231,68 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise _refusal(self._source, f"persistent id {pid!r}")
+
+    def _load_creating(self, opcode: int) -> None:
+        _BASE_DISPATCH[opcode](self)
+        created = self.stack[-1]
+        if type(created) in (dict, list, set) or type(created) in _dcp_dataclasses():
+            self._created[id(created)] = created
+
+    def _load_filling(self, opcode: int) -> None:
+        # Under SETITEMS/APPENDS/ADDITEMS the target sits below the mark; otherwise below the operands.
+        if opcode in _TAKES_MARK:
+            stack, depth = (self.metastack[-1] if self.metastack else []), 1
+        else:
+            stack, depth = self.stack, 3 if opcode == pickle.SETITEM[0] else 2
+        if len(stack) >= depth:  # else the base handler reports the short stack (damage)
+            self._require_created(stack[-depth], frozenset({_FILLED_BY[opcode]}))
+        _BASE_DISPATCH[opcode](self)
+
+    def _load_build(self) -> None:
+        if len(self.stack) >= 2:
+            state, target = self.stack[-1], self.stack[-2]
+            self._require_created(target, _dcp_dataclasses())
+            if "__setstate__" not in vars(type(target)):  # TensorProperties decodes its own tuple state
+                _check_dataclass_state(self._source, target, state)
+        _BASE_DISPATCH[pickle.BUILD[0]](self)
+
+    def _require_created(self, target: Any, types: frozenset[type]) -> None:
+        if type(target) not in types or self._created.get(id(target)) is not target:
+            raise UnsafeCheckpointError(
+                f"{self._source} sets state on {_describe(target)}; the checkpoint is refused because loading "
+                "it would change objects the whole process shares"
+            )
+
+
+def _with_opcode(handler: Callable[[_MetadataUnpickler, int], None], opcode: int) -> _Handler:
+    return lambda unpickler: handler(unpickler, opcode)
+
+
+for _op in _CREATING:
+    _MetadataUnpickler.dispatch[_op[0]] = _with_opcode(_MetadataUnpickler._load_creating, _op[0])
+for _code in _FILLED_BY:
+    _MetadataUnpickler.dispatch[_code] = _with_opcode(_MetadataUnpickler._load_filling, _code)
+_MetadataUnpickler.dispatch[pickle.BUILD[0]] = _MetadataUnpickler._load_build
+
+
+def _check_dataclass_state(source: str | os.PathLike, target: Any, state: Any) -> None:
+    """BUILD's state for a dataclass without ``__setstate__`` names only its fields: a ``dict``, or
+    pickle's ``(dict or None, slot dict or None)``."""
+    fields = {field.name for field in dataclasses.fields(target)}
+    for part in state if isinstance(state, tuple) and len(state) == 2 else (state,):
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            raise UnsafeCheckpointError(
+                f"{source} builds a {type(target).__qualname__} from a {type(part).__name__}, not a dict of its "
+                "fields; the checkpoint is refused"
+            )
+        unknown = [name for name in part if name not in fields]
+        if unknown:
+            raise UnsafeCheckpointError(
+                f"{source} sets {unknown[0]!r} on a {type(target).__qualname__}, which has no such field; the "
+                "checkpoint is refused"
+            )
 
 
 def _plain_file_name(name: Any) -> bool:
@@ -200,6 +351,7 @@ def read_dcp_metadata(checkpoint: str | os.PathLike, rank: int | None = None):
     """The ``Metadata`` of the DCP folder ``checkpoint`` (``__{rank}.metadata`` with ``rank``), read
     through the allow-list; raises ``UnsafeCheckpointError``, ``FileNotFoundError``."""
     path = Path(checkpoint) / (".metadata" if rank is None else f"__{rank}.metadata")
+    _lstat_plain_file(path)
     with open(path, "rb") as stream:
         return _load_metadata_stream(stream, path)
 
@@ -300,7 +452,8 @@ def open_safetensors(path: str | os.PathLike):
 
 def load_torch(path: str | os.PathLike, **kwargs: Any) -> Any:
     """``torch.load(path, weights_only=True, **kwargs)``; a file naming anything else raises
-    ``UnsafeCheckpointError`` (one line: the file and the global)."""
+    ``UnsafeCheckpointError`` (one line: the file and the global), as does a symbolic link."""
+    _lstat_plain_file(path)
     return _load_weights_only(path, path, **kwargs)
 
 
@@ -318,6 +471,7 @@ def _dcp_classes():
 
         def read_metadata(self, *args: Any, **kwargs: Any):
             path = self._get_metadata_path(kwargs.get("rank"))
+            _lstat_plain_file(path)
             with self.fs.create_stream(path, "rb") as stream:
                 metadata = _load_metadata_stream(stream, path)
             if getattr(metadata, "storage_meta", None) is None:
@@ -380,7 +534,7 @@ def _check_data_files(checkpoint: str | os.PathLike, metadata: Any) -> None:
     for name, end in sorted(needed.items()):
         file = Path(checkpoint) / name
         try:
-            size = file.stat().st_size
+            size = _lstat_plain_file(file).st_size
         except FileNotFoundError:
             raise _damaged(file, "the file is missing; .metadata lists data in it") from None
         if size < end:

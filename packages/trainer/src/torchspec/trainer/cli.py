@@ -1,5 +1,5 @@
 """Command line: ``python -m torchspec.trainer.cli train [--config FILE] [section.key=value ...]``,
-``... dump-states [--config FILE] [overrides]`` (``torchspec.trainer.targets.dump``) and
+``... dump-states [--config FILE] [overrides]`` (``torchspec.trainer.commands.dump_states``) and
 ``python -m torchspec.trainer.cli evaluate|verify|regenerate ...`` (``torchspec.trainer.commands.evaluate``,
 ``verify``, ``regenerate``).
 

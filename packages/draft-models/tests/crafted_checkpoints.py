@@ -2,7 +2,9 @@
 
 Each package's tests prove that its loaders refuse files that would run code, and that a write
 failing half-way leaves the previous result in place; they build the same hostile files and the same
-full disk, so the recipes live here once. Nothing in the library imports this module.
+full disk, so the recipes live here once. It holds a working ``os.system`` payload, so it lives beside
+the tests and never in a wheel; the converter's and the trainer's ``conftest.py`` put this folder on
+``sys.path``.
 """
 
 from __future__ import annotations
