@@ -34,6 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("--config", help="YAML config file: the same one training will use")
     dump.add_argument("--shard-size", type=int, default=256, help="samples per shard file (default 256)")
     dump.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. target.dump_dir=dumps/run1")
+    serve = commands.add_parser(
+        "serve-command",
+        help="print the `vllm serve` command of a states server for target.backend=fleet",
+    )
+    serve.add_argument("--config", help="YAML config file: the same one training will use")
+    serve.add_argument("--port", type=int, default=8000, help="the server's port (default 8000)")
+    serve.add_argument("--host", default="0.0.0.0", help="the address it listens on (default 0.0.0.0)")
+    serve.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="e.g. target.states_dir=/shared/states"
+    )
     commands.add_parser(
         "evaluate", help="real speculative decoding of an exported draft (see evaluate --help)", add_help=False
     )
@@ -126,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
 
         record_last_run(config.training.output_dir)
 
+    if args.command == "serve-command":
+        from torchspec.trainer.commands.serve_command import print_serve_command
+
+        print_serve_command(config, port=args.port, host=args.host)
+        return 0
     if args.command == "dump-states":
         from torchspec.trainer.commands.dump_states import dump_states
 

@@ -71,8 +71,9 @@ class TargetConfig:
     """Where the target's hidden states come from; ``model.target_model_path`` names the target."""
 
     # transformers: the target in the trainer's processes | vllm: a vLLM engine in its own process,
-    # online | dump: the files `trainer:dump-states` wrote (no target decoder runs at all)
-    backend: Literal["transformers", "vllm", "dump"] = "transformers"
+    # online, one trainer process | fleet: running `vllm serve` states servers (target.servers), any
+    # number of trainer ranks | dump: the files `trainer:dump-states` wrote (no target decoder runs)
+    backend: Literal["transformers", "vllm", "fleet", "dump"] = "transformers"
     # vllm: extra vllm.LLM arguments (tensor_parallel_size, gpu_memory_utilization, ...)
     engine_args: dict[str, Any] = field(default_factory=dict)
     engine_devices: str | None = None  # vllm: CUDA_VISIBLE_DEVICES of the engine, e.g. "4,5,6,7"
@@ -81,6 +82,11 @@ class TargetConfig:
     prefetch_batches: int = 2  # vllm: global batches the engine works ahead of the draft
     engine_timeout_s: float = 900.0  # vllm: longest wait for the engine to start or answer
     dump_dir: str | None = None  # dump (and dump-states' output): the hidden-state dump folder
+    # fleet: the states servers' URLs, e.g. [http://node1:8000, http://node2:8000] (`trainer serve-command`)
+    servers: list[str] = field(default_factory=list)
+    # fleet: the folder the servers write states to (shared by servers and trainer ranks)
+    states_dir: str | None = None
+    request_timeout_s: float = 120.0  # fleet: a server silent this long on one request is set aside
 
 
 @dataclass

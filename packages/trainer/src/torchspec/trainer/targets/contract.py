@@ -16,6 +16,7 @@ The training loop imports this module, never an engine.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ from torchspec.trainer.config import ConfigError
 if TYPE_CHECKING:
     from torchspec.trainer.targets.head import TargetHead
 
-__all__ = ["ServedTarget", "TargetOutput", "TargetShape", "states_to_output", "unpadded_rows"]
+__all__ = ["ServedTarget", "TargetOutput", "TargetShape", "batch_key", "states_to_output", "unpadded_rows"]
 
 
 @dataclass
@@ -126,3 +127,10 @@ def states_to_output(
     with torch.no_grad():
         final = final_norm(padded[:, :, -1])
     return TargetOutput(padded[:, :, :-1].flatten(2), final)
+
+
+def batch_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
+    """What identifies a batch asked for ahead, so that the call for it later finds its states."""
+    digest = hashlib.sha1(input_ids.cpu().numpy().tobytes())
+    digest.update(attention_mask.cpu().numpy().tobytes())
+    return digest.hexdigest()

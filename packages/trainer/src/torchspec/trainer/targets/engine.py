@@ -14,7 +14,6 @@ behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from torchspec.trainer.engine.launch import EngineWorker
-from torchspec.trainer.targets.contract import ServedTarget, TargetOutput, states_to_output, unpadded_rows
+from torchspec.trainer.targets.contract import ServedTarget, TargetOutput, batch_key, states_to_output, unpadded_rows
 from torchspec.trainer.targets.head import TargetHead
 
 __all__ = ["EngineTarget", "vllm_layer_ids"]
@@ -33,12 +32,6 @@ def vllm_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
     """What vLLM is asked for: the aux layers' inputs (vLLM id ``i`` = transformers
     ``output_hidden_states[i]``), then id ``num_layers``, the last layer's output before the final norm."""
     return [*aux_layer_ids, num_layers]
-
-
-def _batch_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
-    digest = hashlib.sha1(input_ids.cpu().numpy().tobytes())
-    digest.update(attention_mask.cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class EngineTarget(ServedTarget):
@@ -88,13 +81,13 @@ class EngineTarget(ServedTarget):
         out = self.worker.scratch_dir / "batches" / f"{self._files}.safetensors"
         self._files += 1
         request_id = self.worker.send("extract", prompts=unpadded_rows(input_ids, attention_mask), out=str(out))
-        key = _batch_key(input_ids, attention_mask)
+        key = batch_key(input_ids, attention_mask)
         self._pending.setdefault(key, deque()).append((request_id, out, input_ids.shape[1]))
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        key = _batch_key(input_ids, attention_mask)
+        key = batch_key(input_ids, attention_mask)
         if not self._pending.get(key):
             self._ask(input_ids, attention_mask)
         request_id, path, width = self._pending[key].popleft()

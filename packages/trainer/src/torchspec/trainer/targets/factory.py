@@ -29,11 +29,14 @@ def backend_name(config: TrainConfig) -> str:
         return "a vLLM engine (target.backend=vllm)"
     if backend == "dump":
         return f"the dump {config.target.dump_dir}"
+    if backend == "fleet":
+        return f"{len(config.target.servers)} states servers (target.backend=fleet)"
     return "transformers in this process"
 
 
 def build_target(config: TrainConfig, path: Path, ctx: DistributedContext) -> TargetModel | ServedTarget:
-    """The target as ``target.backend`` says: in this process, on a vLLM engine, or a dump on disk."""
+    """The target as ``target.backend`` says: in this process, on a vLLM engine, on a fleet of states
+    servers, or a dump on disk."""
     m, t, backend = config.model, config.training, config.target
     dtype = resolve_dtype(m.dtype, ctx.device)
     if backend.backend == "transformers":
@@ -49,10 +52,24 @@ def build_target(config: TrainConfig, path: Path, ctx: DistributedContext) -> Ta
 
         assert backend.dump_dir is not None  # validate_config
         return DumpTarget.open(backend.dump_dir, path, m.aux_layer_ids, dtype, ctx.device, m.trust_remote_code)
+    if backend.backend == "fleet":
+        from torchspec.trainer.targets.fleet import FleetTarget
+
+        return FleetTarget.connect(
+            path,
+            m.aux_layer_ids,
+            dtype,
+            ctx.device,
+            servers=list(backend.servers),
+            timeout_s=backend.engine_timeout_s,
+            request_timeout_s=backend.request_timeout_s,
+            trust_remote_code=m.trust_remote_code,
+        )
     if ctx.world_size > 1:
         raise ConfigError(
-            f"target.backend=vllm trains on one process (this run has {ctx.world_size}); for several ranks dump the "
-            "states first (`hatch run trainer:dump-states`) and train with target.backend=dump"
+            f"target.backend=vllm trains on one process (this run has {ctx.world_size}); for several ranks serve the "
+            "target with `vllm serve` (target.backend=fleet, `trainer serve-command`) or dump the states first "
+            "(`hatch run trainer:dump-states`, target.backend=dump)"
         )
     from torchspec.trainer.engine.launch import engine_options
     from torchspec.trainer.targets.engine import EngineTarget
