@@ -75,7 +75,8 @@ class FakeServer:
                 if server.mode == "wrong-shape":
                     states = states[:, :2].contiguous()
                 path = server.states_dir / f"{server.port}-{server.requests}.safetensors"
-                save_file({"hidden_states": states, "token_ids": torch.tensor(tokens)}, str(path))
+                if server.mode != "dies-before-writing":
+                    save_file({"hidden_states": states, "token_ids": torch.tensor(tokens)}, str(path))
                 self._send(
                     200,
                     {
@@ -193,6 +194,18 @@ def test_the_target_reads_each_sample_states_and_applies_the_final_norm(tmp_path
     target.close()
 
 
+def test_a_server_that_answers_but_never_writes_the_states_is_asked_again_elsewhere(tmp_path, servers):
+    dying, healthy = servers(mode="dies-before-writing"), servers()
+    _, target = _target(tmp_path, [dying.url, healthy.url])
+    input_ids = torch.tensor([[4, 9, 2], [5, 1, 3]])
+    out = target(input_ids, torch.ones_like(input_ids))
+    for row in range(2):
+        expected = fake_states(input_ids[row].tolist(), 4, HIDDEN)[:, :3].flatten(1)
+        assert torch.equal(out.aux_hidden_states[row], expected)
+    assert dying.requests >= 1 and healthy.requests >= 2
+    target.close()
+
+
 @pytest.mark.parametrize(
     ("mode", "words"), [("wrong-tokens", "states of other tokens"), ("wrong-shape", "expected shape")]
 )
@@ -205,9 +218,12 @@ def test_states_that_do_not_match_their_request_stop_training(tmp_path, servers,
     target.close()
 
 
-def test_a_fleet_without_servers_is_a_config_error():
+def test_a_fleet_without_servers_is_a_config_error(tmp_path):
+    config = load_config(None, ["target.backend=fleet"])  # loads: the shipped recipes leave servers to the command line
     with pytest.raises(ConfigError, match="target.backend is fleet but target.servers is empty"):
-        load_config(None, ["target.backend=fleet"])
+        FleetTarget.connect(
+            tmp_path, None, torch.float32, "cpu", servers=config.target.servers, timeout_s=1, request_timeout_s=1
+        )
 
 
 def test_the_serve_command_names_the_layers_the_states_folder_and_the_cpu_rope_fix(tmp_path):

@@ -40,11 +40,6 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
     positive("target", "prefetch_batches", config.target.prefetch_batches, allow_zero=True)
     positive("target", "engine_timeout_s", config.target.engine_timeout_s)
     positive("target", "request_timeout_s", config.target.request_timeout_s)
-    if config.target.backend == "fleet" and not config.target.servers:
-        raise ConfigError(
-            f"target.backend is fleet but target.servers is empty{where}; list the states servers' URLs "
-            "(`trainer serve-command --config FILE` prints the command that starts one)"
-        )
     if config.target.backend == "dump" and config.target.dump_dir is None:
         raise ConfigError(
             f"target.backend is dump but target.dump_dir is not set{where}; set it to the folder "

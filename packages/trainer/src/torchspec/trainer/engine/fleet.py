@@ -246,6 +246,14 @@ class ServerFleet:
                 with self._lock:
                     server.outstanding -= 1
 
+    def set_aside(self, url: str, reason: str) -> None:
+        """Stop sending to ``url`` for a while (its answer was unusable)."""
+        with self._lock:
+            for server in self._servers:
+                if server.url == url:
+                    server.set_aside_until = time.monotonic() + _RETRY_AFTER_S
+                    server.last_error = reason
+
     def _all_gone(self) -> str:
         reasons = "; ".join(f"{s.url}: {s.last_error or 'no answer'}" for s in self._servers)
         return (

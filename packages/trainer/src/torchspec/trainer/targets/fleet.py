@@ -56,6 +56,11 @@ class FleetTarget(ServedTarget):
         trust_remote_code: bool = False,
     ) -> FleetTarget:
         """Read the head from ``path``, check the aux layer ids, then check every server serves them."""
+        if not servers:
+            raise ConfigError(
+                "target.backend is fleet but target.servers is empty; list the states servers' URLs "
+                "(`trainer serve-command --config FILE` prints the command that starts one)"
+            )
         head = TargetHead.from_pretrained(path, dtype, device, trust_remote_code)
         aux = head.validate_aux_layer_ids(aux_layer_ids)
         fleet = ServerFleet(servers, vllm_layer_ids(aux, head.num_layers), timeout_s, request_timeout_s)
@@ -99,14 +104,15 @@ class FleetTarget(ServedTarget):
         return states_to_output(states, input_ids.shape[1], self.head.final_norm, input_ids.device)
 
     def _states(self, reply: FleetReply, prompt: list[int]) -> torch.Tensor:
-        path = reply.kv_transfer_params["hidden_states_path"]
-        tensors = None
-        for _ in range(_READ_ATTEMPTS):
-            try:
-                tensors = self._reader().get_generated(reply.kv_transfer_params)
+        tensors = self._read(reply)
+        for _ in range(len(self.fleet.urls) + 1):
+            if tensors is not None:
                 break
-            except TimeoutError:  # the writer still holds its lock: wait on it again
-                continue
+            # The server answered, then died before its connector wrote the file: ask again.
+            self.fleet.set_aside(reply.server, "answered without writing its states file")
+            reply = self.fleet.submit(prompt).result()
+            tensors = self._read(reply)
+        path = reply.kv_transfer_params["hidden_states_path"]
         if tensors is None:
             raise EngineError(f"the server {reply.server} did not write the states file {path}")
         self._delete(path)
@@ -125,6 +131,14 @@ class FleetTarget(ServedTarget):
                 "(tokens, layers, hidden size): does it serve this target?"
             )
         return hidden.to(self.lm_head_weight.dtype)
+
+    def _read(self, reply: FleetReply) -> dict[str, torch.Tensor] | None:
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                return self._reader().get_generated(reply.kv_transfer_params)
+            except TimeoutError:  # the writer still holds its lock: wait on it again
+                continue
+        return None
 
     def _delete(self, path: str) -> None:
         for leftover in (path, path + ".lock"):
