@@ -151,6 +151,8 @@ def test_training_from_a_dump_equals_the_in_process_target(assets, tmp_path):
         ("unfinished", "unfinished dump .* run the same `hatch run trainer:dump-states` command again"),
         ("other-target", "was dumped from another target"),
         ("other-layers", r"holds aux layers \[.*\], this run asks for model.aux_layer_ids \[1, 3, 6\]"),
+        # A hand-edited manifest must not advise an order the engines would not serve.
+        ("layers-out-of-order", r"manifest.json aux_layer_ids must be strictly ascending, got \[4, 3, 2\]"),
         ("missing-sample", "lacks the states of 1 of this run's .* samples: it was dumped from other data"),
         ("no-dump", r"holds no dump \(no manifest.json\); write one with `hatch run trainer:dump-states`"),
     ],
@@ -165,6 +167,10 @@ def test_a_dump_that_does_not_match_the_run_is_refused(assets, tmp_path, change,
     if change == "other-target":
         manifest = json.loads((dump / "manifest.json").read_text())
         manifest["target"]["config_sha256"] = "0" * 64
+        (dump / "manifest.json").write_text(json.dumps(manifest))
+    if change == "layers-out-of-order":
+        manifest = json.loads((dump / "manifest.json").read_text())
+        manifest["aux_layer_ids"] = manifest["aux_layer_ids"][::-1]
         (dump / "manifest.json").write_text(json.dumps(manifest))
     extra = ["model.aux_layer_ids=[1,3,6]"] if change == "other-layers" else []
     overrides = small_overrides(assets, tmp_path / "run") + ["target.backend=dump", f"target.dump_dir={dump}", *extra]
@@ -267,3 +273,16 @@ def test_the_commands_report_backend_mistakes_in_one_line(assets, tmp_path, caps
     (not_a_dump / "something").mkdir(parents=True)
     code = main(["dump-states", *small_overrides(assets, tmp_path / "run"), f"target.dump_dir={not_a_dump}"])
     assert_one_line_error(code, capsys.readouterr().err, "exists and is not a dump")
+
+
+def test_an_engine_is_never_asked_for_layers_out_of_order():
+    """vLLM hands the states out in layer order whatever order it was asked in (and once per layer)."""
+    from torchspec.trainer.engine_target import EngineWorker, vllm_layer_ids
+
+    with pytest.raises(ConfigError, match=r"layer_ids \[4, 2, 5, 8\] must be distinct and ascending"):
+        EngineWorker("no-target-needed", layer_ids=[4, 2, 5, 8])
+    with pytest.raises(ConfigError, match=r"layer_ids \[2, 4, 4, 8\] must be distinct and ascending"):
+        EngineWorker("no-target-needed", layer_ids=[2, 4, 4, 8])
+    assert vllm_layer_ids([2, 4, 5], 8) == [2, 4, 5, 8]
+    with pytest.raises(ConfigError, match=r"must be strictly ascending, got \[5, 4, 2\]"):
+        vllm_layer_ids([5, 4, 2], 8)

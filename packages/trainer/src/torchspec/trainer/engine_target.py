@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from torchspec.draft_models.aux_layers import validate_aux_layer_ids
+from torchspec.draft_models.errors import UserInputError
 from torchspec.trainer.config import ConfigError, TrainConfig
 from torchspec.trainer.data_loader import DistributedBatchLoader, MicroBatch
 from torchspec.trainer.engine import EngineError, engine_environment, vllm_available
@@ -74,6 +76,10 @@ def engine_options(config: TrainConfig) -> dict[str, Any]:
 def vllm_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
     """What vLLM is asked for: the aux layers' inputs (vLLM id ``i`` = transformers
     ``output_hidden_states[i]``), then id ``num_layers``, the last layer's output before the final norm."""
+    try:
+        aux_layer_ids = validate_aux_layer_ids(aux_layer_ids, num_layers, source="aux_layer_ids")
+    except UserInputError as err:
+        raise ConfigError(str(err)) from None
     return [*aux_layer_ids, num_layers]
 
 
@@ -99,6 +105,9 @@ class EngineWorker:
         log_path: str | os.PathLike | None = None,
         python: str | None = None,
     ):
+        if layer_ids is not None and list(layer_ids) != sorted(set(layer_ids)):
+            # vLLM hands the states out in layer order, once per layer, whatever the order asked.
+            raise ConfigError(f"engine layer_ids {list(layer_ids)} must be distinct and ascending")
         python = engine_python(python)
         if python == sys.executable and not vllm_available():
             raise EngineError(f"the target engine needs vLLM, which is not installed here; {_INSTALL_HINT}")
