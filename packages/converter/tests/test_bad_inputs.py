@@ -148,7 +148,10 @@ CASES = [
         "input-aux-layers-out-of-order",
         _aux_layers_out_of_order,
         2,
-        ["{root}/run/iter_0000010/aux_layers.json aux_layer_ids [5, 3, 2] must be strictly ascending", "[2, 3, 5]"],
+        [
+            "{root}/run/iter_0000010/aux_layers.json aux_layer_ids must be strictly ascending, got [5, 3, 2]",
+            "[2, 3, 5]",
+        ],
     ),
     Case(
         "input-aux-layers-unknown",
@@ -239,7 +242,7 @@ CASES = [
         "check-aux-layers-out-of-order",
         lambda env: _check(env, lambda f: _with_config(f, eagle_aux_hidden_state_layer_ids=[5, 3, 2])),
         1,
-        ["eagle_aux_hidden_state_layer_ids [5, 3, 2] must be strictly ascending", "[2, 3, 5]"],
+        ["eagle_aux_hidden_state_layer_ids must be strictly ascending, got [5, 3, 2]", "[2, 3, 5]"],
         stream="out",
     ),
     Case(

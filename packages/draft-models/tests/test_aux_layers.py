@@ -70,10 +70,10 @@ def test_a_target_of_fewer_than_three_layers_has_no_aux_layers():
 @pytest.mark.parametrize(
     "ids, words",
     [
-        ([6, 3, 1], "model.aux_layer_ids [6, 3, 1] must be strictly ascending"),
+        ([6, 3, 1], "model.aux_layer_ids must be strictly ascending, got [6, 3, 1]"),
         ([6, 3, 1], "list them in ascending order: [1, 3, 6]"),
         ([1, 6, 3], "list them in ascending order: [1, 3, 6]"),
-        ([2, 3, 3], "model.aux_layer_ids [2, 3, 3] repeats layer 3"),
+        ([2, 3, 3], "model.aux_layer_ids repeats layer 3 in [2, 3, 3]"),
         ([2, 2, 2], "repeats layer 2"),
     ],
 )
@@ -87,10 +87,13 @@ def test_ids_out_of_order_or_repeated_are_refused_in_one_line(ids, words):
 @pytest.mark.parametrize(
     "extra, words",
     [
-        ({"eagle_aux_hidden_state_layer_ids": [5, 4, 2]}, "eagle_aux_hidden_state_layer_ids [5, 4, 2]"),
+        (
+            {"eagle_aux_hidden_state_layer_ids": [5, 4, 2]},
+            "eagle_aux_hidden_state_layer_ids must be strictly ascending, got [5, 4, 2]",
+        ),
         (
             {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [4, 3, 1]}},
-            "eagle_config.eagle_aux_hidden_state_layer_ids [4, 3, 1]",
+            "eagle_config.eagle_aux_hidden_state_layer_ids must be strictly ascending, got [4, 3, 1]",
         ),
     ],
 )

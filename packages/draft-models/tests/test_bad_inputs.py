@@ -152,7 +152,7 @@ CASES = [
         "config-aux-ids-out-of-order",
         _aux_ids_out_of_order,
         DraftConfigError,
-        ["eagle_aux_hidden_state_layer_ids [6, 3, 1] must be strictly ascending", "ascending order: [1, 3, 6]"],
+        ["eagle_aux_hidden_state_layer_ids must be strictly ascending, got [6, 3, 1]", "ascending order: [1, 3, 6]"],
     ),
     Case(
         "weights-missing",

@@ -201,7 +201,7 @@ def test_serving_config_always_writes_the_aux_layers_in_both_engines_layouts(
 def test_serving_config_refuses_aux_layers_out_of_order():
     from torchspec.draft_models.serving_folder import serving_config
 
-    with pytest.raises(ValueError, match=r"aux_layer_ids \[5, 4, 2\] must be strictly ascending.*\[2, 4, 5\]"):
+    with pytest.raises(ValueError, match=r"aux_layer_ids must be strictly ascending, got \[5, 4, 2\].*\[2, 4, 5\]"):
         serving_config(build_draft("llama").config, torch.float32, aux_layer_ids=[5, 4, 2], num_target_layers=8)
 
 

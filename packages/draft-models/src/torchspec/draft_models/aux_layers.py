@@ -75,13 +75,13 @@ def validate_aux_layer_ids(
     repeated = sorted({i for i in layer_ids if layer_ids.count(i) > 1})
     if repeated:
         raise UserInputError(
-            f"{source} {layer_ids} repeats layer {repeated[0]}; list 3 distinct layers in ascending order "
-            "(vLLM keeps one state per layer, so the draft's fc would get one input too few)"
+            f"{source} repeats layer {repeated[0]} in {layer_ids}: vLLM keeps one state per layer, so the draft's fc "
+            "would get one input too few; list 3 distinct layers in ascending order"
         )
     if layer_ids != sorted(layer_ids):
         raise UserInputError(
-            f"{source} {layer_ids} must be strictly ascending (the engines concatenate the states in layer order); "
-            f"list them in ascending order: {sorted(layer_ids)}"
+            f"{source} must be strictly ascending, got {layer_ids} (the engines concatenate the states in layer "
+            f"order); list them in ascending order: {sorted(layer_ids)}"
         )
     if num_layers is None:
         return layer_ids
