@@ -286,3 +286,95 @@ def test_an_engine_is_never_asked_for_layers_out_of_order():
     assert vllm_layer_ids([2, 4, 5], 8) == [2, 4, 5, 8]
     with pytest.raises(ConfigError, match=r"must be strictly ascending, got \[5, 4, 2\]"):
         vllm_layer_ids([5, 4, 2], 8)
+
+
+# --- float16 states of DeepSeek-type targets ------------------------------------------------------
+
+
+def _deepseek_v3_config(**overrides):
+    from transformers import DeepseekV3Config
+
+    values = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        tie_word_embeddings=False,
+        rope_scaling=None,
+    )
+    return DeepseekV3Config(**{**values, **overrides})
+
+
+def _kimi_k25_config():
+    from transformers import PretrainedConfig
+
+    return PretrainedConfig(
+        architectures=["KimiK25ForConditionalGeneration"], text_config=_deepseek_v3_config(routed_scaling_factor=2.827)
+    )
+
+
+@pytest.mark.parametrize(
+    "make_config, dtype, refused",
+    [
+        (_deepseek_v3_config, torch.float16, "routed_scaling_factor 2.5"),  # DeepSeek-V3's default factor
+        (lambda: _deepseek_v3_config(routed_scaling_factor=2.827), torch.float16, "routed_scaling_factor 2.827"),
+        (_kimi_k25_config, torch.float16, "routed_scaling_factor 2.827"),  # the factor of its text model
+        (_deepseek_v3_config, torch.bfloat16, None),
+        (_deepseek_v3_config, torch.float32, None),
+        (lambda: _deepseek_v3_config(routed_scaling_factor=1.0), torch.float16, None),  # divided by 1
+        (lambda: __import__("trainer_test_helpers").tiny_qwen3().config, torch.float16, None),
+    ],
+    ids=["v3-fp16", "kimi-k2-fp16", "kimi-k25-fp16", "v3-bf16", "v3-fp32", "factor-1-fp16", "qwen3-fp16"],
+)
+def test_float16_states_of_a_deepseek_type_target_from_vllm_are_refused(make_config, dtype, refused):
+    """vLLM's DeepSeek decoder (deepseek_v2.py, "Fix FP16 overflow") divides the residual stream by
+    routed_scaling_factor in float16: its aux states are that factor smaller than transformers' and
+    than a bfloat16 deployment's, so a draft trained on them would be served other inputs."""
+    from torchspec.trainer.engine_target import check_engine_dtype
+
+    if refused is None:
+        check_engine_dtype(make_config(), dtype)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_engine_dtype(make_config(), dtype)
+    message = str(err.value)
+    assert "\n" not in message
+    for words in (refused, "float16", "target.backend=vllm", "dump-states", "use model.dtype=bfloat16"):
+        assert words in message, message
+
+
+def test_engine_target_and_dump_states_refuse_float16_before_an_engine_starts(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import torchspec.trainer.engine_target as engine_target
+    from torchspec.trainer.engine_target import EngineTarget
+    from torchspec.trainer.state_dump import dump_states
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(engine_target.EngineWorker, "__init__", no_engine)
+    torch.manual_seed(0)
+    target = tmp_path / "deepseek"
+    AutoModelForCausalLM.from_config(_deepseek_v3_config()).save_pretrained(target)
+    with pytest.raises(ConfigError, match="use model.dtype=bfloat16"):
+        EngineTarget.start(target, None, torch.float16, "cpu", max_seq_length=32)
+    config = load_config(
+        None, [f"model.target_model_path={target}", "model.dtype=float16", f"target.dump_dir={tmp_path / 'dump'}"]
+    )
+    with pytest.raises(ConfigError, match="use model.dtype=bfloat16"):
+        dump_states(config)
+    assert not (tmp_path / "dump").exists()

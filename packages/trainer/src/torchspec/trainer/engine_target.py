@@ -40,6 +40,7 @@ __all__ = [
     "EngineWorker",
     "PrefetchingLoader",
     "batch_prompts",
+    "check_engine_dtype",
     "engine_options",
     "engine_python",
     "vllm_layer_ids",
@@ -71,6 +72,48 @@ def engine_options(config: TrainConfig) -> dict[str, Any]:
         "timeout_s": t.engine_timeout_s,
         "python": t.engine_python,
     }
+
+
+# Targets vLLM runs through a decoder layer that, in float16 only, divides the residual stream by
+# routed_scaling_factor to avoid overflow ("Fix FP16 overflow" in vLLM 0.32's deepseek_v2.py
+# DeepseekV2DecoderLayer, copied by AXK1.py; Kimi K2.5 and Mistral Large 3 run DeepSeek-V3 inside).
+_FLOAT16_RESCALED_ARCHITECTURES = frozenset(
+    {
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
+        "KimiK25ForConditionalGeneration",
+        "MistralLarge3ForCausalLM",
+        "AXK1ForCausalLM",
+    }
+)
+_FLOAT16_RESCALED_MODEL_TYPES = frozenset({"deepseek_v2", "deepseek_v3", "kimi_k2", "kimi_k25"})
+
+
+def check_engine_dtype(target_config: Any, dtype: torch.dtype) -> None:
+    """Refuse the states vLLM would compute unlike transformers: a DeepSeek-type target in float16,
+    whose residual stream vLLM keeps divided by ``routed_scaling_factor``."""
+    if dtype != torch.float16:
+        return
+
+    def get(config: Any, key: str) -> Any:  # a composite config may hold its text config as a dict
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    text_config = get(target_config, "text_config") or target_config
+    architectures = set(get(target_config, "architectures") or [])
+    model_types = {get(target_config, "model_type"), get(text_config, "model_type")}
+    if not (architectures & _FLOAT16_RESCALED_ARCHITECTURES or model_types & _FLOAT16_RESCALED_MODEL_TYPES):
+        return
+    factor = get(text_config, "routed_scaling_factor")
+    factor = 1.0 if factor is None else float(factor)  # vLLM's getattr default
+    if factor == 1.0:
+        return
+    name = min(architectures, default=None) or get(target_config, "model_type")
+    raise ConfigError(
+        f"model.dtype float16 with a DeepSeek-type target ({name}, routed_scaling_factor {factor:g}) on vLLM "
+        f"(target.backend=vllm, dump-states): vLLM's DeepSeek decoder divides the residual stream by that factor in "
+        f"float16, so the draft would learn states {factor:g}x smaller than transformers' and a bfloat16 "
+        "deployment's; use model.dtype=bfloat16"
+    )
 
 
 def vllm_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
@@ -280,6 +323,7 @@ class EngineTarget(ServedTarget):
         """Read the head from ``path``, check the aux layer ids, then start the engine
         (``worker_options``: :class:`EngineWorker`'s, e.g. ``engine_options(config)``)."""
         head = TargetHead.from_pretrained(path, dtype, device, worker_options.get("trust_remote_code", False))
+        check_engine_dtype(head.config, dtype)
         aux = head.validate_aux_layer_ids(aux_layer_ids)
         worker = EngineWorker(
             path,

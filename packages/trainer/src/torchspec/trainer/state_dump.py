@@ -109,7 +109,7 @@ class DumpSummary:
 
 def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.PathLike | None = None) -> DumpSummary:
     """Write (or finish) the dump of ``config``'s data at ``config.target.dump_dir``."""
-    from torchspec.trainer.engine_target import EngineWorker, engine_options, vllm_layer_ids
+    from torchspec.trainer.engine_target import EngineWorker, check_engine_dtype, engine_options, vllm_layer_ids
     from torchspec.trainer.trainer import _dtype, _load_tokenizer, _target_path
     from torchspec.trainer.training_data import load_training_data
 
@@ -124,6 +124,7 @@ def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.P
     head = TargetHead.from_pretrained(target_path, trust_remote_code=m.trust_remote_code)
     aux = head.validate_aux_layer_ids(m.aux_layer_ids)
     dtype = _dtype(m.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    check_engine_dtype(head.config, dtype)
     tokenizer = _load_tokenizer(m.tokenizer_path or target_path, m.trust_remote_code)
     data = load_training_data(config.data, tokenizer, config.training.seed, is_main=True)
     samples = _samples([data.train, data.eval], config.data.max_seq_length)
