@@ -101,7 +101,8 @@ class VerifyReport:
 def first_differences(outputs: list[list[int]], reference: list[list[int]]) -> list[list[int]]:
     """``[prompt, token]`` of the first token where each prompt's output departs from the reference's."""
     differences = []
-    for prompt, (tokens, expected) in enumerate(zip_longest(outputs, reference, fillvalue=[])):
+    missing: list[int] = []  # a prompt one side lacks
+    for prompt, (tokens, expected) in enumerate(zip_longest(outputs, reference, fillvalue=missing)):
         if tokens != expected:
             same = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), None)
             differences.append([prompt, min(len(tokens), len(expected)) if same is None else same])
