@@ -50,7 +50,7 @@ def untrained_draft(arch: str, target_dir: Path, out: Path, *overrides: str) -> 
     target = TargetModel.from_pretrained(target_dir)
     torch.manual_seed(config.training.seed)
     build_draft(resolve_draft_config(config.model, target.config), target).save_pretrained(
-        out, include_embeddings=False
+        out, include_embeddings=False, num_target_layers=target.num_layers
     )
     return out
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, LlamaEagle3Config
+from torchspec.draft_models import AutoEagle3DraftModel, DeepseekEagle3Config, LlamaEagle3Config, default_aux_layer_ids
 
 VOCAB = 120
 
@@ -46,7 +46,7 @@ def write_training_checkpoint(draft, output_dir: Path, step: int = 10, aux_layer
         warnings.simplefilter("ignore")
         dcp.save({"model": draft.state_dict(), "step": step}, checkpoint_id=str(path))
     draft.config.save_pretrained(path)
-    ids = aux_layer_ids or [2, num_target_layers // 2, num_target_layers - 3]
+    ids = aux_layer_ids or default_aux_layer_ids(num_target_layers)
     (path / "aux_layers.json").write_text(json.dumps({"aux_layer_ids": ids, "num_target_layers": num_target_layers}))
     (path / "COMPLETE").write_text(json.dumps({"step": step, "world_size": 1}))
     (Path(output_dir) / "latest").write_text(path.name)

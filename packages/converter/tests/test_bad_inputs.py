@@ -80,6 +80,21 @@ def _no_checkpoint(env: Env):
     return _export(env, source=env.root / "target")
 
 
+def _aux_layers_out_of_order(env: Env):
+    (env.checkpoint / "aux_layers.json").write_text(json.dumps({"aux_layer_ids": [5, 3, 2], "num_target_layers": 6}))
+    return _export(env)
+
+
+def _aux_layers_unknown(env: Env):
+    (env.checkpoint / "aux_layers.json").unlink()  # a checkpoint copied without it
+    return _export(env)
+
+
+def _with_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
 def _parent_is_a_file(env: Env):
     (env.root / "exports").write_text("a file where the export's parent folder should be\n")
     return _export(env, output=env.root / "exports" / "draft")
@@ -128,6 +143,21 @@ CASES = [
         _truncated_metadata,
         2,
         ["{root}/run/iter_0000010/.metadata is damaged or truncated"],
+    ),
+    Case(
+        "input-aux-layers-out-of-order",
+        _aux_layers_out_of_order,
+        2,
+        [
+            "{root}/run/iter_0000010/aux_layers.json aux_layer_ids must be strictly ascending, got [5, 3, 2]",
+            "[2, 3, 5]",
+        ],
+    ),
+    Case(
+        "input-aux-layers-unknown",
+        _aux_layers_unknown,
+        2,
+        ["{root}/run/iter_0000010 records no aux layer ids (no aux_layers.json)", "--target-model-path"],
     ),
     Case(
         "output-exists", lambda env: _export(env, output=env.served), 2, ["{root}/served already exists; pass --force"]
@@ -206,6 +236,13 @@ CASES = [
         lambda env: _check(env, lambda f: (f / "config.json").write_text("{\n")),
         1,
         ["{root}/served/config.json:2: invalid JSON"],
+        stream="out",
+    ),
+    Case(
+        "check-aux-layers-out-of-order",
+        lambda env: _check(env, lambda f: _with_config(f, eagle_aux_hidden_state_layer_ids=[5, 3, 2])),
+        1,
+        ["eagle_aux_hidden_state_layer_ids must be strictly ascending, got [5, 3, 2]", "[2, 3, 5]"],
         stream="out",
     ),
     Case(

@@ -32,8 +32,11 @@ def test_round_trip_gives_the_trained_outputs(tmp_path, kind, draft_vocab):
     assert config["architectures"] == [draft.config.architectures[0]]
     assert config["num_hidden_layers"] == 1 and config["tie_word_embeddings"] is False
     assert config["vocab_size"] == VOCAB and config["draft_vocab_size"] == draft_vocab
-    assert config["eagle_config"] == {"use_aux_hidden_state": True}  # default aux layers: engines agree
-    assert "eagle_aux_hidden_state_layer_ids" not in config
+    # The default aux layers are written too, in both engines' layouts: [2, 3, 5] for this 6-layer
+    # target, where the engines' own fallback (2, L // 2, L - 3) would repeat layer 3.
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 3, 5]  # vLLM: input to layer j
+    assert config["eagle_config"] == {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": [1, 2, 4]}
+    assert config["num_aux_hidden_states"] == 3
     assert config["model_type"] == ("llama" if kind == "llama" else "deepseek_v2")
     if kind == "llama":
         assert config["head_dim"] == 12
@@ -80,6 +83,23 @@ def test_embeddings_only_when_asked(tmp_path):
     assert json.loads((result.output / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(str(result.output / "model.safetensors"), framework="pt") as handle:
         assert handle.get_tensor("fc.weight").dtype == torch.bfloat16
+
+
+def test_default_aux_layers_of_a_large_target_are_written_for_both_engines(tmp_path):
+    write_training_checkpoint(tiny_draft("llama"), tmp_path / "run", num_target_layers=36)
+    config = json.loads((export_checkpoint(tmp_path / "run").output / "config.json").read_text())
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 18, 33]
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 17, 32]
+
+
+def test_a_checkpoint_without_aux_layers_json_gets_the_targets_default_ids(tmp_path):
+    path = write_training_checkpoint(tiny_draft("llama"), tmp_path / "run")
+    (path / "aux_layers.json").unlink()  # a checkpoint copied without it
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"num_hidden_layers": 8}))
+    config = json.loads((export_checkpoint(path, target_model_path=target).output / "config.json").read_text())
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
 
 
 def test_custom_aux_layers_are_written_for_both_engines(tmp_path):
@@ -183,7 +203,7 @@ def test_check_command_reports_contract_violations(tmp_path, capsys):
         "tie_word_embeddings": True,
         "eagle_config": {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": [0, 2, 4]},
     }
-    del bad["head_dim"]
+    del bad["head_dim"], bad["eagle_aux_hidden_state_layer_ids"]  # SGLang's ids left alone
     (out / "config.json").write_text(json.dumps(bad))
     from safetensors.torch import load_file, save_file
 

@@ -99,6 +99,13 @@ def _weights_of_another_config(folder: Path):
     return _load_draft(draft), draft / "model.safetensors"
 
 
+def _aux_ids_out_of_order(folder: Path):
+    draft = _draft_folder(folder)
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "eagle_aux_hidden_state_layer_ids": [6, 3, 1]}))
+    return (lambda: AutoDraftModelConfig.from_file(draft / "config.json")), draft / "config.json"
+
+
 def _truncated_distcp(folder: Path):
     path = _dcp_folder(folder)
     data = next(path.glob("*.distcp"))
@@ -140,6 +147,12 @@ CASES = [
         _config_file(json.dumps({"architectures": ["GPT2Eagle3"]})),
         DraftConfigError,
         ["unknown draft architecture 'GPT2Eagle3'", "supported: LlamaForCausalLMEagle3"],
+    ),
+    Case(
+        "config-aux-ids-out-of-order",
+        _aux_ids_out_of_order,
+        DraftConfigError,
+        ["eagle_aux_hidden_state_layer_ids must be strictly ascending, got [6, 3, 1]", "ascending order: [1, 3, 6]"],
     ),
     Case(
         "weights-missing",

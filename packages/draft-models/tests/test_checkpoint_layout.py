@@ -17,6 +17,7 @@ from torchspec.draft_models.checkpoint_layout import (
     list_checkpoints,
     resolve_checkpoint,
 )
+from torchspec.draft_models.errors import UserInputError
 
 from draft_helpers import build_draft
 
@@ -80,3 +81,13 @@ def test_training_checkpoint_reads_one_tensor_at_a_time(tmp_path):
     (checkpoint.path / "config.json").unlink()
     with pytest.raises(CheckpointNotFoundError, match="is incomplete: no config.json"):
         TrainingCheckpoint.open(checkpoint.path)
+
+
+@pytest.mark.parametrize("ids, words", [([5, 4, 2], "ascending order: [2, 4, 5]"), ([2, 4, 4], "repeats layer 4")])
+def test_aux_layers_json_out_of_order_is_refused_naming_the_file(tmp_path, ids, words):
+    path = _checkpoint(tmp_path, 1)
+    (path / "aux_layers.json").write_text(json.dumps({"aux_layer_ids": ids, "num_target_layers": 8}))
+    with pytest.raises(UserInputError) as err:
+        TrainingCheckpoint.open(path)
+    message = str(err.value)
+    assert str(path / "aux_layers.json") in message and words in message and "\n" not in message

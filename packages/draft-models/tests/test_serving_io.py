@@ -164,10 +164,71 @@ def test_save_pretrained_writes_a_folder_the_serving_checker_passes(tmp_path, dr
         draft.config.extra["eagle_aux_hidden_state_layer_ids"] = [1, 3, 6]
     if variant == "legacy-name" and draft_kind == "mla":
         draft.config.architectures = ["DeepSeekForCausalLMEagle3"]  # written by older versions
-    draft.save_pretrained(tmp_path)
+    draft.save_pretrained(tmp_path, num_target_layers=8)  # the target's depth gives the default ids
     assert check_serving_folder(tmp_path) == []
     config = json.loads((tmp_path / "config.json").read_text())
     if variant == "aux-ids":
         assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 2, 5]
+    else:
+        assert config["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
     if variant == "legacy-name" and draft_kind == "mla":
         assert config["architectures"] == ["Eagle3DeepseekV2ForCausalLM"]
+
+
+@pytest.mark.parametrize(
+    "aux_layer_ids, num_target_layers, vllm_ids, sglang_ids",
+    [
+        (None, 8, [2, 4, 5], [1, 3, 4]),  # the default of an 8-layer target: written all the same
+        ([2, 4, 5], 8, [2, 4, 5], [1, 3, 4]),
+        (None, 6, [2, 3, 5], [1, 2, 4]),  # where the engines' own fallback would repeat layer 3
+        ([1, 3, 6], 8, [1, 3, 6], [0, 2, 5]),
+    ],
+)
+def test_serving_config_always_writes_the_aux_layers_in_both_engines_layouts(
+    aux_layer_ids, num_target_layers, vllm_ids, sglang_ids
+):
+    """Engines fall back to their own (2, L // 2, L - 3) when config.json names no ids; whether
+    that fallback stays what training used is not this folder's to assume."""
+    from torchspec.draft_models.serving_folder import serving_config
+
+    config = build_draft("llama").config
+    values = serving_config(config, torch.float32, aux_layer_ids=aux_layer_ids, num_target_layers=num_target_layers)
+    assert values["eagle_aux_hidden_state_layer_ids"] == vllm_ids  # vLLM: input to layer j
+    assert values["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == sglang_ids  # SGLang: output of layer j
+    assert values["num_aux_hidden_states"] == 3  # vLLM sizes fc (and fc_norm) by it
+
+
+def test_serving_config_refuses_aux_layers_out_of_order():
+    from torchspec.draft_models.serving_folder import serving_config
+
+    with pytest.raises(ValueError, match=r"aux_layer_ids must be strictly ascending, got \[5, 4, 2\].*\[2, 4, 5\]"):
+        serving_config(build_draft("llama").config, torch.float32, aux_layer_ids=[5, 4, 2], num_target_layers=8)
+
+
+@pytest.mark.parametrize(
+    "change, level, words",
+    [
+        ({"eagle_aux_hidden_state_layer_ids": [5, 4, 2]}, "error", ["must be strictly ascending", "[2, 4, 5]"]),
+        ({"num_aux_hidden_states": 4}, "error", ["num_aux_hidden_states is 4", "3"]),
+        ("no-ids", "warning", ["names no aux layer ids", "fall back", "converter export"]),
+    ],
+    ids=["out-of-order", "num-aux", "no-ids"],
+)
+def test_check_reports_aux_layer_ids_the_engines_would_read_otherwise(tmp_path, change, level, words):
+    from torchspec.draft_models.serving_folder import check_serving_folder, serving_config
+
+    draft = build_draft("llama")
+    draft.save_pretrained(tmp_path)
+    config = serving_config(draft.config, torch.float32, num_target_layers=8)
+    if change == "no-ids":
+        config.pop("eagle_aux_hidden_state_layer_ids"), config.pop("num_aux_hidden_states")
+        config["eagle_config"].pop("eagle_aux_hidden_state_layer_ids")
+    else:
+        config.update(change)
+        config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [
+            i - 1 for i in config["eagle_aux_hidden_state_layer_ids"]
+        ]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    findings = [f for f in check_serving_folder(tmp_path) if f.level == level]
+    message = " | ".join(f.message for f in findings)
+    assert findings and all(word in message for word in words), message

@@ -185,6 +185,19 @@ CASES = [
         ["{root}/target/model.safetensors is damaged or truncated"],
     ),
     Case(
+        "aux-layers-out-of-order",
+        train(**{"model.aux_layer_ids": "[5, 3, 1]"}),
+        [
+            "model.aux_layer_ids must be strictly ascending, got [5, 3, 1]",
+            "list them in ascending order: [1, 3, 5]",
+        ],
+    ),
+    Case(
+        "aux-layers-repeated",
+        train(**{"model.aux_layer_ids": "[2, 3, 3]"}),
+        ["model.aux_layer_ids repeats layer 3 in [2, 3, 3]", "3 distinct layers"],
+    ),
+    Case(
         "aux-layers-outside-the-target",
         train(**{"model.aux_layer_ids": "[2, 3, 7]"}),
         ["outside the target's 7 layers", "use ids in [0, 6]"],

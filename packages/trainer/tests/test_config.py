@@ -123,8 +123,15 @@ def test_integers_are_accepted_for_floats():
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="global_batch_size .* multiple of training.micro_batch_size"):
         load_config(None, ["training.global_batch_size=10", "training.micro_batch_size=4"])
-    with pytest.raises(ConfigError, match="model.aux_layer_ids .* 3 layer ids"):
+    with pytest.raises(ConfigError, match="model.aux_layer_ids .* 3 layer"):
         load_config(None, ["model.aux_layer_ids=[1, 2]"])
+    # Checked before any target loads: the engines capture in layer order, training in list order.
+    with pytest.raises(
+        ConfigError, match=r"model.aux_layer_ids must be strictly ascending, got \[6, 3, 1\] .* order: \[1, 3, 6\]"
+    ):
+        load_config(None, ["model.aux_layer_ids=[6, 3, 1]"])
+    with pytest.raises(ConfigError, match=r"model.aux_layer_ids repeats layer 3 in \[1, 3, 3\]"):
+        load_config(None, ["model.aux_layer_ids=[1, 3, 3]"])
     with pytest.raises(ConfigError, match="optimizer.learning_rate must be a finite number > 0, got 0"):
         load_config(None, ["optimizer.learning_rate=0"])
     for bad in (".nan", ".inf", "-.inf"):  # YAML spellings; NaN used to pass and fail inside AdamW

@@ -153,6 +153,8 @@ def test_training_from_a_dump_equals_the_in_process_target(assets, tmp_path):
         ("unfinished", "unfinished dump .* run the same `hatch run trainer:dump-states` command again"),
         ("other-target", "was dumped from another target"),
         ("other-layers", r"holds aux layers \[.*\], this run asks for model.aux_layer_ids \[1, 3, 6\]"),
+        # A hand-edited manifest must not advise an order the engines would not serve.
+        ("layers-out-of-order", r"manifest.json aux_layer_ids must be strictly ascending, got \[4, 3, 2\]"),
         ("missing-sample", "lacks the states of 1 of this run's .* samples: it was dumped from other data"),
         ("no-dump", r"holds no dump \(no manifest.json\); write one with `hatch run trainer:dump-states`"),
     ],
@@ -167,6 +169,10 @@ def test_a_dump_that_does_not_match_the_run_is_refused(assets, tmp_path, change,
     if change == "other-target":
         manifest = json.loads((dump / "manifest.json").read_text())
         manifest["target"]["config_sha256"] = "0" * 64
+        (dump / "manifest.json").write_text(json.dumps(manifest))
+    if change == "layers-out-of-order":
+        manifest = json.loads((dump / "manifest.json").read_text())
+        manifest["aux_layer_ids"] = manifest["aux_layer_ids"][::-1]
         (dump / "manifest.json").write_text(json.dumps(manifest))
     extra = ["model.aux_layer_ids=[1,3,6]"] if change == "other-layers" else []
     overrides = small_overrides(assets, tmp_path / "run") + ["target.backend=dump", f"target.dump_dir={dump}", *extra]
@@ -273,3 +279,109 @@ def test_the_commands_report_backend_mistakes_in_one_line(assets, tmp_path, caps
     (not_a_dump / "something").mkdir(parents=True)
     code = main(["dump-states", *small_overrides(assets, tmp_path / "run"), f"target.dump_dir={not_a_dump}"])
     assert_one_line_error(code, capsys.readouterr().err, "exists and is not a dump")
+
+
+def test_an_engine_is_never_asked_for_layers_out_of_order():
+    """vLLM hands the states out in layer order whatever order it was asked in (and once per layer)."""
+    from torchspec.trainer.engine.launch import EngineWorker
+    from torchspec.trainer.targets.engine import vllm_layer_ids
+
+    with pytest.raises(ConfigError, match=r"layer_ids \[4, 2, 5, 8\] must be distinct and ascending"):
+        EngineWorker("no-target-needed", layer_ids=[4, 2, 5, 8])
+    with pytest.raises(ConfigError, match=r"layer_ids \[2, 4, 4, 8\] must be distinct and ascending"):
+        EngineWorker("no-target-needed", layer_ids=[2, 4, 4, 8])
+    assert vllm_layer_ids([2, 4, 5], 8) == [2, 4, 5, 8]
+    with pytest.raises(ConfigError, match=r"must be strictly ascending, got \[5, 4, 2\]"):
+        vllm_layer_ids([5, 4, 2], 8)
+
+
+# --- float16 states of DeepSeek-type targets ------------------------------------------------------
+
+
+def _deepseek_v3_config(**overrides):
+    from transformers import DeepseekV3Config
+
+    values = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        tie_word_embeddings=False,
+        rope_scaling=None,
+    )
+    return DeepseekV3Config(**{**values, **overrides})
+
+
+def _kimi_k25_config():
+    from transformers import PretrainedConfig
+
+    return PretrainedConfig(
+        architectures=["KimiK25ForConditionalGeneration"], text_config=_deepseek_v3_config(routed_scaling_factor=2.827)
+    )
+
+
+@pytest.mark.parametrize(
+    "make_config, dtype, refused",
+    [
+        (_deepseek_v3_config, torch.float16, "routed_scaling_factor 2.5"),  # DeepSeek-V3's default factor
+        (lambda: _deepseek_v3_config(routed_scaling_factor=2.827), torch.float16, "routed_scaling_factor 2.827"),
+        (_kimi_k25_config, torch.float16, "routed_scaling_factor 2.827"),  # the factor of its text model
+        (_deepseek_v3_config, torch.bfloat16, None),
+        (_deepseek_v3_config, torch.float32, None),
+        (lambda: _deepseek_v3_config(routed_scaling_factor=1.0), torch.float16, None),  # divided by 1
+        (lambda: __import__("trainer_test_helpers").tiny_qwen3().config, torch.float16, None),
+    ],
+    ids=["v3-fp16", "kimi-k2-fp16", "kimi-k25-fp16", "v3-bf16", "v3-fp32", "factor-1-fp16", "qwen3-fp16"],
+)
+def test_float16_states_of_a_deepseek_type_target_from_vllm_are_refused(make_config, dtype, refused):
+    """vLLM's DeepSeek decoder (deepseek_v2.py, "Fix FP16 overflow") divides the residual stream by
+    routed_scaling_factor in float16: its aux states are that factor smaller than transformers' and
+    than a bfloat16 deployment's, so a draft trained on them would be served other inputs."""
+    from torchspec.trainer.engine.launch import check_engine_dtype
+
+    if refused is None:
+        check_engine_dtype(make_config(), dtype)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_engine_dtype(make_config(), dtype)
+    message = str(err.value)
+    assert "\n" not in message
+    for words in (refused, "float16", "target.backend=vllm", "dump-states", "use model.dtype=bfloat16"):
+        assert words in message, message
+
+
+def test_engine_target_and_dump_states_refuse_float16_before_an_engine_starts(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import torchspec.trainer.engine.launch as engine_target
+    from torchspec.trainer.commands.dump_states import dump_states
+    from torchspec.trainer.targets.engine import EngineTarget
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(engine_target.EngineWorker, "__init__", no_engine)
+    torch.manual_seed(0)
+    target = tmp_path / "deepseek"
+    AutoModelForCausalLM.from_config(_deepseek_v3_config()).save_pretrained(target)
+    with pytest.raises(ConfigError, match="use model.dtype=bfloat16"):
+        EngineTarget.start(target, None, torch.float16, "cpu", max_seq_length=32)
+    config = load_config(
+        None, [f"model.target_model_path={target}", "model.dtype=float16", f"target.dump_dir={tmp_path / 'dump'}"]
+    )
+    with pytest.raises(ConfigError, match="use model.dtype=bfloat16"):
+        dump_states(config)
+    assert not (tmp_path / "dump").exists()

@@ -44,16 +44,22 @@ def test_default_ids_are_the_inputs_of_layers_2_mid_and_L_minus_3(target_dir, re
     torch.testing.assert_close(out.final_hidden @ target.lm_head_weight.T, hf.logits, rtol=1e-5, atol=1e-5)
 
 
-def test_custom_ids_keep_the_given_order(target_dir, reference):
-    target = TargetModel.from_pretrained(target_dir, aux_layer_ids=[7, 0, 3])
+def test_custom_ids_are_concatenated_low_mid_high(target_dir, reference):
+    target = TargetModel.from_pretrained(target_dir, aux_layer_ids=[0, 3, 7])
     input_ids, attention_mask = batch(seed=1)
     out = target(input_ids, attention_mask)
     with torch.no_grad():
         hf = reference(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     low, mid, high = out.aux_hidden_states.split(64, dim=-1)
-    torch.testing.assert_close(low, hf.hidden_states[7], rtol=0, atol=0)
-    torch.testing.assert_close(mid, hf.hidden_states[0], rtol=0, atol=0)
-    torch.testing.assert_close(high, hf.hidden_states[3], rtol=0, atol=0)
+    torch.testing.assert_close(low, hf.hidden_states[0], rtol=0, atol=0)
+    torch.testing.assert_close(mid, hf.hidden_states[3], rtol=0, atol=0)
+    torch.testing.assert_close(high, hf.hidden_states[7], rtol=0, atol=0)
+
+
+def test_ids_out_of_order_are_config_errors(target_dir):
+    # The engines concatenate in layer order: [7, 0, 3] would train fc on inputs served permuted.
+    with pytest.raises(ConfigError, match=r"must be strictly ascending, got \[7, 0, 3\].*order: \[0, 3, 7\]"):
+        TargetModel.from_pretrained(target_dir, aux_layer_ids=[7, 0, 3])
 
 
 def test_capture_keeps_nothing_between_calls_and_needs_no_grad(target_dir):

@@ -142,12 +142,19 @@ def export_checkpoint(
             TensorSpec("d2t", (draft_vocab_size,), torch.int64, lambda: new_ids - torch.arange(draft_vocab_size))
         )
         specs.append(TensorSpec("t2d", (config.vocab_size,), torch.bool, lambda: t2d))
+    num_target_layers = checkpoint.num_target_layers or target.get("num_hidden_layers")
+    if checkpoint.aux_layer_ids is None and num_target_layers is None:
+        # The engines would fall back to a default of their own, which need not be what training used.
+        raise ConverterError(
+            f"{checkpoint.path} records no aux layer ids (no aux_layers.json); pass "
+            "--target-model-path (the target it was trained with: its default ids are written) or add aux_layers.json"
+        )
     config_json = serving_config(
         config,
         out_dtype,
         draft_vocab_size=draft_vocab_size,
         aux_layer_ids=checkpoint.aux_layer_ids,
-        num_target_layers=checkpoint.num_target_layers or target.get("num_hidden_layers"),
+        num_target_layers=num_target_layers,
         special_tokens={key: target[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in target},
     )
 

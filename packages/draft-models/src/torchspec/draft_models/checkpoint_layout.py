@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from torchspec.draft_models.aux_layers import validate_aux_layer_ids
 from torchspec.draft_models.config import AutoDraftModelConfig, Eagle3DraftConfig
 from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.safe_checkpoint import load_dcp, read_dcp_metadata
@@ -133,7 +134,10 @@ class TrainingCheckpoint:
         aux = {}
         if (path / "aux_layers.json").is_file():
             aux = json.loads((path / "aux_layers.json").read_text())
-        return cls(path, config, aux.get("aux_layer_ids"), aux.get("num_target_layers"))
+        ids, num_layers = aux.get("aux_layer_ids"), aux.get("num_target_layers")
+        if ids is not None:  # export writes them into config.json as they are
+            ids = validate_aux_layer_ids(ids, num_layers, source=f"{path / 'aux_layers.json'} aux_layer_ids")
+        return cls(path, config, ids, num_layers)
 
     def _metadata(self):
         return read_dcp_metadata(self.path).state_dict_metadata

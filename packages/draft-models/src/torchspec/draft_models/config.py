@@ -16,6 +16,8 @@ from typing import Any, ClassVar, cast
 
 import torch
 
+from torchspec.draft_models.aux_layers import CONFIG_KEY as AUX_KEY
+from torchspec.draft_models.aux_layers import validate_aux_layer_ids
 from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.rope import normalize_rope_scaling
 
@@ -139,6 +141,12 @@ class Eagle3DraftConfig:
                 raise DraftConfigError(
                     f"{key}: {value!r} is served ({served_as}) but TorchSpec trains without it; remove it"
                 )
+        for key, ids in ((AUX_KEY, self.extra.get(AUX_KEY)), (f"eagle_config.{AUX_KEY}", eagle_config.get(AUX_KEY))):
+            if ids is not None:
+                try:
+                    validate_aux_layer_ids(ids, None, source=key)  # the target's depth is not known here
+                except UserInputError as err:
+                    raise DraftConfigError(str(err)) from None
         if self.extra.get("partial_rotary_factor", 1.0) != 1.0:
             raise DraftConfigError(f"partial_rotary_factor: {_PARTIAL_ROTARY}; remove it")
         self._validate_rope_scaling()

@@ -154,10 +154,17 @@ class Eagle3DraftModel(nn.Module):
     # --- serving-format checkpoints ---------------------------------------------------------------
 
     def save_pretrained(
-        self, directory: str | os.PathLike, include_embeddings: bool = True, dtype: torch.dtype | None = None
+        self,
+        directory: str | os.PathLike,
+        include_embeddings: bool = True,
+        dtype: torch.dtype | None = None,
+        aux_layer_ids: list[int] | None = None,
+        num_target_layers: int | None = None,
     ) -> Path:
         """Write the serving folder: ``model.safetensors`` (keys without a ``model.`` prefix) and the
-        ``config.json`` export writes too (``serving_folder.serving_config``)."""
+        ``config.json`` export writes too (``serving_folder.serving_config``). The aux layer ids go into
+        config.json when known: given, recorded in the config, or the default of a
+        ``num_target_layers``-layer target; without them the engines guess (``check`` warns)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -169,7 +176,9 @@ class Eagle3DraftModel(nn.Module):
             tensors[name] = tensor.detach().contiguous().cpu()
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         serving_dtype = dtype or self.config.declared_dtype or _stored_dtype(tensors.values())
-        config = serving_config(self.config, serving_dtype)
+        config = serving_config(
+            self.config, serving_dtype, aux_layer_ids=aux_layer_ids, num_target_layers=num_target_layers
+        )
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return directory
 

@@ -9,9 +9,11 @@ A serving folder holds ``config.json`` and ``model.safetensors``:
   ``draft_vocab_size``, ``tie_word_embeddings: false``, ``torch_dtype``, ``head_dim`` for Llama
   drafts, and ``eagle_config.use_aux_hidden_state: true``;
 * aux layers: SGLang reads ``eagle_config.eagle_aux_hidden_state_layer_ids`` as "output of layer j",
-  vLLM reads top-level ``eagle_aux_hidden_state_layer_ids`` as "input to layer j". Both are absent
-  when training used the default layers (the engines' defaults agree), else both are present and
-  differ by one;
+  vLLM reads top-level ``eagle_aux_hidden_state_layer_ids`` as "input to layer j" (and the former,
+  unshifted, when the latter is missing). Both are always written, differing by one, in ascending
+  order, with ``num_aux_hidden_states: 3`` (vLLM sizes ``fc`` by it): without them each engine falls
+  back to its own ``(2, L // 2, L - 3)``, which repeats layers for small targets and need not stay
+  what training used;
 * MLA drafts use ``model_type: deepseek_v2``: vLLM turns ``deepseek_v3`` configs into its MTP draft;
 * ``architectures`` is a name both engines register (``ENGINE_ARCHITECTURES``);
 * ``embed_tokens.weight`` is present when ``hidden_size != target_hidden_size``: both engines then keep
@@ -33,7 +35,13 @@ from typing import Any
 
 import torch
 
-from torchspec.draft_models.aux_layers import default_aux_layer_ids, from_sglang_layer_ids, to_sglang_layer_ids
+from torchspec.draft_models.aux_layers import CONFIG_KEY as AUX_KEY
+from torchspec.draft_models.aux_layers import (
+    default_aux_layer_ids,
+    from_sglang_layer_ids,
+    to_sglang_layer_ids,
+    validate_aux_layer_ids,
+)
 from torchspec.draft_models.config import AutoDraftModelConfig, DraftConfigError, Eagle3DraftConfig, LlamaEagle3Config
 from torchspec.draft_models.safe_checkpoint import DamagedCheckpointError, open_safetensors
 
@@ -71,8 +79,8 @@ def serving_config(
 ) -> dict[str, Any]:
     """The config.json of a serving folder, the one writer for ``save_pretrained`` and ``export``.
 
-    ``aux_layer_ids`` (the convention here: input to layer j; default: what ``config`` records) are
-    written for both engines unless they are the default of a ``num_target_layers``-layer target;
+    ``aux_layer_ids`` (the convention here: input to layer j; default: what ``config`` records, else
+    the default of a ``num_target_layers``-layer target) are written for both engines, whenever known;
     ``special_tokens`` (the target's bos/eos/pad ids) fill keys the draft config lacks.
     """
     values = config.to_dict()
@@ -94,14 +102,16 @@ def serving_config(
         aux_layer_ids = values.get("eagle_aux_hidden_state_layer_ids") or (
             from_sglang_layer_ids(recorded_for_sglang) if recorded_for_sglang else None
         )
+    if aux_layer_ids is None and num_target_layers is not None:
+        aux_layer_ids = default_aux_layer_ids(int(num_target_layers))
     eagle["use_aux_hidden_state"] = True  # both engines' EAGLE-3 switch
-    eagle.pop("eagle_aux_hidden_state_layer_ids", None)
-    values.pop("eagle_aux_hidden_state_layer_ids", None)
-    if aux_layer_ids is not None and (
-        num_target_layers is None or list(aux_layer_ids) != default_aux_layer_ids(int(num_target_layers))
-    ):
-        values["eagle_aux_hidden_state_layer_ids"] = list(aux_layer_ids)  # vLLM: input to layer j
-        eagle["eagle_aux_hidden_state_layer_ids"] = to_sglang_layer_ids(aux_layer_ids)  # SGLang: output of layer j
+    eagle.pop(AUX_KEY, None)
+    values.pop(AUX_KEY, None)
+    if aux_layer_ids is not None:
+        aux_layer_ids = validate_aux_layer_ids(aux_layer_ids, num_target_layers, source="aux_layer_ids")
+        values[AUX_KEY] = aux_layer_ids  # vLLM: input to layer j
+        eagle[AUX_KEY] = to_sglang_layer_ids(aux_layer_ids)  # SGLang: output of layer j
+        values["num_aux_hidden_states"] = len(aux_layer_ids)
     values["eagle_config"] = eagle
     return values
 
@@ -165,7 +175,18 @@ def check_serving_folder(folder: str | Path) -> list[Finding]:
     eagle = raw.get("eagle_config") or {}
     if eagle.get("use_aux_hidden_state") is not True:
         error("config.json eagle_config.use_aux_hidden_state must be true for EAGLE-3")
-    sglang_ids, vllm_ids = eagle.get("eagle_aux_hidden_state_layer_ids"), raw.get("eagle_aux_hidden_state_layer_ids")
+    sglang_ids, vllm_ids = eagle.get(AUX_KEY), raw.get(AUX_KEY)
+    if sglang_ids is None and vllm_ids is None:
+        warning(
+            "config.json names no aux layer ids: the engines fall back to their own (2, L // 2, L - 3), which repeats "
+            "layers for targets of 6 layers or fewer and need not be what the draft was trained on; converter export "
+            f"writes them ({AUX_KEY} and eagle_config.{AUX_KEY})"
+        )
+    if raw.get("num_aux_hidden_states", 3) != 3:
+        error(
+            f"config.json num_aux_hidden_states is {raw['num_aux_hidden_states']}: vLLM sizes fc by it, the draft's fc "
+            "reads 3 states (low, mid, high); set it to 3"
+        )
     if (sglang_ids is None) != (vllm_ids is None):
         error(
             "aux layer ids are written for only one engine: set both eagle_config.eagle_aux_hidden_state_layer_ids "

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from torchspec.trainer.config import ConfigError, TrainConfig
-from torchspec.trainer.engine.launch import EngineWorker, engine_options
+from torchspec.trainer.engine.launch import EngineWorker, check_engine_dtype, engine_options
 from torchspec.trainer.targets.dump import (
     DUMP_FORMAT,
     MANIFEST,
@@ -74,6 +74,7 @@ def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.P
     head = TargetHead.from_pretrained(target_path, trust_remote_code=m.trust_remote_code)
     aux = head.validate_aux_layer_ids(m.aux_layer_ids)
     dtype = resolve_dtype(m.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    check_engine_dtype(head.config, dtype)
     tokenizer = load_tokenizer(m.tokenizer_path or target_path, m.trust_remote_code)
     data = load_training_data(config.data, tokenizer, config.training.seed, is_main=True)
     samples = dump_samples([data.train, data.eval], config.data.max_seq_length)

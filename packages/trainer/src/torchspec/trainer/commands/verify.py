@@ -8,22 +8,30 @@ on both sides, so both verify the same number of rounds):
 2. vLLM serving the target with the draft (``speculative_config: eagle3``),
 3. the in-process evaluator (``torchspec.trainer.commands.evaluate``) with the same draft.
 
-The draft is good to deploy when vLLM loads it, (2) equals (1) token for token, and the
-acceptance vLLM counts is what you expect. In float32 the evaluator's counts equal vLLM's exactly
-(a test holds this); in bfloat16 they differ by rounding. Exit status: 0 served with identical
-outputs, 1 served but the outputs differ, 2 not served (the engine's reason is printed).
+The draft is good to deploy when vLLM loads it, (2) equals (1) token for token, and vLLM counts
+what the evaluator counts. Identical output alone proves little: greedy decoding is lossless, so
+(2) equals (1) however wrongly the engine reads the draft (other aux layers, norm flags or vocabulary
+mapping); the counts are what catch that. They agree when both sides count the same rounds with a
+draft and the same accepted draft tokens, and per draft position at most one count apart (float32
+rounding may flip a near-tie late in a chain, seen once in ~150 rounds, totals still equal).
+
+Exit status: 0 served, identical outputs and counts agree; 1 served but the outputs differ or the
+counts disagree (each difference printed); 2 not served (the engine's reason is printed). The
+evaluator runs float32, so the verdict needs the engine in float32 too (``--dtype``, the default):
+in bfloat16 or float16 the counts differ by rounding and verify exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
 from torchspec.draft_models.errors import cli_main
 
-__all__ = ["VerifyReport", "main", "verify_draft"]
+__all__ = ["VerifyReport", "count_disagreements", "first_differences", "main", "verdict", "verify_draft"]
 
 
 @dataclass
@@ -44,13 +52,15 @@ class VerifyReport:
     evaluator_num_accepted_tokens: int
     engine_output_identical_with_and_without_draft: bool
     engine_output_identical_to_evaluator: bool
+    # Rounds in which draft position i was accepted, on each side.
+    engine_accepted_per_position: list[int] = field(default_factory=list)
+    evaluator_accepted_per_position: list[int] = field(default_factory=list)
+    # [prompt, token]: where vLLM's output with the draft first departs from its output without.
+    engine_output_differences: list[list[int]] = field(default_factory=list)
 
     @property
     def counts_agree(self) -> bool:
-        return (self.engine_num_drafts, self.engine_num_accepted_tokens) == (
-            self.evaluator_num_rounds,
-            self.evaluator_num_accepted_tokens,
-        )
+        return not count_disagreements(self)
 
     def table(self) -> str:
         def positions(shares):
@@ -86,6 +96,44 @@ class VerifyReport:
             f"engine counts == evaluator counts          {yes(self.counts_agree)}",
         ]
         return "\n".join(lines)
+
+
+def first_differences(outputs: list[list[int]], reference: list[list[int]]) -> list[list[int]]:
+    """``[prompt, token]`` of the first token where each prompt's output departs from the reference's."""
+    differences = []
+    missing: list[int] = []  # a prompt one side lacks
+    for prompt, (tokens, expected) in enumerate(zip_longest(outputs, reference, fillvalue=missing)):
+        if tokens != expected:
+            same = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), None)
+            differences.append([prompt, min(len(tokens), len(expected)) if same is None else same])
+    return differences
+
+
+def count_disagreements(report: VerifyReport) -> list[str]:
+    """Where vLLM's counts and the evaluator's differ beyond float32 rounding (empty: they agree).
+    Totals must be equal; per draft position a count may be one off (a near-tie flipped late in a chain)."""
+    found = []
+    for what, engine, evaluator in (
+        ("rounds with a draft", report.engine_num_drafts, report.evaluator_num_rounds),
+        ("accepted draft tokens", report.engine_num_accepted_tokens, report.evaluator_num_accepted_tokens),
+    ):
+        if engine != evaluator:
+            found.append(f"{what}: vLLM {engine}, evaluator {evaluator}")
+    pairs = zip_longest(report.engine_accepted_per_position, report.evaluator_accepted_per_position)
+    for position, (engine, evaluator) in enumerate(pairs, start=1):
+        if engine is None or evaluator is None or abs(engine - evaluator) > 1:
+            found.append(f"draft position {position}: vLLM accepted {engine}, evaluator {evaluator}")
+    return found
+
+
+def verdict(report: VerifyReport) -> list[str]:
+    """Why the draft is not shown to be served as trained (empty: vLLM's output is the same with and
+    without it, and its counts agree with the evaluator's). Decides the exit status of ``verify``."""
+    problems = []
+    if not report.engine_output_identical_with_and_without_draft:
+        where = ", ".join(f"prompt {p} from token {t}" for p, t in report.engine_output_differences)
+        problems.append(f"vLLM's output with the draft differs from its output without it: {where or 'see the report'}")
+    return problems + count_disagreements(report)
 
 
 def verify_draft(
@@ -145,6 +193,10 @@ def verify_draft(
         evaluator_num_accepted_tokens=evaluated.num_accepted_tokens,
         engine_output_identical_with_and_without_draft=served.outputs == plain.outputs,
         engine_output_identical_to_evaluator=served.outputs == evaluated.target_outputs,
+        engine_accepted_per_position=list(served.accepted_per_position),
+        # The evaluator reports shares of its rounds; the integers they were made of.
+        evaluator_accepted_per_position=[round(s * evaluated.num_rounds) for s in evaluated.position_acceptance],
+        engine_output_differences=first_differences(served.outputs, plain.outputs),
     )
 
 
@@ -159,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16"],
-        help="engine dtype (the evaluator runs float32; counts agree exactly only in float32)",
+        help="engine dtype (the evaluator runs float32: the counts, and so the verdict, agree only in float32)",
     )
     parser.add_argument("--output", help="JSON report (default: <draft>/engine_verify.json)")
     return parser
@@ -171,9 +223,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     report = verify_draft(*decoding_inputs(args), args.dtype)
-    record = {**asdict(report), "counts_agree": report.counts_agree}
+    problems = verdict(report)
+    record = {**asdict(report), "counts_agree": report.counts_agree, "verdict": problems}
     write_report(report.table(), record, args.output or Path(args.draft) / "engine_verify.json")
-    return 0 if report.engine_output_identical_with_and_without_draft else 1
+    for problem in problems:
+        print(f"FAILED: {problem}")
+    if problems and args.dtype != "float32":
+        print(f"(--dtype {args.dtype}: the counts differ by rounding; run with float32 for the verdict)")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ class ModelConfig:
     draft_architecture: Literal["llama", "mla"] = "llama"
     # Below the target vocabulary: the draft predicts only the most frequent supervised tokens.
     draft_vocab_size: int | None = None
-    # Target layers whose inputs feed the draft (low, mid, high); null = [2, L//2, L-3].
+    # Target layers whose inputs feed the draft (low, mid, high), 3 distinct ids in ascending order (the
+    # engines concatenate the states in layer order); null = [2, L//2, L-3] (see default_aux_layer_ids).
     aux_layer_ids: list[int] | None = None
     trust_remote_code: bool = False
     # Target weights; auto = bfloat16 on GPU, float32 on CPU.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torchspec.draft_models.aux_layers import validate_aux_layer_ids
+from torchspec.draft_models.errors import UserInputError
 from torchspec.trainer.config.schema import ConfigError, TrainConfig
 
 __all__ = ["validate_config"]
@@ -69,8 +71,11 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
         )
     if not 0 <= d.eval_split < 1:
         raise ConfigError(f"data.eval_split{where} must be in [0, 1), got {d.eval_split}")
-    if m.aux_layer_ids is not None and len(m.aux_layer_ids) != 3:
-        raise ConfigError(f"model.aux_layer_ids{where} must list 3 layer ids (low, mid, high), got {m.aux_layer_ids}")
+    if m.aux_layer_ids is not None:  # the count and order here, the range once the target is read
+        try:
+            validate_aux_layer_ids(m.aux_layer_ids, None, source=f"model.aux_layer_ids{where}")
+        except UserInputError as err:
+            raise ConfigError(str(err)) from None
     # resume: auto goes with continual_training (the default is auto): the first launch starts from
     # continual_training's weights, a relaunch resumes its own checkpoints. An explicit resume path does not.
     if ckpt.resume not in (None, "auto") and ckpt.continual_training is not None:

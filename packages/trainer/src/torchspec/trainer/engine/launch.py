@@ -41,6 +41,7 @@ __all__ = [
     "EngineError",
     "EngineRun",
     "EngineWorker",
+    "check_engine_dtype",
     "engine_environment",
     "engine_options",
     "engine_python",
@@ -140,6 +141,50 @@ def is_mla_model(path: str | os.PathLike) -> bool:
     return config.get("model_type") in _MLA_MODEL_TYPES or "Deepseek" in architectures or "kv_lora_rank" in config
 
 
+# Targets vLLM runs through a decoder layer that, in float16 only, divides the residual stream by
+# routed_scaling_factor to avoid overflow ("Fix FP16 overflow" in vLLM 0.32's deepseek_v2.py
+# DeepseekV2DecoderLayer, copied by AXK1.py; Kimi K2.5 and Mistral Large 3 run DeepSeek-V3 inside).
+_FLOAT16_RESCALED_ARCHITECTURES = frozenset(
+    {
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
+        "KimiK25ForConditionalGeneration",
+        "MistralLarge3ForCausalLM",
+        "AXK1ForCausalLM",
+    }
+)
+_FLOAT16_RESCALED_MODEL_TYPES = frozenset({"deepseek_v2", "deepseek_v3", "kimi_k2", "kimi_k25"})
+
+
+def check_engine_dtype(target_config: Any, dtype: Any) -> None:
+    """Refuse the states vLLM would compute unlike transformers: a DeepSeek-type target in float16,
+    whose residual stream vLLM keeps divided by ``routed_scaling_factor``."""
+    import torch
+
+    if dtype != torch.float16:
+        return
+
+    def get(config: Any, key: str) -> Any:  # a composite config may hold its text config as a dict
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    text_config = get(target_config, "text_config") or target_config
+    architectures = set(get(target_config, "architectures") or [])
+    model_types = {get(target_config, "model_type"), get(text_config, "model_type")}
+    if not (architectures & _FLOAT16_RESCALED_ARCHITECTURES or model_types & _FLOAT16_RESCALED_MODEL_TYPES):
+        return
+    factor = get(text_config, "routed_scaling_factor")
+    factor = 1.0 if factor is None else float(factor)  # vLLM's getattr default
+    if factor == 1.0:
+        return
+    name = min(architectures, default=None) or get(target_config, "model_type")
+    raise ConfigError(
+        f"model.dtype float16 with a DeepSeek-type target ({name}, routed_scaling_factor {factor:g}) on vLLM "
+        f"(target.backend=vllm|fleet, dump-states): vLLM's DeepSeek decoder divides the residual stream by that "
+        f"factor in float16, so the draft would learn states {factor:g}x smaller than transformers' and a bfloat16 "
+        "deployment's; use model.dtype=bfloat16"
+    )
+
+
 def run_vllm(
     target: str | os.PathLike,
     prompts: list[list[int]],
@@ -215,6 +260,9 @@ class EngineWorker:
         draft: str | os.PathLike | None = None,
         num_draft_tokens: int = 4,
     ):
+        if layer_ids is not None and list(layer_ids) != sorted(set(layer_ids)):
+            # vLLM hands the states out in layer order, once per layer, whatever the order asked.
+            raise ConfigError(f"engine layer_ids {list(layer_ids)} must be distinct and ascending")
         python = engine_python(python)
         if python == sys.executable and not vllm_available():
             raise EngineError(f"the target engine needs vLLM, which is not installed here; {_INSTALL_HINT}")

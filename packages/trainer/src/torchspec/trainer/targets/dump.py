@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 from torchspec.draft_models.atomic import write_file_atomic
+from torchspec.draft_models.aux_layers import validate_aux_layer_ids
+from torchspec.draft_models.errors import UserInputError
 from torchspec.trainer.config import ConfigError
 from torchspec.trainer.targets.contract import ServedTarget, TargetOutput, states_to_output, unpadded_rows
 from torchspec.trainer.targets.head import TargetHead
@@ -205,6 +207,10 @@ class DumpTarget(ServedTarget):
                 f"target.dump_dir {directory} was dumped from another target ({saved.get('path')}) than "
                 f"model.target_model_path {target_path}; train with that target or dump again"
             )
+        try:  # a hand-edited manifest must not lead to advice the engines would not serve
+            validate_aux_layer_ids(manifest["aux_layer_ids"], head.num_layers, f"{directory / MANIFEST} aux_layer_ids")
+        except UserInputError as err:
+            raise ConfigError(f"{err}, or dump again") from None
         aux = head.validate_aux_layer_ids(aux_layer_ids)
         if aux != list(manifest["aux_layer_ids"]):
             raise ConfigError(

@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
-from torchspec.trainer.engine.launch import EngineWorker
+from torchspec.draft_models.aux_layers import validate_aux_layer_ids
+from torchspec.draft_models.errors import UserInputError
+from torchspec.trainer.config import ConfigError
+from torchspec.trainer.engine.launch import EngineWorker, check_engine_dtype
 from torchspec.trainer.targets.contract import ServedTarget, TargetOutput, batch_key, states_to_output, unpadded_rows
 from torchspec.trainer.targets.head import TargetHead
 
@@ -31,6 +34,10 @@ __all__ = ["EngineTarget", "vllm_layer_ids"]
 def vllm_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
     """What vLLM is asked for: the aux layers' inputs (vLLM id ``i`` = transformers
     ``output_hidden_states[i]``), then id ``num_layers``, the last layer's output before the final norm."""
+    try:
+        aux_layer_ids = validate_aux_layer_ids(aux_layer_ids, num_layers, source="aux_layer_ids")
+    except UserInputError as err:
+        raise ConfigError(str(err)) from None
     return [*aux_layer_ids, num_layers]
 
 
@@ -62,6 +69,7 @@ class EngineTarget(ServedTarget):
         """Read the head from ``path``, check the aux layer ids, then start the engine
         (``worker_options``: :class:`EngineWorker`'s, e.g. ``engine_options(config)``)."""
         head = TargetHead.from_pretrained(path, dtype, device, worker_options.get("trust_remote_code", False))
+        check_engine_dtype(head.config, dtype)
         aux = head.validate_aux_layer_ids(aux_layer_ids)
         worker = EngineWorker(
             path,

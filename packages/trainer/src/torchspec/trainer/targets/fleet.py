@@ -22,7 +22,7 @@ import torch
 
 from torchspec.trainer.config import ConfigError
 from torchspec.trainer.engine.fleet import FleetReply, ServerFleet
-from torchspec.trainer.engine.launch import EngineError
+from torchspec.trainer.engine.launch import EngineError, check_engine_dtype
 from torchspec.trainer.targets.contract import ServedTarget, TargetOutput, batch_key, states_to_output, unpadded_rows
 from torchspec.trainer.targets.engine import vllm_layer_ids
 from torchspec.trainer.targets.head import TargetHead
@@ -62,6 +62,7 @@ class FleetTarget(ServedTarget):
                 "(`trainer serve-command --config FILE` prints the command that starts one)"
             )
         head = TargetHead.from_pretrained(path, dtype, device, trust_remote_code)
+        check_engine_dtype(head.config, dtype)
         aux = head.validate_aux_layer_ids(aux_layer_ids)
         fleet = ServerFleet(servers, vllm_layer_ids(aux, head.num_layers), timeout_s, request_timeout_s)
         try:
