@@ -32,7 +32,7 @@ from torchspec.draft_models.config import AutoDraftModelConfig, Eagle3DraftConfi
 from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.layers import Eagle3DecoderLayer, RMSNorm
 from torchspec.draft_models.safe_checkpoint import open_safetensors
-from torchspec.draft_models.serving_folder import serving_config
+from torchspec.draft_models.serving_layout import serving_config
 from torchspec.draft_models.ttt_attention import DecodeMask, TTTMask
 
 __all__ = ["DraftCheckpointError", "Eagle3DraftModel", "model_class_for", "register_draft_model"]
@@ -162,7 +162,7 @@ class Eagle3DraftModel(nn.Module):
         num_target_layers: int | None = None,
     ) -> Path:
         """Write the serving folder: ``model.safetensors`` (keys without a ``model.`` prefix) and the
-        ``config.json`` export writes too (``serving_folder.serving_config``). The aux layer ids go into
+        ``config.json`` export writes too (``serving_layout.serving_config``). The aux layer ids go into
         config.json when known: given, recorded in the config, or the default of a
         ``num_target_layers``-layer target; without them the engines guess (``check`` warns)."""
         directory = Path(directory)

@@ -1,4 +1,4 @@
-"""The draft folder SGLang and vLLM load unmodified, and a checker for it.
+"""A checker for the draft folder SGLang and vLLM load unmodified (its layout: ``serving_layout``).
 
 A serving folder holds ``config.json`` and ``model.safetensors``:
 
@@ -31,33 +31,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from torchspec.draft_models.auto import AutoEagle3DraftModel
 from torchspec.draft_models.aux_layers import CONFIG_KEY as AUX_KEY
-from torchspec.draft_models.aux_layers import (
-    default_aux_layer_ids,
-    from_sglang_layer_ids,
-    to_sglang_layer_ids,
-    validate_aux_layer_ids,
-)
-from torchspec.draft_models.config import AutoDraftModelConfig, DraftConfigError, Eagle3DraftConfig, LlamaEagle3Config
+from torchspec.draft_models.aux_layers import from_sglang_layer_ids
+from torchspec.draft_models.config import AutoDraftModelConfig, DraftConfigError, LlamaEagle3Config
 from torchspec.draft_models.safe_checkpoint import DamagedCheckpointError, open_safetensors
+from torchspec.draft_models.serving_layout import ENGINE_ARCHITECTURES, serving_config, unregistered_by
 
 __all__ = ["ENGINE_ARCHITECTURES", "Finding", "check_serving_folder", "serving_config", "unregistered_by"]
-
-# Draft architecture names each engine registers: vLLM 0.32 models/registry.py (EAGLEConfig keeps
-# names that end in Eagle3), SGLang's EntryClass in models/llama_eagle3.py and deepseek_eagle3.py.
-ENGINE_ARCHITECTURES = {
-    "SGLang": frozenset({"LlamaForCausalLMEagle3", "Eagle3DeepseekV2ForCausalLM", "Eagle3DeepseekV3ForCausalLM"}),
-    "vLLM": frozenset({"LlamaForCausalLMEagle3", "Eagle3DeepseekV2ForCausalLM", "Eagle3DeepseekV3ForCausalLM"}),
-}
-
-
-def unregistered_by(architecture: str) -> list[str]:
-    """The engines that cannot load a draft folder naming ``architecture``."""
-    return [engine for engine, names in ENGINE_ARCHITECTURES.items() if architecture not in names]
 
 
 @dataclass
@@ -69,56 +53,7 @@ class Finding:
         return f"{self.level}: {self.message}"
 
 
-def serving_config(
-    config: Eagle3DraftConfig,
-    dtype: torch.dtype,
-    draft_vocab_size: int | None = None,
-    aux_layer_ids: list[int] | None = None,
-    num_target_layers: int | None = None,
-    special_tokens: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The config.json of a serving folder, the one writer for ``save_pretrained`` and ``export``.
-
-    ``aux_layer_ids`` (the convention here: input to layer j; default: what ``config`` records, else
-    the default of a ``num_target_layers``-layer target) are written for both engines, whenever known;
-    ``special_tokens`` (the target's bos/eos/pad ids) fill keys the draft config lacks.
-    """
-    values = config.to_dict()
-    for key, value in (special_tokens or {}).items():
-        values.setdefault(key, value)
-    if unregistered_by(values["architectures"][0]):  # an alias older versions wrote
-        values["architectures"] = [type(config).architecture]
-    values.update(
-        num_hidden_layers=1,
-        draft_vocab_size=config.draft_vocab_size if draft_vocab_size is None else draft_vocab_size,
-        tie_word_embeddings=False,
-        torch_dtype=str(dtype).removeprefix("torch."),
-    )
-    if isinstance(config, LlamaEagle3Config):
-        values["head_dim"] = config.head_dim
-    eagle = dict(values.get("eagle_config") or {})
-    if aux_layer_ids is None:
-        recorded_for_sglang = eagle.get("eagle_aux_hidden_state_layer_ids")
-        aux_layer_ids = values.get("eagle_aux_hidden_state_layer_ids") or (
-            from_sglang_layer_ids(recorded_for_sglang) if recorded_for_sglang else None
-        )
-    if aux_layer_ids is None and num_target_layers is not None:
-        aux_layer_ids = default_aux_layer_ids(int(num_target_layers))
-    eagle["use_aux_hidden_state"] = True  # both engines' EAGLE-3 switch
-    eagle.pop(AUX_KEY, None)
-    values.pop(AUX_KEY, None)
-    if aux_layer_ids is not None:
-        aux_layer_ids = validate_aux_layer_ids(aux_layer_ids, num_target_layers, source="aux_layer_ids")
-        values[AUX_KEY] = aux_layer_ids  # vLLM: input to layer j
-        eagle[AUX_KEY] = to_sglang_layer_ids(aux_layer_ids)  # SGLang: output of layer j
-        values["num_aux_hidden_states"] = len(aux_layer_ids)
-    values["eagle_config"] = eagle
-    return values
-
-
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    from torchspec.draft_models.auto import AutoEagle3DraftModel  # the model classes import serving_config from here
-
     with torch.device("meta"):
         model = AutoEagle3DraftModel.from_config(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
