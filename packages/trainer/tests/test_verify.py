@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from torchspec.trainer import verify
+from torchspec.trainer.commands import verify
 from torchspec.trainer.commands.verify import VerifyReport, first_differences, verdict
 
 
@@ -98,3 +98,38 @@ def test_the_exit_status_follows_the_verdict(monkeypatch, tmp_path, capsys):
     assert verify.main(argv) == 1  # before: 0, the outputs being identical
     out = capsys.readouterr().out
     assert "accepted draft tokens: vLLM 12, evaluator 140" in out
+
+
+def test_without_the_evaluator_only_the_engine_is_judged_and_the_report_says_so():
+    report = _report(evaluator_ran=False, evaluator_num_rounds=0, evaluator_num_accepted_tokens=0)
+    assert report.counts_agree and verdict(report) == []
+    assert "not compared (--no-evaluator)" in report.table()
+    assert verdict(_report(evaluator_ran=False, engine_output_identical_with_and_without_draft=False))
+
+
+def test_engine_arguments_reach_the_engine_and_bad_ones_are_one_line(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_verify(*args, **kwargs):
+        seen.update(kwargs)
+        return _report(evaluator_ran=not kwargs["evaluator"])
+
+    monkeypatch.setattr(verify, "verify_draft", fake_verify)
+    argv = ["--draft", str(tmp_path), "--target", str(tmp_path), "--data", str(tmp_path)]
+    argv += ["--output", str(tmp_path / "report.json")]
+    extra = [
+        "--engine-args",
+        '{"tensor_parallel_size": 8}',
+        "--engine-python",
+        "/envs/vllm/bin/python",
+        "--no-evaluator",
+    ]
+    assert verify.main([*argv, *extra]) == 0
+    assert seen == {
+        "engine_args": {"tensor_parallel_size": 8},
+        "engine_python": "/envs/vllm/bin/python",
+        "evaluator": False,
+    }
+    with pytest.raises(SystemExit) as exit_info:
+        verify.main([*argv, "--engine-args", "[8]"])
+    assert exit_info.value.code == 2 and "expected a JSON object of engine arguments" in capsys.readouterr().err

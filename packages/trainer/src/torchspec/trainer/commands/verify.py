@@ -24,6 +24,7 @@ in bfloat16 or float16 the counts differ by rounding and verify exits 1.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict, dataclass, field
 from itertools import zip_longest
@@ -57,6 +58,8 @@ class VerifyReport:
     evaluator_accepted_per_position: list[int] = field(default_factory=list)
     # [prompt, token]: where vLLM's output with the draft first departs from its output without.
     engine_output_differences: list[list[int]] = field(default_factory=list)
+    # False with --no-evaluator (a target too large for this process): nothing is compared to it.
+    evaluator_ran: bool = True
 
     @property
     def counts_agree(self) -> bool:
@@ -69,8 +72,10 @@ class VerifyReport:
         def yes(flag):
             return "yes" if flag else "NO"
 
+        if not self.evaluator_ran:
+            self.evaluator_position_acceptance = []
         rows = [
-            ("", f"vLLM {self.engine_version}", "evaluator"),
+            ("", f"vLLM {self.engine_version}", "evaluator" if self.evaluator_ran else "evaluator (not run)"),
             ("acceptance length", f"{self.engine_acceptance_length:.3f}", f"{self.evaluator_acceptance_length:.3f}"),
             (
                 "position acceptance",
@@ -92,9 +97,14 @@ class VerifyReport:
         lines += [
             "",
             f"vLLM output with draft == without draft   {yes(self.engine_output_identical_with_and_without_draft)}",
-            f"vLLM output == evaluator's target output   {yes(self.engine_output_identical_to_evaluator)}",
-            f"engine counts == evaluator counts          {yes(self.counts_agree)}",
         ]
+        if self.evaluator_ran:
+            lines += [
+                f"vLLM output == evaluator's target output   {yes(self.engine_output_identical_to_evaluator)}",
+                f"engine counts == evaluator counts          {yes(self.counts_agree)}",
+            ]
+        else:
+            lines.append("engine counts == evaluator counts          not compared (--no-evaluator)")
         return "\n".join(lines)
 
 
@@ -112,7 +122,9 @@ def first_differences(outputs: list[list[int]], reference: list[list[int]]) -> l
 def count_disagreements(report: VerifyReport) -> list[str]:
     """Where vLLM's counts and the evaluator's differ beyond float32 rounding (empty: they agree).
     Totals must be equal; per draft position a count may be one off (a near-tie flipped late in a chain)."""
-    found = []
+    found: list[str] = []
+    if not report.evaluator_ran:
+        return found
     for what, engine, evaluator in (
         ("rounds with a draft", report.engine_num_drafts, report.evaluator_num_rounds),
         ("accepted draft tokens", report.engine_num_accepted_tokens, report.evaluator_num_accepted_tokens),
@@ -146,10 +158,18 @@ def verify_draft(
     prompt_key: str = "conversations",
     dtype: str = "float32",
     prompts: list[list[int]] | None = None,
+    engine_args: dict | None = None,
+    engine_python: str | None = None,
+    evaluator: bool = True,
 ) -> VerifyReport:
+    """vLLM serving ``target_path`` with and without the draft, and (``evaluator``) the in-process
+    evaluator on the same prompts. ``engine_args`` are vLLM's (``tensor_parallel_size``, ...) and
+    ``engine_python`` the interpreter of its environment, so a target larger than this process can
+    be verified by the engine alone (``evaluator=False``)."""
     from transformers import AutoTokenizer
 
     from torchspec.trainer.commands.evaluate import (
+        EvaluationResult,
         evaluate_prompts,
         load_for_evaluation,
         prompts_from_conversations,
@@ -161,21 +181,33 @@ def verify_draft(
     if prompts is None:
         tokenizer = AutoTokenizer.from_pretrained(target_path)
         prompts = prompts_from_conversations(data_path, tokenizer, prompt_key, num_prompts)
-    plain = run_vllm(target_path, prompts, max_new_tokens, dtype=dtype)
+    options = {"engine_args": engine_args or {}, "python": engine_python}
+    plain = run_vllm(target_path, prompts, max_new_tokens, dtype=dtype, **options)
     served = run_vllm(
-        target_path, prompts, max_new_tokens, draft=draft_path, num_draft_tokens=num_draft_tokens, dtype=dtype
-    )
-    draft, target = load_for_evaluation(draft_path, target_path)
-    evaluated = evaluate_prompts(
-        draft,
-        target,
+        target_path,
         prompts,
         max_new_tokens,
-        num_draft_tokens,
-        eos_token_id=None,
-        draft_name=draft_path,
-        target_name=target_path,
+        draft=draft_path,
+        num_draft_tokens=num_draft_tokens,
+        dtype=dtype,
+        **options,
     )
+    if evaluator:
+        draft, target = load_for_evaluation(draft_path, target_path)
+        evaluated = evaluate_prompts(
+            draft,
+            target,
+            prompts,
+            max_new_tokens,
+            num_draft_tokens,
+            eos_token_id=None,
+            draft_name=draft_path,
+            target_name=target_path,
+        )
+    else:
+        evaluated = EvaluationResult(
+            draft_path, target_path, len(prompts), num_draft_tokens, float("nan"), [], 0, 0.0, 0.0, False
+        )
     return VerifyReport(
         draft=str(draft_path),
         target=str(target_path),
@@ -197,6 +229,7 @@ def verify_draft(
         # The evaluator reports shares of its rounds; the integers they were made of.
         evaluator_accepted_per_position=[round(s * evaluated.num_rounds) for s in evaluated.position_acceptance],
         engine_output_differences=first_differences(served.outputs, plain.outputs),
+        evaluator_ran=evaluator,
     )
 
 
@@ -213,8 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="engine dtype (the evaluator runs float32: the counts, and so the verdict, agree only in float32)",
     )
+    parser.add_argument(
+        "--engine-args",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="vLLM engine arguments, e.g. '{\"tensor_parallel_size\": 8}' (a target larger than one GPU)",
+    )
+    parser.add_argument("--engine-python", help="the python of the environment vLLM is installed in")
+    parser.add_argument(
+        "--no-evaluator",
+        action="store_true",
+        help="verify with the engine alone (a target this process cannot load): output and acceptance, "
+        "no count comparison",
+    )
     parser.add_argument("--output", help="JSON report (default: <draft>/engine_verify.json)")
     return parser
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object of engine arguments")
+    return value
 
 
 @cli_main
@@ -222,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     from torchspec.trainer.commands.evaluate import decoding_inputs, write_report
 
     args = build_parser().parse_args(argv)
-    report = verify_draft(*decoding_inputs(args), args.dtype)
+    report = verify_draft(
+        *decoding_inputs(args),
+        args.dtype,
+        engine_args=args.engine_args,
+        engine_python=args.engine_python,
+        evaluator=not args.no_evaluator,
+    )
     problems = verdict(report)
     record = {**asdict(report), "counts_agree": report.counts_agree, "verdict": problems}
     write_report(report.table(), record, args.output or Path(args.draft) / "engine_verify.json")
