@@ -181,8 +181,9 @@ def verify_draft(
     if prompts is None:
         tokenizer = AutoTokenizer.from_pretrained(target_path)
         prompts = prompts_from_conversations(data_path, tokenizer, prompt_key, num_prompts)
-    options = {"engine_args": engine_args or {}, "python": engine_python}
-    plain = run_vllm(target_path, prompts, max_new_tokens, dtype=dtype, **options)
+    plain = run_vllm(
+        target_path, prompts, max_new_tokens, dtype=dtype, engine_args=engine_args or {}, python=engine_python
+    )
     served = run_vllm(
         target_path,
         prompts,
@@ -190,7 +191,8 @@ def verify_draft(
         draft=draft_path,
         num_draft_tokens=num_draft_tokens,
         dtype=dtype,
-        **options,
+        engine_args=engine_args or {},
+        python=engine_python,
     )
     if evaluator:
         draft, target = load_for_evaluation(draft_path, target_path)
