@@ -1,30 +1,7 @@
-"""A checker for the draft folder SGLang and vLLM load unmodified (its layout: ``serving_layout``).
-
-A serving folder holds ``config.json`` and ``model.safetensors``:
-
-* keys ``fc.weight``, ``midlayer.*``, ``norm.weight``, ``lm_head.weight`` (always, also for a full
-  vocabulary), ``d2t`` (int64 offsets) when ``draft_vocab_size < vocab_size``, optional ``t2d``
-  (bool), optional ``embed_tokens.weight``; no ``model.`` prefix;
-* config: one ``architectures`` entry, ``num_hidden_layers: 1``, the target's ``vocab_size``,
-  ``draft_vocab_size``, ``tie_word_embeddings: false``, ``torch_dtype``, ``head_dim`` for Llama
-  drafts, and ``eagle_config.use_aux_hidden_state: true``;
-* aux layers: SGLang reads ``eagle_config.eagle_aux_hidden_state_layer_ids`` as "output of layer j",
-  vLLM reads top-level ``eagle_aux_hidden_state_layer_ids`` as "input to layer j" (and the former,
-  unshifted, when the latter is missing). Both are always written, differing by one, in ascending
-  order, with ``num_aux_hidden_states: 3`` (vLLM sizes ``fc`` by it): without them each engine falls
-  back to its own ``(2, L // 2, L - 3)``, which repeats layers for small targets and need not stay
-  what training used;
-* MLA drafts use ``model_type: deepseek_v2``: vLLM turns ``deepseek_v3`` configs into its MTP draft;
-* ``architectures`` is a name both engines register (``ENGINE_ARCHITECTURES``);
-* ``embed_tokens.weight`` is present when ``hidden_size != target_hidden_size``: both engines then keep
-  the draft's own table (and never the target's, whose width differs);
-* EAGLE-3.1 flags ``fc_norm``, ``norm_before_fc``, ``norm_output`` at the top level (vLLM reads them
-  there; ``norm_before_fc`` also from ``eagle_config``, first), weights ``fc_norm.{0,1,2}.weight`` and
-  ``input_norm.weight``. SGLang reads fc_norm and norm_output but not norm_before_fc (a warning), vLLM's
-  DeepSeek draft has no input_norm (an error);
-* RoPE, biases and other keys the engines would serve differently from training are refused by the
-  draft config itself (``DraftConfigError``), so they show up here as config errors.
-"""
+"""A checker for the draft folder SGLang and vLLM load unmodified: ``check_serving_folder`` reports,
+as errors naming the engine and the fix, what an engine would refuse or compute differently from
+training. The layout it checks (keys, config.json, aux layers, EAGLE-3.1 flags) is documented and
+written in ``serving_layout``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Online EAGLE-3 draft training against a live target model with FSDP2."""
 
-from torchspec.trainer import _moved
+from torchspec.trainer import deprecated_paths
 from torchspec.trainer.__about__ import __version__
 from torchspec.trainer.commands.default_assets import ensure_default_target
 from torchspec.trainer.config import ConfigError, TrainConfig, dump_config, load_config
@@ -39,4 +39,4 @@ __all__ = [
     "ttt_counts",
 ]
 
-_moved.install()  # the module paths of torchspec-trainer < 0.7 still import, with a DeprecationWarning
+deprecated_paths.install()  # the module paths of torchspec-trainer < 0.7 still import, with a DeprecationWarning

@@ -12,6 +12,8 @@ import types
 import warnings
 from typing import Any
 
+__all__ = ["forwarding_getattr", "install"]
+
 _PACKAGE = "torchspec.trainer"
 _MOVED = {
     "checkpoint": ("loop.checkpoint",),
@@ -74,6 +76,24 @@ class _Finder(importlib.abc.MetaPathFinder):
         if package == _PACKAGE and name in _MOVED:
             return importlib.machinery.ModuleSpec(fullname, _Loader())
         return None
+
+
+def forwarding_getattr(package: str, module: str):
+    """A module ``__getattr__`` for ``package``, a module before 0.7.0 and a folder since: its old
+    names come from ``package.module``, with a DeprecationWarning."""
+
+    def __getattr__(name: str) -> Any:
+        target = importlib.import_module(f"{package}.{module}")
+        if name.startswith("__") or not hasattr(target, name):
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        warnings.warn(
+            f"{package}.{name} moved to {target.__name__}.{name} in torchspec-trainer 0.7.0",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(target, name)
+
+    return __getattr__
 
 
 def install() -> None:
