@@ -294,10 +294,12 @@ def test_a_full_disk_keeps_the_previous_export_servable(env, capsys, monkeypatch
 
 
 def test_a_failed_rename_puts_the_previous_export_back(env, monkeypatch):
-    """The last step of a --force export moves the old folder aside and the new one in; if the second
-    move fails, the old folder returns (it used to stay hidden as .NAME.old-PID, which the next export
-    deletes)."""
+    """The last step of a --force export swaps the folders in one rename where the kernel can
+    (renameat2), else moves the old folder aside and the new one in; if that second move fails, the
+    old folder returns (it used to stay hidden as .NAME.old-PID, which the next export deleted)."""
     import os
+
+    import torchspec.draft_models.atomic as atomic
 
     before = (env.served / "model.safetensors").read_bytes()
     real_replace = os.replace
@@ -307,7 +309,8 @@ def test_a_failed_rename_puts_the_previous_export_back(env, monkeypatch):
             raise OSError(errno.EIO, "Input/output error")
         return real_replace(source, destination)
 
-    monkeypatch.setattr(export_module.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # the path without an atomic swap
     with pytest.raises(export_module.ConverterError, match="cannot write the export .*served"):
         export_module.export_checkpoint(env.checkpoint, env.served, force=True)
     monkeypatch.undo()

@@ -242,3 +242,29 @@ def test_export_removes_what_killed_exports_left_behind(tmp_path):
     assert not any(folder.exists() for folder in abandoned)
     assert in_progress.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [in_progress.name, "run", "run_hf"]
+
+
+def test_an_export_killed_between_its_renames_loses_neither_folder(tmp_path, monkeypatch):
+    """A killed export whose previous folder was set aside, its replacement not yet in place: the
+    next export puts the previous folder back first, so even when that export fails, the last good
+    export is where it was (before: both copies were deleted as abandoned)."""
+    import subprocess
+    import sys
+
+    import torchspec.converter.export as export_module
+
+    draft = tiny_draft("llama")
+    write_training_checkpoint(draft, tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".run_hf.old-{int(dead.stdout)}"
+    aside.mkdir()
+    (aside / "config.json").write_text("the previous export\n")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "write_safetensors", full_disk)
+    with pytest.raises(ConverterError, match="No space left"):
+        export_checkpoint(tmp_path / "run")
+    assert (tmp_path / "run_hf" / "config.json").read_text() == "the previous export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run_hf"]

@@ -2,8 +2,11 @@
 
 The checkpoint is read one tensor at a time, cast and streamed into model.safetensors, so peak
 memory is about one tensor, not the model. The folder is written under a temporary name, checked against the
-serving contract, and only then renamed into place; a replaced folder is moved aside first and
-deleted last, so a crash leaves either the old or the new folder, never a mix. A destination that
+serving contract, and only then published (``torchspec.draft_models.atomic.publish_dir``: its files
+fsynced, then one atomic swap with a replaced folder where the kernel has ``renameat2``, else the old
+folder moved aside and deleted last). At every instant the destination is the old folder or the new
+one; an export killed between the two moves has its previous folder put back by the next export
+before anything else (``recover_replaced_dir``), so it is never deleted as abandoned. A destination that
 cannot be written (read-only, not a folder, a full disk) is one ``ConverterError`` naming it, after
 the staging folder is removed and any replaced folder is back in place.
 """
@@ -12,9 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from torchspec.converter.errors import ConverterError
 from torchspec.converter.safetensors_stream import TensorSpec, write_safetensors
 from torchspec.converter.vocab_pruning import head_rows_for
 from torchspec.draft_models import open_safetensors
+from torchspec.draft_models.atomic import make_staging_dir, publish_dir, recover_replaced_dir, remove_abandoned_staging
 from torchspec.draft_models.checkpoint_layout import CheckpointNotFoundError, TrainingCheckpoint
 from torchspec.draft_models.config import DTYPES
 from torchspec.draft_models.serving_folder import Finding, check_serving_folder, serving_config
@@ -160,8 +162,9 @@ def export_checkpoint(
 
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_staging(output)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
+        recover_replaced_dir(output)  # a killed export's previous folder back in place first
+        remove_abandoned_staging(output)
+        staging = make_staging_dir(output)
     except OSError as err:
         raise _unwritable(output, err) from None
     try:
@@ -171,7 +174,7 @@ def export_checkpoint(
         errors = [f for f in findings if f.level == "error"]
         if errors:
             raise ConverterError(f"the exported folder breaks the serving contract: {errors[0].message}")
-        _replace(staging, output)
+        publish_dir(staging, output)  # the old folder or the new one, at every instant
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         # Reads fail with the checkpoint's own errors (ConverterError, DamagedCheckpointError, ...),
@@ -181,40 +184,6 @@ def export_checkpoint(
         raise
     num_parameters = sum(s.nbytes // out_dtype.itemsize for s in specs if s.dtype.is_floating_point)
     return ExportResult(output, checkpoint.path, num_parameters, draft_vocab_size, findings)
-
-
-def _remove_abandoned_staging(output: Path) -> None:
-    """Delete the staging (``.NAME.tmp-PID-*``) and set-aside (``.NAME.old-PID``) folders of exports
-    to ``output`` whose process no longer runs on this host: what a killed export leaves behind."""
-    for leftover in output.parent.glob(f".{output.name}.*-*"):
-        kind, _, rest = leftover.name.removeprefix(f".{output.name}.").partition("-")
-        pid = rest.split("-", 1)[0]
-        if kind in ("tmp", "old") and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def _replace(staging: Path, output: Path) -> None:
-    if not output.exists():
-        os.replace(staging, output)
-        return
-    aside = output.with_name(f".{output.name}.old-{os.getpid()}")
-    os.replace(output, aside)
-    try:
-        os.replace(staging, output)
-    except BaseException:
-        os.replace(aside, output)  # the previous export stays where it was
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _unwritable(output: Path, err: OSError) -> ConverterError:

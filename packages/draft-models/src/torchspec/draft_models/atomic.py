@@ -18,11 +18,21 @@ import functools
 import glob
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-__all__ = ["fsync_dir", "fsync_tree", "publish_dir", "recover_replaced_dir", "write_file_atomic"]
+__all__ = [
+    "fsync_dir",
+    "fsync_tree",
+    "make_staging_dir",
+    "publish_dir",
+    "recover_replaced_dir",
+    "remove_abandoned_staging",
+    "write_file_atomic",
+]
 
 _ASIDE_TAG = "old"
+_STAGING_TAG = "tmp"
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -122,6 +132,23 @@ def recover_replaced_dir(final: str | os.PathLike) -> Path | None:
         fsync_dir(final.parent)
         return final
     return None
+
+
+def make_staging_dir(final: str | os.PathLike) -> Path:
+    """A new empty folder beside ``final`` to build it in (``.NAME.tmp-PID-XXXXXXXX``), for
+    :func:`publish_dir`; :func:`remove_abandoned_staging` knows its name."""
+    final = Path(final)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{_STAGING_TAG}-{os.getpid()}-", dir=final.parent))
+
+
+def remove_abandoned_staging(final: str | os.PathLike) -> None:
+    """Delete the staging folders of ``final`` whose process no longer runs on this host (what a
+    killed writer leaves behind); those of live processes stay."""
+    final = Path(final)
+    for leftover in final.parent.glob(f".{glob.escape(final.name)}.{_STAGING_TAG}-*"):
+        pid = leftover.name.rsplit(f".{_STAGING_TAG}-", 1)[-1].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _process_alive(pid: int) -> bool:
