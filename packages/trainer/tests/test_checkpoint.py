@@ -303,3 +303,57 @@ def test_a_checkpoint_of_other_aux_layers_or_without_a_component_is_one_config_e
     assert states["train"].step == 0
     with pytest.raises(ConfigError, match=r"trainer_state.json has no 'data' state to restore"):
         Checkpointer(tmp_path).load(path, {"data": TrainState([0, 1, 2])}, source="checkpoint.resume")
+
+
+# --- rollback: a save never deletes what it just wrote, and `latest` is always the newest -------------
+
+
+def _latest_file(output_dir):
+    latest = output_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def test_a_save_older_than_the_folders_newest_is_refused_and_deletes_nothing(tmp_path):
+    """A run resumed from iter_2 into the folder that holds iter_3..5 (keep_last=2): its first save
+    would be the oldest by step, and retention by step would delete it at once while `latest`
+    named it. The save is refused in one line instead, and nothing in the folder is touched."""
+    from torchspec.trainer.config import ConfigError
+
+    model, optimizer = trained()
+    checkpointer = Checkpointer(tmp_path, keep_last=2)
+    for step in (3, 4, 5):
+        save(checkpointer, step, model, optimizer)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError) as raised:
+        save(checkpointer, 2, model, optimizer)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"training.output_dir {tmp_path} holds iter_0000005, newer than iter_0000002" in message
+    assert "set training.output_dir to a new folder" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before == ["iter_0000004", "iter_0000005", "latest"]
+    assert _latest_file(tmp_path) == find_latest(tmp_path).name == "iter_0000005"
+
+
+def test_latest_and_find_latest_never_disagree(tmp_path):
+    """Whatever order saves come in (retention, a best checkpoint kept, a step saved again, an
+    older step refused), the `latest` file names what find_latest (resume: auto, export) picks."""
+    import random
+
+    from torchspec.trainer.config import ConfigError
+
+    model, optimizer = trained()
+    rng = random.Random(0)
+    for keep_last in (None, 1, 2, 3):
+        output_dir = tmp_path / f"keep{keep_last}"
+        checkpointer = Checkpointer(output_dir, keep_last=keep_last)
+        for _ in range(12):
+            step = rng.randint(1, 9)
+            try:
+                path = save(checkpointer, step, model, optimizer)
+            except ConfigError:
+                pass
+            else:
+                if rng.random() < 0.3:
+                    checkpointer.mark_best(path, {"step": step, "acceptance_length": 2.0})
+                assert path.is_dir()  # a save never deletes what it just wrote
+            assert _latest_file(output_dir) == find_latest(output_dir).name, (keep_last, step)

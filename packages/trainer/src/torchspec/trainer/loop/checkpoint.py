@@ -43,7 +43,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -134,11 +134,17 @@ def _on_every_rank(write: Callable[[], None]) -> str | None:
         if cause is None:
             raise
         failure = cause.strerror or str(cause)
+    return _shared(failure)
+
+
+def _shared(message: str | None) -> str | None:
+    """The first rank's ``message`` (None where no rank has one), the same on every rank, so that
+    every rank raises together instead of some waiting at the next collective. Every rank calls it."""
     if not dist.is_initialized():
-        return failure
-    failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)
-    return next((f for f in failures if f), None)
+        return message
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), None)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -187,6 +193,9 @@ class Checkpointer:
         name = checkpoint_name(step)
         final = self.output_dir / name
         staging = self.output_dir / f".tmp_{name}"
+        refusal = _shared(self._refusal(step) if self.rank == 0 else None)
+        if refusal is not None:
+            raise ConfigError(refusal)
 
         def prepare() -> None:
             if self.rank == 0:
@@ -219,8 +228,10 @@ class Checkpointer:
                     shutil.rmtree(aside, ignore_errors=True)
                 os.replace(staging, final)
                 _fsync_dir(self.output_dir)
-                _write_atomic(self.output_dir / LATEST_FILE, name + "\n")
-                self._apply_retention()
+                # What find_latest picks, not this save's name, so that the two cannot disagree; written
+                # before retention, so a kill in between never leaves `latest` naming a deleted folder.
+                _write_atomic(self.output_dir / LATEST_FILE, cast(Path, find_latest(self.output_dir)).name + "\n")
+                self._apply_retention(keep=name)
 
         # Each phase ends with every rank knowing whether any rank failed (it doubles as the barrier).
         for phase in (prepare, write, publish):
@@ -244,6 +255,19 @@ class Checkpointer:
             "free space there (or set training.output_dir to another folder) and run the same command again"
         )
 
+    def _refusal(self, step: int) -> str | None:
+        """Why checkpoint ``step`` must not be saved here: the folder holds a newer one. Retention and
+        every reader go by step, so the new save would be deleted at once (or lost behind the newer
+        one) while `latest` named it; refused before anything is written, nothing deleted."""
+        newest = find_latest(self.output_dir)
+        if newest is None or int(newest.name.removeprefix("iter_")) <= step:
+            return None
+        return (
+            f"training.output_dir {self.output_dir} holds {newest.name}, newer than {checkpoint_name(step)} "
+            "which this run would save (it resumed from an older checkpoint of that folder); nothing was deleted; "
+            "set training.output_dir to a new folder and checkpoint.resume=<the checkpoint to branch from>"
+        )
+
     def _protected(self) -> set[str]:
         best = self.output_dir / "best.json"
         if best.is_file():
@@ -253,11 +277,13 @@ class Checkpointer:
                 return set()
         return set()
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, keep: str) -> None:
+        """Delete all but the newest ``keep_last`` checkpoints, never the best one nor ``keep`` (the one
+        just saved)."""
         if self.keep_last is None:
             return
         found = list_checkpoints(self.output_dir)
-        protected = self._protected()
+        protected = self._protected() | {keep}
         for _, path in found[: max(len(found) - self.keep_last, 0)]:
             if path.name in protected:
                 continue
