@@ -175,9 +175,16 @@ def _quiet_dcp():
 class Checkpointer:
     """Saves and restores training state under ``output_dir``; every rank calls every method."""
 
-    def __init__(self, output_dir: str | os.PathLike, keep_last: int | None = None):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        keep_last: int | None = None,
+        guard: Callable[[], str | None] | None = None,
+    ):
+        """``guard`` (rank 0): why nothing may be saved any more (the run lost its output folder), or None."""
         self.output_dir = Path(output_dir)
         self.keep_last = keep_last
+        self.guard = guard
         self.rank = _rank()
 
     # --- save -----------------------------------------------------------------------------------
@@ -256,9 +263,13 @@ class Checkpointer:
         )
 
     def _refusal(self, step: int) -> str | None:
-        """Why checkpoint ``step`` must not be saved here: the folder holds a newer one. Retention and
-        every reader go by step, so the new save would be deleted at once (or lost behind the newer
-        one) while `latest` named it; refused before anything is written, nothing deleted."""
+        """Why checkpoint ``step`` must not be saved here: the guard's reason, or the folder holds a
+        newer one. Retention and every reader go by step, so the new save would be deleted at once (or
+        lost behind the newer one) while `latest` named it; refused before anything is written, nothing
+        deleted."""
+        lost = self.guard() if self.guard is not None else None
+        if lost is not None:
+            return lost
         newest = find_latest(self.output_dir)
         if newest is None or int(newest.name.removeprefix("iter_")) <= step:
             return None

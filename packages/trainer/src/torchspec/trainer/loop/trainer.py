@@ -44,6 +44,7 @@ from torchspec.trainer.loop.metrics import (
 from torchspec.trainer.loop.optimizer import build_optimizer
 from torchspec.trainer.loop.prefetch import PrefetchingLoader
 from torchspec.trainer.loop.resume import check_same_draft, complete_checkpoint, resume_hint, resume_path
+from torchspec.trainer.loop.run_lock import hold_on_main, raise_if_lost
 from torchspec.trainer.loop.speculative_eval import evaluate_trained_draft
 from torchspec.trainer.loop.states import LRScheduleState, ModelState, OptimizerState, RNGState, TrainState
 from torchspec.trainer.loop.step import DraftStep
@@ -75,20 +76,26 @@ class TrainResult:
 
 
 class Trainer:
-    """Builds the components in the order they depend on each other; ``fit`` runs the loop."""
+    """Builds the components in the order they depend on each other; ``fit`` runs the loop. Holds the
+    output folder (``loop.run_lock``, main rank) from construction until :meth:`close`."""
 
     def __init__(self, config: TrainConfig, ctx: DistributedContext):
         self.config, self.ctx = config, ctx
         t, m, ckpt = config.training, config.model, config.checkpoint
         self.output_dir = Path(t.output_dir)
-        self.resume_from = resume_path(ckpt.resume, self.output_dir)
-        self.checkpointer = Checkpointer(self.output_dir, ckpt.keep_last)
-        self.checkpointer.clean_stale()
-
-        # The target, its tokenizer, the data.
-        target_path = resolve_target_path(m.target_model_path)
-        self.target = build_target(config, target_path, ctx)
+        # Before anything reads or cleans the folder: the public API (Trainer(...).fit()) holds it
+        # exactly as train() does; close() hands it back.
+        self.closed = False
+        self.lock = hold_on_main(self.output_dir, ctx.is_main)
         try:
+            self.resume_from = resume_path(ckpt.resume, self.output_dir)
+            guard = self.lock.lost if self.lock is not None else None
+            self.checkpointer = Checkpointer(self.output_dir, ckpt.keep_last, guard=guard)
+            self.checkpointer.clean_stale()
+
+            # The target, its tokenizer, the data.
+            target_path = resolve_target_path(m.target_model_path)
+            self.target = build_target(config, target_path, ctx)
             self._build(config, ctx, target_path)
         except BaseException:
             self.close()
@@ -174,9 +181,17 @@ class Trainer:
         }
 
     def close(self) -> None:
-        """Stop what serves the target's states (an engine process, open dump files)."""
-        if isinstance(self.target, ServedTarget):
-            self.target.close()
+        """Stop what serves the target's states (an engine process, open dump files) and hand the
+        output folder back."""
+        try:
+            target = getattr(self, "target", None)  # None when the build stopped before the target
+            if isinstance(target, ServedTarget):
+                target.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+            self.closed = True
 
     def restore(self) -> None:
         """Resume everything from ``checkpoint.resume``, or take only the weights of ``continual_training``."""
@@ -211,6 +226,9 @@ class Trainer:
 
     def fit(self, step_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
         t, ctx = self.config.metrics, self.ctx
+        if self.closed:
+            raise UserInputError("this Trainer was closed (its output folder handed back); build a new one to train")
+        raise_if_lost(self.lock)  # the folder deleted since the Trainer was built: stop before writing it
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.config, self.output_dir / "training_config.yaml")
