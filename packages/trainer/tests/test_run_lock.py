@@ -214,3 +214,15 @@ def test_engine_shard_files_are_written_under_a_per_process_name(tmp_path, monke
     (partial,) = written
     assert str(os.getpid()) in partial and os.path.basename(partial).startswith(".")
     assert sorted(p.name for p in out.parent.iterdir()) == ["shard-00000.safetensors"]
+
+
+def test_dump_states_refuses_a_folder_that_is_not_a_dump_without_writing_there(tmp_path):
+    from torchspec.trainer.commands.dump_states import dump_states
+    from torchspec.trainer.config import load_config
+
+    busy = tmp_path / "busy"
+    (busy / "something").mkdir(parents=True)
+    config = load_config(None, [f"target.dump_dir={busy}", f"model.target_model_path={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match=f"target.dump_dir {busy} exists and is not a dump"):
+        dump_states(config)
+    assert sorted(p.name for p in busy.iterdir()) == ["something"]  # no lock file left in someone's folder

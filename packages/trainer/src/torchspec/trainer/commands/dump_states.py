@@ -69,10 +69,21 @@ def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.P
     if shard_size <= 0:
         raise ConfigError(f"--shard-size must be a positive number of samples, got {shard_size}")
     directory = Path(tc.dump_dir)
+    _refuse_other_folders(directory)  # before the lock, which would leave its .lock in someone's folder
     # One dump per folder, held before anything is read or written: two dumps would write the same
     # shards, and the folder deleted under a live dump would otherwise be free for another one.
     with OutputDirLock(directory, key="target.dump_dir", activity="run") as lock:
         return _dump_states(config, directory, shard_size, log_path, lock)
+
+
+def _refuse_other_folders(directory: Path) -> None:
+    """A folder that holds something but no dump is not written into (checked again under the lock)."""
+    if (
+        directory.is_dir()
+        and not (directory / MANIFEST).is_file()
+        and any(path.name != LOCK_NAME for path in directory.iterdir())
+    ):
+        raise ConfigError(f"target.dump_dir {directory} exists and is not a dump; choose an empty or new folder")
 
 
 def _dump_states(
@@ -114,8 +125,8 @@ def _dump_states(
         check_same_dump(previous, manifest, directory)
         manifest["shard_size"], manifest["num_shards"] = previous["shard_size"], previous["num_shards"]
         shard_size = previous["shard_size"]
-    elif any(path.name != LOCK_NAME for path in directory.iterdir()):
-        raise ConfigError(f"target.dump_dir {directory} exists and is not a dump; choose an empty or new folder")
+    else:
+        _refuse_other_folders(directory)
     (directory / SHARDS).mkdir(parents=True, exist_ok=True)
     for leftover in (directory / SHARDS).glob("*.partial"):  # of a killed dump; this one holds the folder
         leftover.unlink()
