@@ -95,12 +95,12 @@ KILLER = textwrap.dedent(
     checkpointer.save(1, states, {"config.json": lambda p: p.write_text("{}")})
     if point == "marker":
         import torchspec.trainer.loop.checkpoint as module
-        real = module._write_atomic
+        real = module.write_file_atomic
         def write(path, data):
             if path.name == "COMPLETE":
                 os._exit(9)
             real(path, data)
-        module._write_atomic = write
+        module.write_file_atomic = write
     checkpointer.save(2, states, {"config.json": die})
     """
 )
@@ -127,7 +127,6 @@ def _full_disk_for(monkeypatch, staging_name: str, where: str) -> None:
 
     from torch.distributed.checkpoint.filesystem import FileSystem
 
-    import torchspec.trainer.loop.checkpoint as checkpoint_module
     from torchspec.draft_models.testing import FullDiskFile
 
     if where == "dcp-data":
@@ -140,9 +139,13 @@ def _full_disk_for(monkeypatch, staging_name: str, where: str) -> None:
 
         monkeypatch.setattr(FileSystem, "create_stream", create_stream)
     elif where == "complete-marker":
-        monkeypatch.setattr(
-            checkpoint_module, "open", lambda path, mode: FullDiskFile(open(path, mode), room=0), raising=False
-        )
+        import torchspec.draft_models.atomic as atomic_module
+
+        def full_at_the_marker(path, mode="r", *args, **kwargs):
+            handle = open(path, mode, *args, **kwargs)
+            return FullDiskFile(handle, room=0) if ".COMPLETE.tmp" in str(path) and "w" in mode else handle
+
+        monkeypatch.setattr(atomic_module, "open", full_at_the_marker, raising=False)
 
 
 @pytest.mark.parametrize("where", ["dcp-data", "rank0-file", "complete-marker"])
@@ -357,3 +360,48 @@ def test_latest_and_find_latest_never_disagree(tmp_path):
                     checkpointer.mark_best(path, {"step": step, "acceptance_length": 2.0})
                 assert path.is_dir()  # a save never deletes what it just wrote
             assert _latest_file(output_dir) == find_latest(output_dir).name, (keep_last, step)
+
+
+def test_every_file_of_a_checkpoint_is_fsynced_before_its_complete_marker(tmp_path, monkeypatch):
+    """A crash after COMPLETE is durable must not leave a checkpoint whose side files
+    (trainer_state.json, config.json, rng files, ...) are empty or missing: each is fsynced first."""
+    import os
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    model, optimizer = trained()
+    files = {
+        name: (lambda p: p.write_text("{}"))
+        for name in ("config.json", "aux_layers.json", "training_config.yaml", "vocab_mapping.safetensors")
+    }
+    path = save(Checkpointer(tmp_path), 3, model, optimizer, files)
+    monkeypatch.undo()
+
+    staging = str(tmp_path / ".tmp_iter_0000003")
+    marker = next(i for i, p in enumerate(synced) if os.path.basename(p).startswith(".COMPLETE.tmp"))
+    before = {os.path.relpath(p, staging) for p in synced[:marker] if p.startswith(staging + os.sep)}
+    expected = {p.name for p in path.iterdir() if p.name != COMPLETE_MARKER}
+    assert expected >= {"trainer_state.json", "rng_state_rank0.pt", ".metadata", *files}
+    assert expected <= before, sorted(expected - before)
+    assert staging in synced[:marker]  # the folder's entries too
+
+
+def test_a_checkpoint_moved_aside_by_a_killed_same_step_save_is_put_back(tmp_path):
+    """Where the kernel has no atomic exchange, replacing iter_N moves the old folder aside first;
+    a run killed right then leaves no iter_N. The next run's clean_stale puts it back."""
+    import os
+
+    model, optimizer = trained()
+    checkpointer = Checkpointer(tmp_path)
+    path = save(checkpointer, 5, model, optimizer)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    os.replace(path, tmp_path / f".iter_0000005.old-{int(dead.stdout)}")
+    assert find_latest(tmp_path) is None
+    checkpointer.clean_stale()
+    assert find_latest(tmp_path) == path and sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000005", "latest"]

@@ -3,8 +3,9 @@
 The layout (folder names, what a complete checkpoint holds, the newest one) is
 ``torchspec.draft_models.checkpoint_layout``, shared with every reader; this module writes it.
 
-A save goes to ``.tmp_iter_XXXXXXX``; after a barrier, rank 0 writes ``COMPLETE`` and renames the
-folder into place, then rewrites ``latest`` (temporary file + ``os.replace``). A process killed at
+A save goes to ``.tmp_iter_XXXXXXX``; after a barrier, rank 0 fsyncs every file of it, writes
+``COMPLETE`` and renames the folder into place, then rewrites ``latest`` (every write through
+``torchspec.draft_models.atomic``: temporary file, fsync, rename, folder fsync). A process killed at
 any moment therefore leaves either no ``iter_*`` folder or a complete one: ``find_latest`` only
 returns ``iter_*`` folders with the marker and never looks at ``.tmp_*``. Removing old checkpoints
 (retention) renames them to ``.deleting_*`` before deleting, for the same reason.
@@ -51,6 +52,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchspec.draft_models.atomic import fsync_tree, publish_dir, recover_replaced_dir, write_file_atomic
 from torchspec.draft_models.checkpoint_layout import (
     COMPLETE_MARKER,
     LATEST_FILE,
@@ -88,20 +90,6 @@ _LEGACY_TRAIN_KEYS = ("step", "best", "aux_layer_ids", "world_size")
 
 def _per_rank_file(checkpoint: Path, key: str, rank: int) -> Path:
     return checkpoint / f"{key}_state_rank{rank}.pt"
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _write_error(err: BaseException) -> OSError | None:
@@ -147,15 +135,10 @@ def _shared(message: str | None) -> str | None:
     return next((m for m in messages if m), None)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
@@ -218,7 +201,9 @@ class Checkpointer:
                     dcp.save(sharded, checkpoint_id=str(staging))  # DCP calls each one's state_dict()
             for key in PER_RANK_STATES:
                 if key in states:
-                    torch.save(states[key].state_dict(), _per_rank_file(staging, key, self.rank))
+                    file = _per_rank_file(staging, key, self.rank)
+                    torch.save(states[key].state_dict(), file)
+                    _fsync_file(file)  # by its writer: on a shared file system rank 0 may be on another host
             if self.rank == 0:
                 small = {key: state.state_dict() for key, state in states.items() if key not in _FILED_APART}
                 (staging / TRAINER_STATE).write_text(json.dumps({"step": step, **small}, indent=2) + "\n")
@@ -228,16 +213,16 @@ class Checkpointer:
         def publish() -> None:
             if self.rank == 0:
                 world_size = dist.get_world_size() if dist.is_initialized() else 1
-                _write_atomic(staging / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world_size}) + "\n")
-                if final.exists():  # an older save of the same step; replace it only now
-                    aside = self.output_dir / f".deleting_{name}"
-                    os.replace(final, aside)
-                    shutil.rmtree(aside, ignore_errors=True)
-                os.replace(staging, final)
-                _fsync_dir(self.output_dir)
+                # Every file durable before the marker that declares them complete (a crash after the
+                # marker must not leave an empty trainer_state.json or config.json behind it).
+                fsync_tree(staging)
+                write_file_atomic(
+                    staging / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world_size}) + "\n"
+                )
+                publish_dir(staging, final)  # replaces an older save of the same step only now
                 # What find_latest picks, not this save's name, so that the two cannot disagree; written
                 # before retention, so a kill in between never leaves `latest` naming a deleted folder.
-                _write_atomic(self.output_dir / LATEST_FILE, cast(Path, find_latest(self.output_dir)).name + "\n")
+                write_file_atomic(self.output_dir / LATEST_FILE, cast(Path, find_latest(self.output_dir)).name + "\n")
                 self._apply_retention(keep=name)
 
         # Each phase ends with every rank knowing whether any rank failed (it doubles as the barrier).
@@ -306,13 +291,18 @@ class Checkpointer:
         """Point ``best.json`` at ``checkpoint`` (rank 0 writes)."""
         if self.rank == 0:
             record = {"checkpoint": Path(checkpoint).name, **metrics}
-            _write_atomic(self.output_dir / "best.json", json.dumps(record, indent=2) + "\n")
+            write_file_atomic(self.output_dir / "best.json", json.dumps(record, indent=2) + "\n")
 
     def clean_stale(self) -> None:
-        """Delete leftovers of interrupted saves and deletions (rank 0)."""
+        """Delete leftovers of interrupted saves and deletions (rank 0), after putting back a checkpoint
+        that a save of the same step had moved aside when it was killed. Called while this run holds the
+        folder, so no other process is writing there."""
         if self.rank == 0 and self.output_dir.is_dir():
+            for child in sorted(self.output_dir.iterdir()):
+                if child.name.startswith(".iter_"):  # a checkpoint moved aside by publish_dir
+                    recover_replaced_dir(self.output_dir / child.name[1:].split(".", 1)[0])
             for child in self.output_dir.iterdir():
-                if child.name.startswith((".tmp_iter_", ".deleting_iter_")):
+                if child.name.startswith((".tmp_iter_", ".deleting_iter_", ".iter_")):
                     shutil.rmtree(child, ignore_errors=True)
         barrier()
 
