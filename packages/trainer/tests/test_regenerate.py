@@ -486,3 +486,29 @@ def test_a_missing_dataset_names_the_key(setup, capsys):
         capsys, "--output", str(setup["root"] / "o.jsonl"), *setup["overrides"], f"data.train_path={missing}"
     )
     assert_one_line_error(code, err, "data.train_path", "no such file")
+
+
+def test_a_run_killed_after_its_last_answer_finishes_without_an_engine(setup, capsys, monkeypatch):
+    """Every conversation was saved, then the final write failed (here: the disk filled at the
+    meta): the rerun starts no engine and writes the dataset from OUT.partial."""
+    import errno
+
+    real_write = regenerate_module.write_file_atomic
+
+    def full_at_the_meta(path, data):
+        if str(path).endswith(".meta.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(regenerate_module, "write_file_atomic", full_at_the_meta)
+    out = setup["root"] / "out.jsonl"
+    with pytest.raises(OSError):
+        regenerate(capsys, "--output", str(out), "--overwrite", *setup["overrides"])
+    assert sorted(finished_in_progress(out)) == [0, 1, 2]
+    monkeypatch.setattr(regenerate_module, "write_file_atomic", real_write)
+    code, _, err = regenerate(capsys, "--output", str(out), "--overwrite", *setup["overrides"])
+    assert code == 0, err
+    assert len(setup["engines"]) == 1  # only the first run started one
+    assert [json.loads(line) for line in out.read_text().splitlines()] == EXPECTED
+    assert json.loads((setup["root"] / "out.jsonl.meta.json").read_text())["resumed_conversations"] == 3
+    assert leftovers(out.parent) == []

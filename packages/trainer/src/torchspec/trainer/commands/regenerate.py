@@ -481,9 +481,9 @@ def regenerate_dataset(
         f"; {resumed} already in {progress.path}" if resumed else "",
     )
     stats = RegenerationStats(conversations=len(conversations))
-    worker = None
+    worker: _Worker | None = None
     try:
-        if remaining:
+        if remaining:  # else everything was in OUT.partial: no engine to start
             started = time.perf_counter()
             worker = _start_engine(target_path, dtype=dtype, max_model_len=max_model_len, config=config)
             stats.engine_start_seconds = time.perf_counter() - started
@@ -492,6 +492,7 @@ def regenerate_dataset(
             def save(finished, chunk=chunk):  # chunk-local indices -> source indices
                 progress.add([(chunk[index], conversation, counts) for index, conversation, counts in finished])
 
+            assert worker is not None  # started above: there are remaining conversations
             _, chunk_stats = regenerate_conversations(
                 [conversations[index] for index in chunk],
                 worker,
