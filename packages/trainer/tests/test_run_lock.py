@@ -226,3 +226,15 @@ def test_dump_states_refuses_a_folder_that_is_not_a_dump_without_writing_there(t
     with pytest.raises(ConfigError, match=f"target.dump_dir {busy} exists and is not a dump"):
         dump_states(config)
     assert sorted(p.name for p in busy.iterdir()) == ["something"]  # no lock file left in someone's folder
+
+
+def test_an_unwritable_lock_folder_is_one_line(tmp_path, monkeypatch):
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    (runtime / "torchspec-locks").write_text("a file where the lock folder goes")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    with pytest.raises(ConfigError) as err:
+        OutputDirLock(tmp_path / "run").acquire()
+    message = str(err.value)
+    assert "\n" not in message and f"the lock folder {runtime / 'torchspec-locks'} cannot be created" in message
+    assert "set XDG_RUNTIME_DIR" in message

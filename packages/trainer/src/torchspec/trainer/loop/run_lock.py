@@ -59,12 +59,18 @@ class OutputDirLock:
     def acquire(self) -> None:
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            runtime = _runtime_dir()
-            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(
                 f"{self.key} {self.output_dir} cannot be written ({err.strerror or err}); "
                 "choose a folder this user can create and write"
+            ) from None
+        runtime = _runtime_dir()
+        try:
+            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"{self.key} {self.output_dir}: the lock folder {runtime} cannot be created ({err.strerror or err}); "
+                "set XDG_RUNTIME_DIR (or TMPDIR) to a folder this user can write"
             ) from None
         resolved = str(self.output_dir.resolve())
         outside = runtime / f"{hashlib.sha256(resolved.encode()).hexdigest()[:32]}.lock"
