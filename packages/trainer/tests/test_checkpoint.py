@@ -95,12 +95,12 @@ KILLER = textwrap.dedent(
     checkpointer.save(1, states, {"config.json": lambda p: p.write_text("{}")})
     if point == "marker":
         import torchspec.trainer.loop.checkpoint as module
-        real = module._write_atomic
+        real = module.write_file_atomic
         def write(path, data):
             if path.name == "COMPLETE":
                 os._exit(9)
             real(path, data)
-        module._write_atomic = write
+        module.write_file_atomic = write
     checkpointer.save(2, states, {"config.json": die})
     """
 )
@@ -127,8 +127,6 @@ def _full_disk_for(monkeypatch, staging_name: str, where: str) -> None:
 
     from torch.distributed.checkpoint.filesystem import FileSystem
 
-    import torchspec.trainer.loop.checkpoint as checkpoint_module
-
     from crafted_checkpoints import FullDiskFile
 
     if where == "dcp-data":
@@ -141,9 +139,13 @@ def _full_disk_for(monkeypatch, staging_name: str, where: str) -> None:
 
         monkeypatch.setattr(FileSystem, "create_stream", create_stream)
     elif where == "complete-marker":
-        monkeypatch.setattr(
-            checkpoint_module, "open", lambda path, mode: FullDiskFile(open(path, mode), room=0), raising=False
-        )
+        import torchspec.draft_models.atomic as atomic_module
+
+        def full_at_the_marker(path, mode="r", *args, **kwargs):
+            handle = open(path, mode, *args, **kwargs)
+            return FullDiskFile(handle, room=0) if ".COMPLETE.tmp" in str(path) and "w" in mode else handle
+
+        monkeypatch.setattr(atomic_module, "open", full_at_the_marker, raising=False)
 
 
 @pytest.mark.parametrize("where", ["dcp-data", "rank0-file", "complete-marker"])
@@ -304,3 +306,102 @@ def test_a_checkpoint_of_other_aux_layers_or_without_a_component_is_one_config_e
     assert states["train"].step == 0
     with pytest.raises(ConfigError, match=r"trainer_state.json has no 'data' state to restore"):
         Checkpointer(tmp_path).load(path, {"data": TrainState([0, 1, 2])}, source="checkpoint.resume")
+
+
+# --- rollback: a save never deletes what it just wrote, and `latest` is always the newest -------------
+
+
+def _latest_file(output_dir):
+    latest = output_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def test_a_save_older_than_the_folders_newest_is_refused_and_deletes_nothing(tmp_path):
+    """A run resumed from iter_2 into the folder that holds iter_3..5 (keep_last=2): its first save
+    would be the oldest by step, and retention by step would delete it at once while `latest`
+    named it. The save is refused in one line instead, and nothing in the folder is touched."""
+    from torchspec.trainer.config import ConfigError
+
+    model, optimizer = trained()
+    checkpointer = Checkpointer(tmp_path, keep_last=2)
+    for step in (3, 4, 5):
+        save(checkpointer, step, model, optimizer)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError) as raised:
+        save(checkpointer, 2, model, optimizer)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"training.output_dir {tmp_path} holds iter_0000005, newer than iter_0000002" in message
+    assert "set training.output_dir to a new folder" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before == ["iter_0000004", "iter_0000005", "latest"]
+    assert _latest_file(tmp_path) == find_latest(tmp_path).name == "iter_0000005"
+
+
+def test_latest_and_find_latest_never_disagree(tmp_path):
+    """Whatever order saves come in (retention, a best checkpoint kept, a step saved again, an
+    older step refused), the `latest` file names what find_latest (resume: auto, export) picks."""
+    import random
+
+    from torchspec.trainer.config import ConfigError
+
+    model, optimizer = trained()
+    rng = random.Random(0)
+    for keep_last in (None, 1, 2, 3):
+        output_dir = tmp_path / f"keep{keep_last}"
+        checkpointer = Checkpointer(output_dir, keep_last=keep_last)
+        for _ in range(12):
+            step = rng.randint(1, 9)
+            try:
+                path = save(checkpointer, step, model, optimizer)
+            except ConfigError:
+                pass
+            else:
+                if rng.random() < 0.3:
+                    checkpointer.mark_best(path, {"step": step, "acceptance_length": 2.0})
+                assert path.is_dir()  # a save never deletes what it just wrote
+            assert _latest_file(output_dir) == find_latest(output_dir).name, (keep_last, step)
+
+
+def test_every_file_of_a_checkpoint_is_fsynced_before_its_complete_marker(tmp_path, monkeypatch):
+    """A crash after COMPLETE is durable must not leave a checkpoint whose side files
+    (trainer_state.json, config.json, rng files, ...) are empty or missing: each is fsynced first."""
+    import os
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    model, optimizer = trained()
+    files = {
+        name: (lambda p: p.write_text("{}"))
+        for name in ("config.json", "aux_layers.json", "training_config.yaml", "vocab_mapping.safetensors")
+    }
+    path = save(Checkpointer(tmp_path), 3, model, optimizer, files)
+    monkeypatch.undo()
+
+    staging = str(tmp_path / ".tmp_iter_0000003")
+    marker = next(i for i, p in enumerate(synced) if os.path.basename(p).startswith(".COMPLETE.tmp"))
+    before = {os.path.relpath(p, staging) for p in synced[:marker] if p.startswith(staging + os.sep)}
+    expected = {p.name for p in path.iterdir() if p.name != COMPLETE_MARKER}
+    assert expected >= {"trainer_state.json", "rng_state_rank0.pt", ".metadata", *files}
+    assert expected <= before, sorted(expected - before)
+    assert staging in synced[:marker]  # the folder's entries too
+
+
+def test_a_checkpoint_moved_aside_by_a_killed_same_step_save_is_put_back(tmp_path):
+    """Where the kernel has no atomic exchange, replacing iter_N moves the old folder aside first;
+    a run killed right then leaves no iter_N. The next run's clean_stale puts it back."""
+    import os
+
+    model, optimizer = trained()
+    checkpointer = Checkpointer(tmp_path)
+    path = save(checkpointer, 5, model, optimizer)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    os.replace(path, tmp_path / f".iter_0000005.old-{int(dead.stdout)}")
+    assert find_latest(tmp_path) is None
+    checkpointer.clean_stale()
+    assert find_latest(tmp_path) == path and sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000005", "latest"]

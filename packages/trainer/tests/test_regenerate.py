@@ -356,13 +356,108 @@ def test_no_vllm_is_one_line_and_writes_nothing(setup, capsys, monkeypatch):
     assert not out.exists() and setup["engines"] == []
 
 
-def test_an_engine_failure_midway_writes_nothing_and_stops_the_engine(setup, capsys):
+def test_an_engine_failure_midway_keeps_the_finished_conversations_and_stops_the_engine(setup, capsys):
     setup["options"]["fail_on_request"] = 1  # the second turn's request
     out = setup["root"] / "out.jsonl"
     code, _, err = regenerate(capsys, "--output", str(out), *setup["overrides"])
-    assert_one_line_error(code, err, "vLLM failed a request: RuntimeError: out of memory")
+    assert_one_line_error(code, err, "vLLM failed a request: RuntimeError: out of memory", "run the same command again")
     assert not out.exists() and not (setup["root"] / "out.jsonl.meta.json").exists()
-    assert leftovers(setup["root"]) == [] and setup["engines"][-1].closed
+    assert setup["engines"][-1].closed
+    # c and d had their only turn in the first request: kept; a (two turns) was not finished.
+    assert finished_in_progress(out) == {
+        1: conversation("c", "answer 1"),
+        2: conversation("d", "answer 1", system="Be brief."),
+    }
+
+
+EXPECTED = [
+    {"conversations": conversation("a", "answer 1", "b", "answer 2")},
+    {"conversations": conversation("c", "answer 1")},
+    {"conversations": conversation("d", "answer 1", system="Be brief.")},
+]
+
+
+def finished_in_progress(out: Path) -> dict[int, list[dict] | None]:
+    """What the partial file beside ``out`` holds: source index -> the conversation written."""
+    partial = out.with_name(out.name + ".partial")
+    assert partial.is_file(), sorted(p.name for p in out.parent.iterdir())
+    lines = partial.read_text().splitlines()[1:]  # after the settings line
+    return {record["index"]: record["conversation"] for record in map(json.loads, lines)}
+
+
+def test_a_killed_run_keeps_what_it_finished_and_the_same_command_continues_it(setup, capsys, monkeypatch):
+    """A multi-hour run killed (here: the engine failing on the third request) keeps every
+    conversation finished so far, fsynced as it goes; the same command asks the engine only for
+    the rest and writes what an uninterrupted run writes."""
+    import os
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    setup["options"]["fail_on_request"] = 2  # chunks of 2: [a, c] turn 1, a turn 2, then d fails
+    out = setup["root"] / "out.jsonl"
+    args = ["--output", str(out), "--chunk-size", "2", *setup["overrides"]]
+    code, _, err = regenerate(capsys, *args)
+    assert code == 2, err
+    assert [len(r["prompts"]) for r in setup["engines"][-1].requests] == [2, 1, 1]
+    assert finished_in_progress(out) == {0: EXPECTED[0]["conversations"], 1: EXPECTED[1]["conversations"]}
+    assert str(out) + ".partial" in synced  # on disk, not only in the page cache
+
+    setup["options"]["fail_on_request"] = None
+    code, stdout, err = regenerate(capsys, *args)
+    assert code == 0, err
+    assert [engine.prompt_texts(0) for engine in setup["engines"][-1:]] == [
+        ["<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nd<|im_end|>\n<|im_start|>assistant\n"]
+    ]  # only d was asked for
+    assert [json.loads(line) for line in out.read_text().splitlines()] == EXPECTED
+    meta = json.loads(out.with_name("out.jsonl.meta.json").read_text())
+    assert meta["stats"]["written"] == 3 and meta["stats"]["turns_regenerated"] == 4
+    assert meta["resumed_conversations"] == 2
+    assert leftovers(out.parent) == []
+
+
+def test_a_torn_last_line_of_the_partial_file_is_dropped(setup, capsys):
+    setup["options"]["fail_on_request"] = 1
+    out = setup["root"] / "out.jsonl"
+    assert regenerate(capsys, "--output", str(out), *setup["overrides"])[0] == 2
+    with open(str(out) + ".partial", "a") as partial:
+        partial.write('{"index": 0, "conversation": [{"role": "us')  # killed in the middle of a write
+    setup["options"]["fail_on_request"] = None
+    code, _, err = regenerate(capsys, "--output", str(out), *setup["overrides"])
+    assert code == 0, err
+    assert [json.loads(line) for line in out.read_text().splitlines()] == EXPECTED
+
+
+def test_a_rerun_with_other_settings_does_not_mix_into_the_partial_run(setup, capsys):
+    setup["options"]["fail_on_request"] = 1
+    out = setup["root"] / "out.jsonl"
+    assert regenerate(capsys, "--output", str(out), *setup["overrides"])[0] == 2
+    before = (setup["root"] / "out.jsonl.partial").read_text()
+    code, _, err = regenerate(capsys, "--output", str(out), "--seed", "7", *setup["overrides"])
+    assert_one_line_error(code, err, f"{out}.partial", "sampling", "run the same command", "delete")
+    assert (setup["root"] / "out.jsonl.partial").read_text() == before
+
+
+def test_the_data_file_is_in_place_before_the_meta_that_says_the_run_finished(setup, capsys, monkeypatch):
+    import os
+
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def recording(source, destination):
+        renamed.append(os.path.basename(destination))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", recording)
+    out = setup["root"] / "out.jsonl"
+    code, _, err = regenerate(capsys, "--output", str(out), *setup["overrides"])
+    assert code == 0, err
+    assert renamed.index("out.jsonl") < renamed.index("out.jsonl.meta.json")
 
 
 def test_the_hf_template_is_refused(setup, capsys):
@@ -391,3 +486,29 @@ def test_a_missing_dataset_names_the_key(setup, capsys):
         capsys, "--output", str(setup["root"] / "o.jsonl"), *setup["overrides"], f"data.train_path={missing}"
     )
     assert_one_line_error(code, err, "data.train_path", "no such file")
+
+
+def test_a_run_killed_after_its_last_answer_finishes_without_an_engine(setup, capsys, monkeypatch):
+    """Every conversation was saved, then the final write failed (here: the disk filled at the
+    meta): the rerun starts no engine and writes the dataset from OUT.partial."""
+    import errno
+
+    real_write = regenerate_module.write_file_atomic
+
+    def full_at_the_meta(path, data):
+        if str(path).endswith(".meta.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(regenerate_module, "write_file_atomic", full_at_the_meta)
+    out = setup["root"] / "out.jsonl"
+    with pytest.raises(OSError):
+        regenerate(capsys, "--output", str(out), "--overwrite", *setup["overrides"])
+    assert sorted(finished_in_progress(out)) == [0, 1, 2]
+    monkeypatch.setattr(regenerate_module, "write_file_atomic", real_write)
+    code, _, err = regenerate(capsys, "--output", str(out), "--overwrite", *setup["overrides"])
+    assert code == 0, err
+    assert len(setup["engines"]) == 1  # only the first run started one
+    assert [json.loads(line) for line in out.read_text().splitlines()] == EXPECTED
+    assert json.loads((setup["root"] / "out.jsonl.meta.json").read_text())["resumed_conversations"] == 3
+    assert leftovers(out.parent) == []

@@ -26,7 +26,7 @@ from torchspec.trainer.loop.data_loader import DistributedBatchLoader
 from torchspec.trainer.loop.prefetch import PrefetchingLoader
 from torchspec.trainer.loop.run import train
 from torchspec.trainer.targets.contract import states_to_output, unpadded_rows
-from torchspec.trainer.targets.dump import DUMP_FORMAT, sample_key, target_identity
+from torchspec.trainer.targets.dump import DUMP_FORMAT, check_same_dump, sample_key, target_identity
 from torchspec.trainer.targets.head import TargetHead
 from torchspec.trainer.targets.in_process import TargetModel
 
@@ -179,6 +179,48 @@ def test_a_dump_that_does_not_match_the_run_is_refused(assets, tmp_path, change,
     with pytest.raises(ConfigError, match=message):
         train(load_config(None, overrides))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_dump_of_another_fine_tune_of_the_same_architecture_is_refused(tmp_path):
+    """Two targets with the same config.json and the same weight file names and sizes, different
+    weights (two fine-tunes of one base): the dump of one is refused for the other, in one line
+    naming what differs; it is accepted for its own target."""
+    from torchspec.trainer.targets.dump import DumpTarget
+
+    a, b = save_tiny_qwen3(tmp_path / "a", seed=0), save_tiny_qwen3(tmp_path / "b", seed=1)
+    assert (a / "config.json").read_bytes() == (b / "config.json").read_bytes()
+    assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size
+    dump = tmp_path / "dump"
+    (dump / "shards").mkdir(parents=True)
+    manifest = {
+        "format": DUMP_FORMAT,
+        "target": {"path": str(a), **target_identity(a)},
+        "aux_layer_ids": TargetHead.from_pretrained(a).validate_aux_layer_ids(None),
+        "complete": True,
+    }
+    (dump / "manifest.json").write_text(json.dumps(manifest))
+    DumpTarget.open(dump, a, None, torch.float32, "cpu").close()
+    with pytest.raises(ConfigError) as raised:
+        DumpTarget.open(dump, b, None, torch.float32, "cpu")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"target.dump_dir {dump} was dumped from another target ({a}) than model.target_model_path {b}"
+    )
+    assert "the weights in model.safetensors differ" in message
+
+    # A rerun of dump-states into that folder with the other target is refused alike.
+    with pytest.raises(
+        ConfigError, match=r"holds a dump of another target .*: the weights in model.safetensors differ"
+    ):
+        check_same_dump(manifest, {**manifest, "target": {"path": str(b), **target_identity(b)}}, dump)
+    # A dump written before the fingerprint existed cannot be told apart from another fine-tune.
+    del manifest["target"]["weights_sha256"]
+    (dump / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        ConfigError, match="records no fingerprint of the weights .*; train with that target or dump again"
+    ):
+        DumpTarget.open(dump, a, None, torch.float32, "cpu")
 
 
 # --- prefetching ---------------------------------------------------------------------------------

@@ -321,3 +321,32 @@ def test_speculative_evaluation_at_the_end_of_training(assets, tmp_path, draft_v
     assert record["identical_to_target"] is True
     assert 1.0 <= record["acceptance_length"] <= 1 + record["num_draft_tokens"]
     assert json.loads((tmp_path / "speculative_eval.json").read_text())["step"] == 2
+
+
+def test_rolling_back_into_the_same_output_dir_is_refused_and_branching_works(assets, reference_run, tmp_path):
+    """checkpoint.resume=<dir>/iter_0000004 into <dir>, which holds the abandoned run's iter_6..8:
+    refused in one line before anything is written (keep_last=2 would otherwise delete the new
+    run's checkpoints as they are saved, and resume: auto and export would pick the old iter_8);
+    the branch the line suggests (a new output_dir, the same resume) continues bitwise."""
+    import shutil
+
+    reference_dir, _ = reference_run
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference_dir, output_dir)
+    before = {path.relative_to(output_dir): path.stat().st_mtime_ns for path in output_dir.rglob("*")}
+    rollback = output_dir / "iter_0000004"
+    extra = {"checkpoint.save_interval": 2, "checkpoint.keep_last": 2, "checkpoint.resume": str(rollback)}
+    with pytest.raises(ConfigError) as raised:
+        run(assets, output_dir, **extra)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"training.output_dir {output_dir} holds newer checkpoints than iter_0000004" in message
+    assert f"set training.output_dir to a new folder and checkpoint.resume={rollback}" in message
+    assert {path.relative_to(output_dir): path.stat().st_mtime_ns for path in output_dir.rglob("*")} == before
+
+    branch = run(assets, tmp_path / "branch", **extra)
+    assert [r["step"] for r in branch.train_history] == [5, 6, 7, 8]
+    expected = read_metrics(reference_dir)
+    assert [r["loss"] for r in branch.train_history] == [expected[s]["loss"] for s in (5, 6, 7, 8)]
+    assert [step for step, _ in list_checkpoints(tmp_path / "branch")] == [6, 8]
+    assert (tmp_path / "branch" / "latest").read_text().strip() == find_latest(tmp_path / "branch").name

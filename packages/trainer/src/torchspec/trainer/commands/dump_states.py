@@ -3,7 +3,8 @@ and written as a dump (layout: ``torchspec.trainer.targets.dump``).
 
 It tokenizes the data exactly as training does (train and held-out splits), asks a vLLM engine for
 the states of every sample and writes them to ``target.dump_dir``; ``target.backend=dump`` then
-trains from the folder with no target decoder anywhere. Shards are written whole (temporary name,
+trains from the folder with no target decoder anywhere. One dump at a time holds the folder
+(``loop.run_lock``); a second one is refused in one line. Shards are written whole (temporary name,
 then rename), so a killed dump leaves whole shards only and a rerun of the same command computes
 just the missing ones; the manifest's ``complete`` is set last.
 """
@@ -21,6 +22,7 @@ import torch
 
 from torchspec.trainer.config import ConfigError, TrainConfig
 from torchspec.trainer.engine.launch import EngineWorker, check_engine_dtype, engine_options
+from torchspec.trainer.loop.run_lock import LOCK_NAME, OutputDirLock
 from torchspec.trainer.targets.dump import (
     DUMP_FORMAT,
     MANIFEST,
@@ -61,15 +63,36 @@ class DumpSummary:
 
 def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.PathLike | None = None) -> DumpSummary:
     """Write (or finish) the dump of ``config``'s data at ``config.target.dump_dir``."""
-    from torchspec.trainer.loop.training_data import load_training_data
-
-    m, tc = config.model, config.target
+    tc = config.target
     if tc.dump_dir is None:
         raise ConfigError("target.dump_dir is not set; name the folder the dump goes to (target.dump_dir=PATH)")
     if shard_size <= 0:
         raise ConfigError(f"--shard-size must be a positive number of samples, got {shard_size}")
-    started = time.perf_counter()
     directory = Path(tc.dump_dir)
+    _refuse_other_folders(directory)  # before the lock, which would leave its .lock in someone's folder
+    # One dump per folder, held before anything is read or written: two dumps would write the same
+    # shards, and the folder deleted under a live dump would otherwise be free for another one.
+    with OutputDirLock(directory, key="target.dump_dir", activity="run") as lock:
+        return _dump_states(config, directory, shard_size, log_path, lock)
+
+
+def _refuse_other_folders(directory: Path) -> None:
+    """A folder that holds something but no dump is not written into (checked again under the lock)."""
+    if (
+        directory.is_dir()
+        and not (directory / MANIFEST).is_file()
+        and any(path.name != LOCK_NAME for path in directory.iterdir())
+    ):
+        raise ConfigError(f"target.dump_dir {directory} exists and is not a dump; choose an empty or new folder")
+
+
+def _dump_states(
+    config: TrainConfig, directory: Path, shard_size: int, log_path: str | os.PathLike | None, lock: OutputDirLock
+) -> DumpSummary:
+    from torchspec.trainer.loop.training_data import load_training_data
+
+    m = config.model
+    started = time.perf_counter()
     target_path = resolve_target_path(m.target_model_path)
     head = TargetHead.from_pretrained(target_path, trust_remote_code=m.trust_remote_code)
     aux = head.validate_aux_layer_ids(m.aux_layer_ids)
@@ -103,9 +126,11 @@ def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.P
         check_same_dump(previous, manifest, directory)
         manifest["shard_size"], manifest["num_shards"] = previous["shard_size"], previous["num_shards"]
         shard_size = previous["shard_size"]
-    elif directory.exists() and any(directory.iterdir()):
-        raise ConfigError(f"target.dump_dir {directory} exists and is not a dump; choose an empty or new folder")
+    else:
+        _refuse_other_folders(directory)
     (directory / SHARDS).mkdir(parents=True, exist_ok=True)
+    for leftover in (directory / SHARDS).glob("*.partial"):  # of a killed dump; this one holds the folder
+        leftover.unlink()
     if previous is None:
         write_manifest_file(directory / MANIFEST, manifest)
 
@@ -138,6 +163,7 @@ def dump_states(config: TrainConfig, shard_size: int = 256, log_path: str | os.P
                     done, request = sent.pop(0)
                     worker.reply(request)
                     logger.info(f"dump: shard {done + 1}/{manifest['num_shards']} written")
+    lock.check()  # the folder deleted or replaced meanwhile: not marked complete
     manifest["complete"] = True
     manifest["bytes"] = sum(p.stat().st_size for p in (directory / SHARDS).glob("shard-*.safetensors"))
     write_manifest_file(directory / MANIFEST, manifest)

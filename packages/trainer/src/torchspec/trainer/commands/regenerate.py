@@ -20,8 +20,13 @@ A conversation ends before a turn it cannot regenerate: a prompt over ``data.max
 tokens (counted as skipped, with the later turns of that conversation) or an answer with no content
 (which the data package would reject); one left without any assistant turn is not written.
 
-The output is written atomically (a temporary file renamed into place) with ``OUT.meta.json`` beside
-it: the target, the sampling settings, the source and the counts.
+Conversations are regenerated in chunks (``--chunk-size``, the k-th turns of a chunk are one request)
+and each one is saved as soon as its last turn is answered: appended to ``OUT.partial`` (its first
+line records the settings), flushed and fsynced after every request, so a killed multi-hour run
+keeps what it finished and the same command continues it (a different setting is refused, naming
+it). At the end ``OUT`` is written in input order, then ``OUT.meta.json`` (the target, the sampling
+settings, the source and the counts), each atomically (``torchspec.draft_models.atomic``); the meta
+is last, so its presence means the run finished. Then ``OUT.partial`` is removed.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from torchspec.draft_models.errors import UserInputError, cli_main
+from torchspec.draft_models.atomic import fsync_dir, write_file_atomic
+from torchspec.draft_models.errors import TorchSpecError, UserInputError, cli_main
 
 __all__ = [
     "RegenerationStats",
@@ -72,8 +78,13 @@ class RegenerationStats:
     empty_answers: int = 0  # answers without content; their conversation ends before them
     cut_at_max_new_tokens: int = 0  # answers that reached --max-new-tokens without an end of turn
     tokens_generated: int = 0
-    seconds: float = 0.0  # generation, from the first request to the last answer
+    seconds: float = 0.0  # generation, from the first request to the last answer (of this invocation)
     engine_start_seconds: float = 0.0
+
+    def add(self, counts: dict[str, int]) -> None:
+        """Add one conversation's counts (:data:`COUNTED`)."""
+        for name in COUNTED:
+            setattr(self, name, getattr(self, name) + counts.get(name, 0))
 
     def summary(self) -> str:
         return (
@@ -82,6 +93,14 @@ class RegenerationStats:
             f"{self.cut_at_max_new_tokens} cut at --max-new-tokens, {self.tokens_generated} tokens generated "
             f"in {self.seconds:.1f} s (+ {self.engine_start_seconds:.1f} s engine start)"
         )
+
+
+# What is counted per conversation (and saved with it, so a continued run's totals are the whole run's).
+COUNTED = ("turns_regenerated", "turns_skipped", "empty_answers", "cut_at_max_new_tokens", "tokens_generated")
+
+# Called after every request with the conversations it finished: (index, conversation to write or
+# None, its counts), index into the ``conversations`` given.
+Finished = Callable[[list[tuple[int, list[dict] | None, dict[str, int]]]], None]
 
 
 def turn_prompt(template, messages: list[dict]) -> str:
@@ -147,11 +166,14 @@ def regenerate_conversations(
     thinking: Thinking = "keep",
     max_prompt_tokens: int | None = None,
     eos_token_ids: list[int] | None = None,
+    on_finished: Finished | None = None,
 ) -> tuple[list[list[dict]], RegenerationStats]:
     """Regenerate every assistant turn of normalized ``conversations`` with ``worker``'s engine.
 
     Returns the conversations to write (in input order; those left without an assistant turn
     are left out) and the counts. ``template`` is a registry :class:`~torchspec.data.ChatTemplate`.
+    ``on_finished`` is called after every request with the conversations it finished (see
+    :data:`Finished`), so that a caller can save them before the others are done.
     """
     start = time.perf_counter()
     eos = list(eos_token_ids) if eos_token_ids is not None else [tokenizer.eos_token_id]
@@ -160,7 +182,25 @@ def regenerate_conversations(
     current = [[dict(message) for message in messages] for messages in conversations]
     positions = [[i for i, m in enumerate(messages) if m["role"] == "assistant"] for messages in conversations]
     ends_at: list[int | None] = [None] * len(conversations)  # where a conversation was cut
+    counts: list[dict[str, int]] = [dict.fromkeys(COUNTED, 0) for _ in conversations]
+
+    def final(index: int) -> list[dict] | None:
+        """What is written of conversation ``index`` once finished (None: nothing to train on)."""
+        messages, end = current[index], ends_at[index]
+        if end is not None:
+            kept = [i for i in positions[index] if i < end]
+            if not kept:
+                return None  # nothing the target wrote is left to train on
+            messages = messages[: kept[-1] + 1]  # end on the last answer, not on an unanswered prompt
+        return [_output_message(m) for m in messages]
+
+    def report(indices: list[int]) -> None:
+        if on_finished is not None and indices:
+            on_finished([(index, final(index), counts[index]) for index in indices])
+
+    report([index for index, turns in enumerate(positions) if not turns])  # nothing to ask: finished
     for turn in range(max((len(p) for p in positions), default=0)):
+        finished: list[int] = []
         batch: list[tuple[int, int]] = []
         texts: list[str] = []
         for index, turns in enumerate(positions):
@@ -173,10 +213,12 @@ def regenerate_conversations(
         for (index, position), ids in zip(batch, encoded):
             if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
                 ends_at[index] = position
-                stats.turns_skipped += len(positions[index]) - turn  # later prompts only grow
+                counts[index]["turns_skipped"] += len(positions[index]) - turn  # later prompts only grow
+                finished.append(index)
             else:
                 prompts.append((index, position, ids))
         if not prompts:
+            report(finished)
             continue
         asked = time.perf_counter()
         request = worker.send(
@@ -197,9 +239,10 @@ def regenerate_conversations(
         generated = 0
         for (index, position, _), ids, reason in zip(prompts, outputs, reasons):
             generated += len(ids)
+            counts[index]["tokens_generated"] += len(ids)
             ended = bool(ids) and ids[-1] in stops
             if not ended and (reason == "length" or len(ids) >= max_new_tokens):
-                stats.cut_at_max_new_tokens += 1
+                counts[index]["cut_at_max_new_tokens"] += 1
             # Verbatim: special tokens (reasoning markers) stay, and no "clean-up" of spaces before
             # punctuation, which some tokenizers apply by default and which would change the text.
             text = tokenizer.decode(
@@ -207,27 +250,24 @@ def regenerate_conversations(
             )
             content, reasoning = split_answer(text, template, thinking)
             if not content.strip():
-                stats.empty_answers += 1
+                counts[index]["empty_answers"] += 1
                 ends_at[index] = position
+                finished.append(index)
                 continue
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
             current[index][position] = message
-            stats.turns_regenerated += 1
-        stats.tokens_generated += generated
+            counts[index]["turns_regenerated"] += 1
+            if turn == len(positions[index]) - 1:
+                finished.append(index)
         logger.info(
             "turn %d: %d answers, %d tokens in %.1f s", turn + 1, len(prompts), generated, time.perf_counter() - asked
         )
-    written = []
-    for index, messages in enumerate(current):
-        end = ends_at[index]
-        if end is not None:
-            kept = [i for i in positions[index] if i < end]
-            if not kept:
-                continue  # nothing the target wrote is left to train on
-            messages = messages[: kept[-1] + 1]  # end on the last answer, not on an unanswered prompt
-        written.append([_output_message(m) for m in messages])
+        report(finished)
+    for conversation_counts in counts:
+        stats.add(conversation_counts)
+    written = [messages for messages in map(final, range(len(conversations))) if messages is not None]
     stats.written = len(written)
     stats.seconds = time.perf_counter() - start
     return written, stats
@@ -287,25 +327,71 @@ def _start_engine(target_path: Path, *, dtype: str, max_model_len: int, config) 
     return EngineWorker(target_path, dtype=dtype, max_model_len=max_model_len, **engine_options(config))
 
 
-def _write_atomically(output: Path, conversations: list[list[dict]], prompt_key: str, meta: dict) -> None:
-    """Both files complete or neither replaced: each goes to a temporary file beside its target and
-    is renamed over it; the data file last, so its presence means the run finished."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial: list[Path] = []
-    try:
-        for path, write in (
-            (_meta_path(output), lambda handle: handle.write(json.dumps(meta, indent=2) + "\n")),
-            (output, lambda handle: handle.writelines(json.dumps({prompt_key: c}) + "\n" for c in conversations)),
-        ):
-            descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-            partial.append(Path(name))
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                write(handle)
-        for temporary, path in zip(partial, (_meta_path(output), output)):
-            os.replace(temporary, path)
-    finally:
-        for temporary in partial:
-            temporary.unlink(missing_ok=True)
+def _partial_path(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+class _Progress:
+    """``OUT.partial``: the settings line, then one line per finished conversation
+    (``{"index", "conversation", "counts"}``), appended and fsynced after every request.
+
+    Opened again by a rerun: with the same settings it continues (a line cut by a kill is dropped);
+    with others it is refused, so that two runs' answers never mix in one dataset."""
+
+    def __init__(self, output: Path, settings: dict[str, Any]):
+        self.path = _partial_path(output)
+        self.done: dict[int, tuple[list[dict] | None, dict[str, int]]] = {}
+        whole = 0  # bytes of the file up to its last whole line
+        if self.path.is_file():
+            with open(self.path, "rb") as handle:
+                lines = handle.read().split(b"\n")
+            try:
+                saved = json.loads(lines[0])["settings"]
+            except (ValueError, KeyError, TypeError):
+                saved = None
+            differing = _differing(saved, settings) if isinstance(saved, dict) else ["its first line"]
+            if differing:
+                raise UserInputError(
+                    f"{self.path} holds a partial run with other settings ({', '.join(differing)}); run the same "
+                    f"command as that run to continue it, or delete {self.path} to start over"
+                )
+            whole = len(lines[0]) + 1
+            for line in lines[1:-1]:  # the last element follows the last newline: empty or cut by a kill
+                try:
+                    record = json.loads(line)
+                    self.done[int(record["index"])] = (record["conversation"], record["counts"])
+                except (ValueError, KeyError, TypeError):
+                    break  # cut by a kill in the middle of a write: this and what follows are redone
+                whole += len(line) + 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "ab")
+        if whole:
+            self._file.truncate(whole)
+        else:
+            self._file.truncate(0)
+            self._append([{"settings": settings}])
+            fsync_dir(self.path.parent)
+
+    def _append(self, records: list[dict]) -> None:
+        self._file.write(b"".join(json.dumps(r).encode() + b"\n" for r in records))
+        self._file.flush()
+        os.fsync(self._file.fileno())  # a kill or a crash keeps every conversation of this request
+
+    def add(self, finished: list[tuple[int, list[dict] | None, dict[str, int]]]) -> None:
+        for index, conversation, counts in finished:
+            self.done[index] = (conversation, counts)
+        self._append([{"index": i, "conversation": c, "counts": n} for i, c, n in finished])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _differing(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[k : k + size] for k in range(0, len(items), size)]
 
 
 def regenerate_dataset(
@@ -319,9 +405,11 @@ def regenerate_dataset(
     thinking: Thinking = "keep",
     limit: int | None = None,
     overwrite: bool = False,
+    chunk_size: int = 1024,
 ) -> RegenerationStats:
     """Regenerate the assistant turns of ``config.data.train_path`` with ``config.model``'s target
-    on vLLM and write them to ``output`` (``.jsonl``) and ``output.meta.json``."""
+    on vLLM and write them to ``output`` (``.jsonl``) and ``output.meta.json``; ``chunk_size``
+    conversations at a time, each saved to ``output.partial`` once finished (a rerun continues)."""
     import torch
 
     from torchspec.data import DataError, get_template, load_conversation_dataset
@@ -366,34 +454,79 @@ def regenerate_dataset(
     max_model_len = int(config.target.engine_args.get("max_model_len", max_model_len))
     max_prompt_tokens = min(d.max_seq_length, max_model_len - 1)  # vLLM wants room for one new token
 
+    # What makes two runs' answers the same: a rerun continues OUT.partial only with all of these equal.
+    settings = {
+        "target_path": str(target_path),
+        "tokenizer": str(m.tokenizer_path or target_path),
+        "dtype": dtype,
+        "source_path": str(source),
+        "prompt_key": d.prompt_key,
+        "chat_template": d.chat_template,
+        "limit": limit,
+        "max_prompt_tokens": max_prompt_tokens,
+        "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
+        "thinking": thinking,
+        "num_conversations": len(conversations),
+    }
+    progress = _Progress(path, settings)
+    resumed = len(progress.done)
+    remaining = [index for index in range(len(conversations)) if index not in progress.done]
     logger.info(
-        "regenerating %d conversations from %s with %s (vLLM, %s, max_model_len %d)",
-        len(conversations),
+        "regenerating %d conversations from %s with %s (vLLM, %s, max_model_len %d)%s",
+        len(remaining),
         d.train_path,
         m.target_model_path,
         dtype,
         max_model_len,
+        f"; {resumed} already in {progress.path}" if resumed else "",
     )
-    started = time.perf_counter()
-    worker = _start_engine(target_path, dtype=dtype, max_model_len=max_model_len, config=config)
-    engine_start_seconds = time.perf_counter() - started
+    stats = RegenerationStats(conversations=len(conversations))
+    worker: _Worker | None = None
     try:
-        written, stats = regenerate_conversations(
-            conversations,
-            worker,
-            tokenizer,
-            template,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            thinking=thinking,
-            max_prompt_tokens=max_prompt_tokens,
-            eos_token_ids=_eos_token_ids(target_path, tokenizer),
-        )
+        if remaining:  # else everything was in OUT.partial: no engine to start
+            started = time.perf_counter()
+            worker = _start_engine(target_path, dtype=dtype, max_model_len=max_model_len, config=config)
+            stats.engine_start_seconds = time.perf_counter() - started
+        for chunk in _chunks(remaining, chunk_size):
+
+            def save(finished, chunk=chunk):  # chunk-local indices -> source indices
+                progress.add([(chunk[index], conversation, counts) for index, conversation, counts in finished])
+
+            assert worker is not None  # started above: there are remaining conversations
+            _, chunk_stats = regenerate_conversations(
+                [conversations[index] for index in chunk],
+                worker,
+                tokenizer,
+                template,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                thinking=thinking,
+                max_prompt_tokens=max_prompt_tokens,
+                eos_token_ids=_eos_token_ids(target_path, tokenizer),
+                on_finished=save,
+            )
+            stats.seconds += chunk_stats.seconds
+    except TorchSpecError as err:
+        if progress.done:  # the error's own line, and that nothing finished is lost
+            err.args = (
+                f"{err}; the {len(progress.done)} conversations finished are kept in {progress.path}: run the same "
+                "command again to continue",
+            )
+        raise
     finally:
-        worker.close()
-    stats.engine_start_seconds = engine_start_seconds
+        if worker is not None:
+            worker.close()
+        progress.close()
+
+    written = []
+    for index in range(len(conversations)):
+        conversation, counts = progress.done[index]
+        stats.add(counts)
+        if conversation is not None:
+            written.append(conversation)
+    stats.written = len(written)
     meta = {
         "target": m.target_model_path,
         "target_path": str(target_path),
@@ -405,7 +538,7 @@ def regenerate_dataset(
         "chat_template": d.chat_template,
         "limit": limit,
         "max_prompt_tokens": max_prompt_tokens,
-        "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
+        "sampling": settings["sampling"],
         "thinking": thinking,
         "engine": {
             "vllm_version": getattr(worker, "vllm_version", None),
@@ -413,10 +546,14 @@ def regenerate_dataset(
             "engine_args": config.target.engine_args,
         },
         "stats": asdict(stats),
+        "resumed_conversations": resumed,  # taken from OUT.partial of an earlier, interrupted run
         "torchspec_trainer_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write_atomically(path, written, d.prompt_key, meta)
+    # The data first, the meta last: the meta's presence says the run finished.
+    write_file_atomic(path, "".join(json.dumps({d.prompt_key: c}) + "\n" for c in written))
+    write_file_atomic(_meta_path(path), json.dumps(meta, indent=2) + "\n")
+    progress.path.unlink()
     return stats
 
 
@@ -468,11 +605,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--limit", type=_positive(int), help="regenerate only the first N conversations")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
+        "--chunk-size",
+        type=_positive(int),
+        default=1024,
+        help="conversations regenerated together (their k-th turns are one request); each is saved to "
+        "OUT.partial once finished, and the same command continues a killed run (default 1024)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.train_path=my.jsonl")
     return parser
 
 
-@cli_main
+@cli_main(
+    interrupted="interrupted; finished conversations are kept in OUT.partial: run the same command again to continue"
+)
 def main(argv: list[str] | None = None) -> int:
     from torchspec.trainer.config import load_config
 
@@ -491,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         thinking=args.thinking,
         limit=args.limit,
         overwrite=args.overwrite,
+        chunk_size=args.chunk_size,
     )
     print(f"regenerated {stats.summary()}; wrote {args.output} and {_meta_path(Path(args.output)).name}")
     return 0

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cpu_mla_compilation_config"]
+__all__ = ["cpu_mla_compilation_config", "write_states_file"]
 
 
 def _engine(spec: dict[str, Any]):
@@ -84,7 +84,7 @@ def cpu_mla_compilation_config(configured: dict[str, Any] | None) -> dict[str, A
 
 def _extract(llm, request: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -108,11 +108,22 @@ def _extract(llm, request: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"the engine's hidden states of prompt {index} belong to other tokens")
         tensors[names[index]] = saved["hidden_states"].contiguous()
     out = Path(request["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    save_file(tensors, str(partial))
-    os.replace(partial, out)  # a reader sees the whole file or none
+    write_states_file(tensors, out)
     return {"out": str(out)}
+
+
+def write_states_file(tensors: dict, out: Path) -> None:
+    """``tensors`` as a safetensors file at ``out``, atomically: written under a temporary name of
+    this process (two engines writing one shard never share a temporary file), then renamed."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        save_file(tensors, str(partial))
+        os.replace(partial, out)  # a reader sees the whole file or none
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _finish_writes(llm, paths: list[str], max_steps: int = 1000) -> None:

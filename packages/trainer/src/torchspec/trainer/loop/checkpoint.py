@@ -3,8 +3,9 @@
 The layout (folder names, what a complete checkpoint holds, the newest one) is
 ``torchspec.draft_models.checkpoint_layout``, shared with every reader; this module writes it.
 
-A save goes to ``.tmp_iter_XXXXXXX``; after a barrier, rank 0 writes ``COMPLETE`` and renames the
-folder into place, then rewrites ``latest`` (temporary file + ``os.replace``). A process killed at
+A save goes to ``.tmp_iter_XXXXXXX``; after a barrier, rank 0 fsyncs every file of it, writes
+``COMPLETE`` and renames the folder into place, then rewrites ``latest`` (every write through
+``torchspec.draft_models.atomic``: temporary file, fsync, rename, folder fsync). A process killed at
 any moment therefore leaves either no ``iter_*`` folder or a complete one: ``find_latest`` only
 returns ``iter_*`` folders with the marker and never looks at ``.tmp_*``. Removing old checkpoints
 (retention) renames them to ``.deleting_*`` before deleting, for the same reason.
@@ -43,7 +44,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchspec.draft_models.atomic import fsync_tree, publish_dir, recover_replaced_dir, write_file_atomic
 from torchspec.draft_models.checkpoint_layout import (
     COMPLETE_MARKER,
     LATEST_FILE,
@@ -90,20 +92,6 @@ def _per_rank_file(checkpoint: Path, key: str, rank: int) -> Path:
     return checkpoint / f"{key}_state_rank{rank}.pt"
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _write_error(err: BaseException) -> OSError | None:
     """The ``OSError`` behind a failed write: ``err`` itself, or one inside DCP's
     ``CheckpointException`` (per rank), where torch's zip writer may have replaced it by a
@@ -134,22 +122,23 @@ def _on_every_rank(write: Callable[[], None]) -> str | None:
         if cause is None:
             raise
         failure = cause.strerror or str(cause)
+    return _shared(failure)
+
+
+def _shared(message: str | None) -> str | None:
+    """The first rank's ``message`` (None where no rank has one), the same on every rank, so that
+    every rank raises together instead of some waiting at the next collective. Every rank calls it."""
     if not dist.is_initialized():
-        return failure
-    failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)
-    return next((f for f in failures if f), None)
+        return message
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), None)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
@@ -169,9 +158,16 @@ def _quiet_dcp():
 class Checkpointer:
     """Saves and restores training state under ``output_dir``; every rank calls every method."""
 
-    def __init__(self, output_dir: str | os.PathLike, keep_last: int | None = None):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        keep_last: int | None = None,
+        guard: Callable[[], str | None] | None = None,
+    ):
+        """``guard`` (rank 0): why nothing may be saved any more (the run lost its output folder), or None."""
         self.output_dir = Path(output_dir)
         self.keep_last = keep_last
+        self.guard = guard
         self.rank = _rank()
 
     # --- save -----------------------------------------------------------------------------------
@@ -187,6 +183,9 @@ class Checkpointer:
         name = checkpoint_name(step)
         final = self.output_dir / name
         staging = self.output_dir / f".tmp_{name}"
+        refusal = _shared(self._refusal(step) if self.rank == 0 else None)
+        if refusal is not None:
+            raise ConfigError(refusal)
 
         def prepare() -> None:
             if self.rank == 0:
@@ -202,7 +201,9 @@ class Checkpointer:
                     dcp.save(sharded, checkpoint_id=str(staging))  # DCP calls each one's state_dict()
             for key in PER_RANK_STATES:
                 if key in states:
-                    torch.save(states[key].state_dict(), _per_rank_file(staging, key, self.rank))
+                    file = _per_rank_file(staging, key, self.rank)
+                    torch.save(states[key].state_dict(), file)
+                    _fsync_file(file)  # by its writer: on a shared file system rank 0 may be on another host
             if self.rank == 0:
                 small = {key: state.state_dict() for key, state in states.items() if key not in _FILED_APART}
                 (staging / TRAINER_STATE).write_text(json.dumps({"step": step, **small}, indent=2) + "\n")
@@ -212,15 +213,17 @@ class Checkpointer:
         def publish() -> None:
             if self.rank == 0:
                 world_size = dist.get_world_size() if dist.is_initialized() else 1
-                _write_atomic(staging / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world_size}) + "\n")
-                if final.exists():  # an older save of the same step; replace it only now
-                    aside = self.output_dir / f".deleting_{name}"
-                    os.replace(final, aside)
-                    shutil.rmtree(aside, ignore_errors=True)
-                os.replace(staging, final)
-                _fsync_dir(self.output_dir)
-                _write_atomic(self.output_dir / LATEST_FILE, name + "\n")
-                self._apply_retention()
+                # Every file durable before the marker that declares them complete (a crash after the
+                # marker must not leave an empty trainer_state.json or config.json behind it).
+                fsync_tree(staging)
+                write_file_atomic(
+                    staging / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world_size}) + "\n"
+                )
+                publish_dir(staging, final)  # replaces an older save of the same step only now
+                # What find_latest picks, not this save's name, so that the two cannot disagree; written
+                # before retention, so a kill in between never leaves `latest` naming a deleted folder.
+                write_file_atomic(self.output_dir / LATEST_FILE, cast(Path, find_latest(self.output_dir)).name + "\n")
+                self._apply_retention(keep=name)
 
         # Each phase ends with every rank knowing whether any rank failed (it doubles as the barrier).
         for phase in (prepare, write, publish):
@@ -244,6 +247,23 @@ class Checkpointer:
             "free space there (or set training.output_dir to another folder) and run the same command again"
         )
 
+    def _refusal(self, step: int) -> str | None:
+        """Why checkpoint ``step`` must not be saved here: the guard's reason, or the folder holds a
+        newer one. Retention and every reader go by step, so the new save would be deleted at once (or
+        lost behind the newer one) while `latest` named it; refused before anything is written, nothing
+        deleted."""
+        lost = self.guard() if self.guard is not None else None
+        if lost is not None:
+            return lost
+        newest = find_latest(self.output_dir)
+        if newest is None or int(newest.name.removeprefix("iter_")) <= step:
+            return None
+        return (
+            f"training.output_dir {self.output_dir} holds {newest.name}, newer than {checkpoint_name(step)} "
+            "which this run would save (it resumed from an older checkpoint of that folder); nothing was deleted; "
+            "set training.output_dir to a new folder and checkpoint.resume=<the checkpoint to branch from>"
+        )
+
     def _protected(self) -> set[str]:
         best = self.output_dir / "best.json"
         if best.is_file():
@@ -253,11 +273,13 @@ class Checkpointer:
                 return set()
         return set()
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, keep: str) -> None:
+        """Delete all but the newest ``keep_last`` checkpoints, never the best one nor ``keep`` (the one
+        just saved)."""
         if self.keep_last is None:
             return
         found = list_checkpoints(self.output_dir)
-        protected = self._protected()
+        protected = self._protected() | {keep}
         for _, path in found[: max(len(found) - self.keep_last, 0)]:
             if path.name in protected:
                 continue
@@ -269,13 +291,18 @@ class Checkpointer:
         """Point ``best.json`` at ``checkpoint`` (rank 0 writes)."""
         if self.rank == 0:
             record = {"checkpoint": Path(checkpoint).name, **metrics}
-            _write_atomic(self.output_dir / "best.json", json.dumps(record, indent=2) + "\n")
+            write_file_atomic(self.output_dir / "best.json", json.dumps(record, indent=2) + "\n")
 
     def clean_stale(self) -> None:
-        """Delete leftovers of interrupted saves and deletions (rank 0)."""
+        """Delete leftovers of interrupted saves and deletions (rank 0), after putting back a checkpoint
+        that a save of the same step had moved aside when it was killed. Called while this run holds the
+        folder, so no other process is writing there."""
         if self.rank == 0 and self.output_dir.is_dir():
+            for child in sorted(self.output_dir.iterdir()):
+                if child.name.startswith(".iter_"):  # a checkpoint moved aside by publish_dir
+                    recover_replaced_dir(self.output_dir / child.name[1:].split(".", 1)[0])
             for child in self.output_dir.iterdir():
-                if child.name.startswith((".tmp_iter_", ".deleting_iter_")):
+                if child.name.startswith((".tmp_iter_", ".deleting_iter_", ".iter_")):
                     shutil.rmtree(child, ignore_errors=True)
         barrier()
 

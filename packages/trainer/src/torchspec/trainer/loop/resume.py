@@ -17,7 +17,14 @@ from torchspec.trainer.config import ConfigError, TrainConfig
 from torchspec.trainer.loop.checkpoint import TRAINER_STATE, find_latest, list_checkpoints
 from torchspec.trainer.loop.data_loader import steps_per_epoch
 
-__all__ = ["check_same_draft", "complete_checkpoint", "completed_run", "resume_hint", "resume_path"]
+__all__ = [
+    "check_same_draft",
+    "complete_checkpoint",
+    "completed_run",
+    "refuse_rollback",
+    "resume_hint",
+    "resume_path",
+]
 
 logger = logging.getLogger("torchspec.trainer")
 
@@ -34,7 +41,9 @@ def resume_path(resume: str | None, output_dir: Path) -> Path | None:
         latest = find_latest(output_dir)
         return latest  # None: nothing to resume yet, a fresh start
     if resume is not None:
-        return complete_checkpoint(resume, "checkpoint.resume")
+        checkpoint = complete_checkpoint(resume, "checkpoint.resume")
+        refuse_rollback(checkpoint, output_dir)
+        return checkpoint
     if list_checkpoints(output_dir):
         raise ConfigError(
             f"training.output_dir {output_dir} already holds checkpoints; set checkpoint.resume=auto to continue "
@@ -42,6 +51,26 @@ def resume_path(resume: str | None, output_dir: Path) -> Path | None:
             "or choose another output_dir"
         )
     return None
+
+
+def refuse_rollback(checkpoint: Path, output_dir: Path) -> None:
+    """An explicit resume from an older checkpoint into a folder holding newer ones is refused.
+
+    Continuing there would interleave two runs in one folder: every reader goes by step number
+    (``resume: auto``, retention, the converter), so retention would delete the new run's saves as
+    soon as they are written and ``auto`` and export would pick the abandoned run's newest. Nothing
+    is moved or deleted; the user branches into a new folder instead.
+    """
+    step = int(checkpoint.name.removeprefix("iter_"))  # resolve_checkpoint only returns iter_<digits>
+    newer = [path.name for found, path in list_checkpoints(output_dir) if found > step]
+    if newer:
+        held = newer[0] if len(newer) == 1 else f"{newer[0]}..{newer[-1]}"
+        raise ConfigError(
+            f"checkpoint.resume {checkpoint}: training.output_dir {output_dir} holds newer checkpoints than "
+            f"{checkpoint.name} ({held}), which this run would mix with (resume: auto, retention and export go by "
+            f"step); to branch from {checkpoint.name}, set training.output_dir to a new folder and "
+            f"checkpoint.resume={checkpoint}; to continue the newest, set checkpoint.resume=auto"
+        )
 
 
 def resume_hint(resume: str, output_dir: Path, checkpoint: Path, step: int, total_steps: int) -> str:

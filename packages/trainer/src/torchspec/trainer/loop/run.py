@@ -1,5 +1,6 @@
 """A training run: ``train(config)`` checks there is something left to train, joins the process
-group, takes the output folder's lock, then builds a ``Trainer``, resumes and fits it."""
+group, then builds a ``Trainer`` (which holds the output folder's lock until closed), resumes and
+fits it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from torchspec.trainer.config import TrainConfig
 from torchspec.trainer.distributed.host_memory import pin_malloc_mmap_threshold
 from torchspec.trainer.distributed.process_group import init_distributed
 from torchspec.trainer.loop.metrics import summary_writer_class
+from torchspec.trainer.loop.result import TrainResult
 from torchspec.trainer.loop.resume import completed_run
-from torchspec.trainer.loop.run_lock import OutputDirLock
-from torchspec.trainer.loop.trainer import Trainer, TrainResult
+from torchspec.trainer.loop.trainer import Trainer
 
 __all__ = ["train"]
 
@@ -36,11 +37,9 @@ def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None
     ctx = init_distributed(config.training.device)
     if ctx.device.type == "cpu":
         pin_malloc_mmap_threshold()  # glibc only: give freed activations back to the OS (host_memory)
-    # Before the target loads: a second run on this folder, or one that cannot be written, stops here.
-    lock = OutputDirLock(config.training.output_dir) if ctx.is_main else None
     try:
-        if lock is not None:
-            lock.acquire()
+        # The Trainer takes the output folder's lock before the target loads: a second run on this
+        # folder, or one that cannot be written, stops there.
         trainer = Trainer(config, ctx)
         try:
             trainer.restore()
@@ -48,7 +47,5 @@ def train(config: TrainConfig, step_callback: Callable[[int, dict], None] | None
         finally:
             trainer.close()
     finally:
-        if lock is not None:
-            lock.release()
         if created_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
@@ -43,7 +42,9 @@ from torchspec.trainer.loop.metrics import (
 )
 from torchspec.trainer.loop.optimizer import build_optimizer
 from torchspec.trainer.loop.prefetch import PrefetchingLoader
+from torchspec.trainer.loop.result import TrainResult
 from torchspec.trainer.loop.resume import check_same_draft, complete_checkpoint, resume_hint, resume_path
+from torchspec.trainer.loop.run_lock import hold_on_main, raise_if_lost
 from torchspec.trainer.loop.speculative_eval import evaluate_trained_draft
 from torchspec.trainer.loop.states import LRScheduleState, ModelState, OptimizerState, RNGState, TrainState
 from torchspec.trainer.loop.step import DraftStep
@@ -63,32 +64,25 @@ __all__ = ["TrainResult", "Trainer"]
 logger = logging.getLogger("torchspec.trainer")
 
 
-@dataclass
-class TrainResult:
-    output_dir: Path
-    checkpoint: Path | None
-    steps: int
-    train_history: list[dict[str, Any]] = field(default_factory=list)  # this process's step records
-    eval_metrics: dict[str, Any] | None = None
-    speculative_eval: dict[str, Any] | None = None  # real decoding of held-out prompts (main rank)
-    already_complete: bool = False  # resumed a run with nothing left to train: nothing was done
-
-
 class Trainer:
-    """Builds the components in the order they depend on each other; ``fit`` runs the loop."""
+    """Builds the components in the order they depend on each other; ``fit`` runs the loop. Holds the
+    output folder (``loop.run_lock``, main rank) from construction until :meth:`close`."""
 
     def __init__(self, config: TrainConfig, ctx: DistributedContext):
         self.config, self.ctx = config, ctx
         t, m, ckpt = config.training, config.model, config.checkpoint
         self.output_dir = Path(t.output_dir)
-        self.resume_from = resume_path(ckpt.resume, self.output_dir)
-        self.checkpointer = Checkpointer(self.output_dir, ckpt.keep_last)
-        self.checkpointer.clean_stale()
-
-        # The target, its tokenizer, the data.
-        target_path = resolve_target_path(m.target_model_path)
-        self.target = build_target(config, target_path, ctx)
+        # Held before anything reads the folder, by the public API (Trainer(...).fit()) as by train().
+        self.closed, self.lock = False, hold_on_main(self.output_dir, ctx.is_main)
         try:
+            self.resume_from = resume_path(ckpt.resume, self.output_dir)
+            lost = self.lock.lost if self.lock is not None else None
+            self.checkpointer = Checkpointer(self.output_dir, ckpt.keep_last, guard=lost)
+            self.checkpointer.clean_stale()
+
+            # The target, its tokenizer, the data.
+            target_path = resolve_target_path(m.target_model_path)
+            self.target = build_target(config, target_path, ctx)
             self._build(config, ctx, target_path)
         except BaseException:
             self.close()
@@ -174,9 +168,15 @@ class Trainer:
         }
 
     def close(self) -> None:
-        """Stop what serves the target's states (an engine process, open dump files)."""
-        if isinstance(self.target, ServedTarget):
-            self.target.close()
+        """Stop what serves the target's states (an engine, dump files); hand the output folder back."""
+        try:
+            target = getattr(self, "target", None)  # None: the build stopped before the target
+            if isinstance(target, ServedTarget):
+                target.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            self.lock, self.closed = None, True
 
     def restore(self) -> None:
         """Resume everything from ``checkpoint.resume``, or take only the weights of ``continual_training``."""
@@ -211,6 +211,9 @@ class Trainer:
 
     def fit(self, step_callback: Callable[[int, dict], None] | None = None) -> TrainResult:
         t, ctx = self.config.metrics, self.ctx
+        if self.closed:
+            raise UserInputError("this Trainer was closed (its output folder handed back); build a new one to train")
+        raise_if_lost(self.lock)  # the folder deleted since the Trainer was built: stop before writing it
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.config, self.output_dir / "training_config.yaml")
@@ -283,9 +286,8 @@ class Trainer:
                 with clock.measure("checkpoint"):
                     checkpoint = self.save()
                 if new_best:
-                    self.checkpointer.mark_best(
-                        checkpoint, {k: v for k, v in cast(dict, state.best).items() if k != "checkpoint"}
-                    )
+                    best = {k: v for k, v in cast(dict, state.best).items() if k != "checkpoint"}
+                    self.checkpointer.mark_best(checkpoint, best)
             if step_callback is not None:
                 step_callback(state.step, record)
         _log(ctx, f"where the time went: {clock.summary()}")

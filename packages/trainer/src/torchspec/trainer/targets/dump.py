@@ -47,11 +47,13 @@ __all__ = [
     "check_same_dump",
     "data_fingerprint",
     "dump_samples",
+    "identity_difference",
     "read_manifest",
     "sample_key",
     "shard_is_whole",
     "shard_path",
     "target_identity",
+    "weights_fingerprint",
     "write_manifest_file",
 ]
 
@@ -67,13 +69,80 @@ def sample_key(token_ids: list[int]) -> str:
     return hashlib.sha256(torch.tensor(token_ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:32]
 
 
+# What of each weight file the fingerprint reads: the whole header (every tensor's name, dtype,
+# shape and place) and, from the data, a slice of up to _SAMPLED_TENSORS tensors spread over the file
+# plus _SAMPLED_CHUNKS evenly spaced chunks: at most ~80 KiB a file, a few MB for a TB-size target.
+_SAMPLED_TENSORS = 64
+_TENSOR_SLICE = 256
+_SAMPLED_CHUNKS = 8
+_CHUNK = 4096
+
+
+def weights_fingerprint(path: Path) -> str:
+    """sha256 of a safetensors file's header and of bytes sampled from its tensors.
+
+    Another fine-tune of the same architecture has the same config, file names and sizes, and
+    header; its weights differ everywhere a fine-tune changes them, hence in the sampled bytes. A
+    change confined to tensors that are not sampled is not seen (reading them all costs a full read
+    of the target)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ConfigError(f"{path} is not a safetensors file (shorter than its header); save the target again")
+        size = int.from_bytes(head, "little")
+        header = handle.read(size)
+        try:
+            entries = json.loads(header)
+        except ValueError:
+            raise ConfigError(f"{path} has no readable safetensors header; save the target again") from None
+        digest.update(head + header)
+        start = 8 + size
+        end = path.stat().st_size
+        spans = sorted(
+            tuple(entry["data_offsets"])
+            for name, entry in entries.items()
+            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+        )
+        chosen = spans[:: max(1, -(-len(spans) // _SAMPLED_TENSORS))]
+        offsets = [start + (begin + stop) // 2 for begin, stop in chosen]  # the middle: past any shared prefix
+        lengths = [min(_TENSOR_SLICE, stop - (begin + stop) // 2) for begin, stop in chosen]
+        for k in range(_SAMPLED_CHUNKS):
+            offsets.append(start + (end - start) * k // _SAMPLED_CHUNKS)
+            lengths.append(_CHUNK)
+        for offset, length in zip(offsets, lengths):
+            handle.seek(offset)
+            digest.update(handle.read(max(length, 0)))
+    return digest.hexdigest()
+
+
 def target_identity(path: Path) -> dict[str, Any]:
-    """What identifies a target's weights without reading them: its config and its weight files' names and sizes."""
+    """What identifies a target: its config, its weight files' names and sizes, and a fingerprint of
+    each safetensors file's contents (:func:`weights_fingerprint`)."""
     files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
     return {
         "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
         "weight_files": {p.name: p.stat().st_size for p in files},
+        "weights_sha256": {p.name: weights_fingerprint(p) for p in files if p.suffix == ".safetensors"},
     }
+
+
+def identity_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """What differs between two :func:`target_identity` records, in words, or None."""
+    if saved.get("config_sha256") != current["config_sha256"]:
+        return "its config.json differs"
+    if saved.get("weight_files") != current["weight_files"]:
+        return "its weight files' names or sizes differ"
+    fingerprints = saved.get("weights_sha256")
+    if fingerprints is None:
+        return (
+            "the dump records no fingerprint of the weights (written before torchspec-trainer 0.7.0), so another "
+            "fine-tune of that architecture cannot be told apart"
+        )
+    differing = sorted(name for name, value in current["weights_sha256"].items() if fingerprints.get(name) != value)
+    if differing:
+        return f"the weights in {', '.join(differing[:3])}{', ...' if len(differing) > 3 else ''} differ"
+    return None
 
 
 def dump_samples(datasets_: list[Any], max_seq_length: int) -> list[list[int]]:
@@ -136,9 +205,14 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 def check_same_dump(previous: dict, current: dict, directory: Path) -> None:
     """A rerun continues a dump only of the same target, layers, dtype and data."""
+    dumped = previous.get("target") or {}
+    difference = identity_difference(dumped, current["target"])
+    if difference is not None:
+        raise ConfigError(
+            f"target.dump_dir {directory} holds a dump of another target ({dumped.get('path')}): "
+            f"{difference}; dump to another folder or delete that one"
+        )
     for what, key in (
-        ("target", ("target", "config_sha256")),
-        ("target weights", ("target", "weight_files")),
         ("layers", ("vllm_layer_ids",)),
         ("dtype", ("dtype",)),
         ("data", ("data", "fingerprint")),
@@ -197,15 +271,12 @@ class DumpTarget(ServedTarget):
                 "run the same `hatch run trainer:dump-states` command again to finish it"
             )
         head = TargetHead.from_pretrained(target_path, dtype, device, trust_remote_code)
-        identity = target_identity(target_path)
         saved = manifest["target"]
-        if (
-            saved.get("config_sha256") != identity["config_sha256"]
-            or saved.get("weight_files") != identity["weight_files"]
-        ):
+        difference = identity_difference(saved, target_identity(target_path))
+        if difference is not None:
             raise ConfigError(
                 f"target.dump_dir {directory} was dumped from another target ({saved.get('path')}) than "
-                f"model.target_model_path {target_path}; train with that target or dump again"
+                f"model.target_model_path {target_path}: {difference}; train with that target or dump again"
             )
         try:  # a hand-edited manifest must not lead to advice the engines would not serve
             validate_aux_layer_ids(manifest["aux_layer_ids"], head.num_layers, f"{directory / MANIFEST} aux_layer_ids")
