@@ -81,13 +81,19 @@ def _dump_config(dump_dir, *overrides):
     return load_config(CONFIGS["llama"], [*FAST, f"target.dump_dir={dump_dir}", *overrides])
 
 
-def _transformers_states(target_dir, token_ids, layers):
+def _transformers_states(target_dir, token_ids, layers, pre_norm=False):
+    """transformers' states of ``token_ids``: the inputs of ``layers``, the output after the final
+    norm and the norm itself; with ``pre_norm`` also the norm's input (the last layer's output)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    norm_inputs = []
+    hook = model.model.norm.register_forward_hook(lambda module, args, output: norm_inputs.append(args[0][0]))
     with torch.no_grad():
         out = model.model(input_ids=torch.tensor([token_ids]), output_hidden_states=True)
-    return [out.hidden_states[i][0] for i in layers], out.last_hidden_state[0], model.model.norm
+    hook.remove()
+    states = [out.hidden_states[i][0] for i in layers], out.last_hidden_state[0], model.model.norm
+    return (*states, norm_inputs[0]) if pre_norm else states
 
 
 def test_a_killed_dump_resumes_and_training_from_it_equals_the_in_process_target(
@@ -185,10 +191,13 @@ def test_an_engine_that_cannot_start_is_one_line_naming_its_reason(default_targe
 
 
 def test_an_mla_targets_states_come_out_of_vllm(mla_target, tmp_path):
-    """What MLA drafts are for: DeepSeek/Kimi-style targets. vLLM's DeepSeek forward differs from
-    transformers' beyond rounding on this tiny random target (~1%, as the serving tests found), so
-    the states are held to 5% of transformers' and to their shape; exact equality is the Qwen3
-    target's test above."""
+    """What MLA drafts are for: DeepSeek/Kimi-style targets (MLA attention, MoE layers routed by
+    sigmoid scores with a correction bias, non-trivial norms). Each of the four state columns vLLM
+    extracts equals transformers' within 1e-4 of that column's largest magnitude (max abs error):
+    the inputs of layers 2, 4 and 5 (``output_hidden_states[i]``) and the last layer's output before
+    the final norm (the norm's input in transformers); that state through the final norm equals
+    transformers' ``last_hidden_state`` likewise. It holds because the engine runs MLA's rope in
+    PyTorch on CPU (docs/vllm-cpu-mla-rope.md); with vLLM's CPU rope kernel the error was ~1%."""
     prompt = list(range(5, 60))
     layers = [2, 4, 5]
     out = tmp_path / "states.safetensors"
@@ -197,10 +206,11 @@ def test_an_mla_targets_states_come_out_of_vllm(mla_target, tmp_path):
     from safetensors.torch import load_file
 
     states = load_file(str(out))["states.0"]
-    expected_aux, expected_final, norm = _transformers_states(mla_target, prompt, layers)
+    expected_aux, expected_final, norm, expected_last = _transformers_states(mla_target, prompt, layers, pre_norm=True)
     assert states.shape == (len(prompt), 4, expected_final.shape[-1])
-    for column, expected in enumerate(expected_aux):
-        assert (states[:, column] - expected).abs().max() <= 0.05 * expected.abs().max()
     with torch.no_grad():
         final = norm(states[:, 3])
-    assert (final - expected_final).abs().max() <= 0.05 * expected_final.abs().max()
+    pairs = [*zip(states.unbind(1), [*expected_aux, expected_last]), (final, expected_final)]
+    errors = [((got - want).abs().max() / want.abs().max()).item() for got, want in pairs]
+    print(f"\nMLA target states vs transformers, max abs error / max |state| per column: {errors}")
+    assert max(errors) <= 1e-4, errors

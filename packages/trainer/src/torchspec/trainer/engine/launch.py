@@ -137,8 +137,8 @@ def is_mla_model(path: str | os.PathLike) -> bool:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    architectures = " ".join(config.get("architectures") or [])
-    return config.get("model_type") in _MLA_MODEL_TYPES or "Deepseek" in architectures or "kv_lora_rank" in config
+    architectures = " ".join(config.get("architectures") or []).lower()  # DeepseekV3..., DeepSeekFor...Eagle3
+    return config.get("model_type") in _MLA_MODEL_TYPES or "deepseek" in architectures or "kv_lora_rank" in config
 
 
 # Targets vLLM runs through a decoder layer that, in float16 only, divides the residual stream by

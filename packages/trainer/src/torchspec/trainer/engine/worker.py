@@ -72,11 +72,12 @@ def _engine(spec: dict[str, Any]):
     return LLM(**kwargs)
 
 
-def cpu_mla_compilation_config(configured: dict[str, Any] | None) -> dict[str, Any]:
+def cpu_mla_compilation_config(configured: dict[str, Any] | int | None) -> dict[str, Any]:
     """vLLM's CPU rotary-embedding kernel assumes a 2-D ``[tokens, heads * head_size]`` query, while
     DeepSeek MLA passes strided 3-D views, so rope lands on the wrong rows
-    (docs/vllm-cpu-mla-rope.md); ``-rotary_embedding`` makes vLLM rotate in PyTorch instead."""
-    config = dict(configured or {})
+    (docs/vllm-cpu-mla-rope.md); ``-rotary_embedding`` makes vLLM rotate in PyTorch instead.
+    ``configured``: the user's ``compilation_config`` (a dict, or an int: vLLM's compilation mode)."""
+    config: dict[str, Any] = {"mode": configured} if isinstance(configured, int) else dict(configured or {})
     custom_ops = [op for op in config.get("custom_ops") or [] if op.lstrip("+-") != "rotary_embedding"]
     config["custom_ops"] = [*custom_ops, "-rotary_embedding"]
     return config
