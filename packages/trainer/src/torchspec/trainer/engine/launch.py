@@ -220,9 +220,17 @@ def run_vllm(
             raise
         raise EngineError(f"vLLM refused the draft {draft}: {err.reason}") from None
     with worker:
-        reply = worker.reply(
-            worker.send("generate", prompts=prompts, max_new_tokens=max_new_tokens, ignore_eos=True, spec_stats=True)
-        )
+        try:
+            reply = worker.reply(
+                worker.send(
+                    "generate", prompts=prompts, max_new_tokens=max_new_tokens, ignore_eos=True, spec_stats=True
+                )
+            )
+        except EngineError as err:
+            # vLLM loads some drafts it cannot run (CPU: an MLA latent width its decode kernel lacks)
+            if draft is None or not err.reason:
+                raise
+            raise EngineError(f"vLLM refused the draft {draft}: {err.reason}") from None
     return EngineRun(
         outputs=reply["outputs"],
         engine_version=worker.vllm_version,
@@ -355,7 +363,9 @@ class EngineWorker:
         reply = self._arrived.pop(request_id)
         self._collected += 1
         if "error" in reply:
-            raise EngineError(f"vLLM failed a request: {reply['error']} (log: {self.log_path})")
+            failure = EngineError(f"vLLM failed a request: {reply['error']} (log: {self.log_path})")
+            failure.reason = str(reply["error"])
+            raise failure
         return reply
 
     @property

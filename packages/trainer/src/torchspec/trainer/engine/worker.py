@@ -63,9 +63,12 @@ def _engine(spec: dict[str, Any]):
             "kv_role": "kv_producer",
             "kv_connector_extra_config": {"shared_storage_path": spec["scratch_dir"]},
         }
-    elif spec.get("draft") is not None:
-        kwargs["speculative_config"] = {"method": "eagle3", **spec["draft"]}
-        kwargs["disable_log_stats"] = False  # the spec-decode counters are read from the engine's stats
+    else:
+        if spec.get("draft") is not None:
+            kwargs["speculative_config"] = {"method": "eagle3", **spec["draft"]}
+        # generate replies carry the spec-decode counters (none without a draft), read from the
+        # engine's stats: LLM.get_metrics asserts "Stat logging disabled" otherwise
+        kwargs["disable_log_stats"] = False
     kwargs.update(spec.get("engine_args") or {})  # the user's own engine settings come last
     if on_cpu and spec.get("has_mla"):
         kwargs["compilation_config"] = cpu_mla_compilation_config(kwargs.get("compilation_config"))

@@ -1,4 +1,6 @@
-"""The engine settings an MLA model gets on CPU, without vLLM (docs/vllm-cpu-mla-rope.md).
+"""What the project's vLLM launcher gives vLLM and makes of its failures, without vLLM.
+
+The settings an MLA model gets on CPU (docs/vllm-cpu-mla-rope.md):
 
 vLLM's CPU rotary-embedding kernel mis-rotates DeepSeek MLA's strided query/key views, so every
 CPU engine with an MLA target or draft runs rope in PyTorch (``custom_ops: ["-rotary_embedding"]``):
@@ -8,6 +10,10 @@ CPU engine with an MLA target or draft runs rope in PyTorch (``custom_ops: ["-ro
 * ``cpu_mla_compilation_config`` adds the setting to the user's compilation config and keeps the
   rest of it, replacing a ``+rotary_embedding`` (vLLM refuses both at once);
 * the child's ``_engine`` hands it to vLLM's ``LLM`` on CPU only, after the user's engine arguments.
+
+And a generating engine logs its stats (``run_vllm`` reads the spec-decode counters from them, also
+without a draft), and a draft the engine fails on at its first request is refused by name, as one
+it fails on at start.
 
 ``launch`` and ``worker`` import vLLM only inside the functions that start it; a stand-in ``vllm``
 module records what ``LLM`` is given.
@@ -23,7 +29,8 @@ from pathlib import Path
 import pytest
 
 from torchspec.draft_models import DeepseekEagle3Config, LlamaEagle3Config
-from torchspec.trainer.engine.launch import is_mla_model
+from torchspec.trainer.engine import launch
+from torchspec.trainer.engine.launch import EngineError, is_mla_model
 from torchspec.trainer.engine.worker import _engine, cpu_mla_compilation_config
 
 # --- is_mla_model ----------------------------------------------------------------------------------
@@ -166,3 +173,46 @@ def test_other_engines_keep_vllms_settings(llm_arguments):
     assert llm_arguments(on_cuda=True, has_mla=True, engine_args=users)["compilation_config"] == {
         "custom_ops": ["+rotary_embedding"]
     }
+
+
+def test_a_generating_engine_logs_the_stats_its_counters_come_from(llm_arguments):
+    # vLLM's LLM.get_metrics asserts "Stat logging disabled" otherwise, and run_vllm always asks.
+    assert llm_arguments()["disable_log_stats"] is False
+    assert llm_arguments(draft={"model": "d", "num_speculative_tokens": 4})["disable_log_stats"] is False
+    assert "disable_log_stats" not in llm_arguments(layer_ids=[1, 2], scratch_dir="s")  # extraction
+
+
+# --- run_vllm: a draft the engine fails on ---------------------------------------------------------
+
+
+class _FailingWorker:
+    """An EngineWorker that starts and fails its first request with the engine's reason."""
+
+    vllm_version = "0"
+
+    def __init__(self, target, **options):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def send(self, op, **request):
+        return 0
+
+    def reply(self, request_id):
+        failure = EngineError("vLLM failed a request: RuntimeError: Unsupported block size: 16 (log: x)")
+        failure.reason = "RuntimeError: Unsupported block size: 16"
+        raise failure
+
+
+def test_a_draft_the_engine_fails_on_at_its_first_request_is_refused_by_name(monkeypatch, tmp_path):
+    monkeypatch.setattr(launch, "vllm_available", lambda: True)
+    monkeypatch.setattr(launch, "EngineWorker", _FailingWorker)
+    with pytest.raises(EngineError, match=r"^vLLM refused the draft .*d: RuntimeError: Unsupported block size: 16$"):
+        launch.run_vllm(tmp_path / "t", [[1, 2]], 4, draft=tmp_path / "d")
+    # without a draft the engine's failure is its own
+    with pytest.raises(EngineError, match="^vLLM failed a request: RuntimeError: Unsupported block size"):
+        launch.run_vllm(tmp_path / "t", [[1, 2]], 4)
