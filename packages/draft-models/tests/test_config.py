@@ -277,7 +277,7 @@ def test_norm_before_fc_on_an_mla_draft_is_an_engine_refusal():
 
 def test_one_registry_names_every_draft_once():
     from torchspec.draft_models.config import DRAFT_CONFIG_CLASSES
-    from torchspec.draft_models.draft_model import _model_class_for
+    from torchspec.draft_models.draft_model import model_class_for
 
     names = [n for c in DRAFT_CONFIG_CLASSES for n in (c.architecture, *c.architecture_aliases)]
     assert len(names) == len(set(names)) and set(names) == set(AutoDraftModelConfig.supported_architectures)
@@ -285,6 +285,6 @@ def test_one_registry_names_every_draft_once():
     for config_class in DRAFT_CONFIG_CLASSES:
         assert AutoDraftModelConfig.config_class_for_kind(config_class.kind) is config_class
         config = AutoDraftModelConfig.from_dict({**(LLAMA if config_class.kind == "llama" else MLA)})
-        assert _model_class_for(config).config_class is config_class
+        assert model_class_for(config).config_class is config_class
     with pytest.raises(DraftConfigError, match="unknown draft kind 'gpt'; use one of: llama, mla"):
         AutoDraftModelConfig.config_class_for_kind("gpt")
