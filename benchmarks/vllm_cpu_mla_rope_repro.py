@@ -21,7 +21,9 @@ Compared, on copies of the same inputs:
   under the same with ``custom_ops=["-rotary_embedding"]``;
 * ``native``: ``forward_native`` (vLLM's PyTorch rope);
 * ``reference``: an independent float64 GPT-J-style (interleaved) rotation written here, from the
-  rope's own cos/sin cache.
+  rope's own cos/sin cache;
+* controls: the kernel on contiguous 2-D copies ``[tokens, heads * rope]`` (the layout it expects:
+  right) and on contiguous 3-D copies (wrong too: it reads any 3-D tensor as 2-D).
 
 For each (token, head) of the query and each token of ``k_pe`` it prints what the kernel did: the
 right rotation, a rotation with another token's position, or none; and which elements outside the
@@ -180,8 +182,14 @@ def run(dims: str, rope: str) -> int:
         (q_2d.view_as(q_native) - q_native).abs().max().item(), (k_2d.view_as(k_native) - k_native).abs().max().item()
     )
 
+    # Contiguous 3-D copies: not MLA's strides, but still not the kernel's 2-D layout.
+    q_3d, k_3d = q_view0.clone(), k_pe0.clone()
+    ops.rotary_embedding(positions, q_3d, k_3d, rotary_dim, cache, False)
+    contiguous_3d_error = max((q_3d - q_native).abs().max().item(), (k_3d - k_native).abs().max().item())
+
     print()
     print(f"ops.rotary_embedding on contiguous 2-D copies vs forward_native: max abs error {contiguous_error:.2e}")
+    print(f"ops.rotary_embedding on contiguous 3-D copies vs forward_native: max abs error {contiguous_3d_error:.3e}")
     print(
         f"ops.rotary_embedding on MLA's views vs forward_native: max abs error "
         f"q {q_error.max().item():.3e}, k_pe {k_error.max().item():.3e}"

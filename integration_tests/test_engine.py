@@ -53,7 +53,7 @@ def target_alone(default_target, prompts):
     return run_vllm(default_target, prompts, NEW_TOKENS)
 
 
-def _evaluator(draft_dir, target_dir, prompts, default_aux_layers=False, drop_option=None):
+def _evaluator(draft_dir, target_dir, prompts, default_aux_layers=False, drop_option=None, new_tokens=NEW_TOKENS):
     draft, target = load_for_evaluation(str(draft_dir), str(target_dir))
     if default_aux_layers:  # forget the ids config.json records
         draft.config.extra.pop("eagle_aux_hidden_state_layer_ids")
@@ -62,17 +62,21 @@ def _evaluator(draft_dir, target_dir, prompts, default_aux_layers=False, drop_op
         setattr(draft.config, drop_option, False)
         draft.input_norm = None if drop_option == "norm_before_fc" else draft.input_norm
         draft.fc_norm = None if drop_option == "fc_norm" else draft.fc_norm
-    return evaluate_prompts(draft, target, prompts, NEW_TOKENS, K, eos_token_id=None)
+    return evaluate_prompts(draft, target, prompts, new_tokens, K, eos_token_id=None)
 
 
-def _assert_engine_agrees(draft_dir, default_target, prompts, target_alone):
-    served = run_vllm(default_target, prompts, NEW_TOKENS, draft=draft_dir, num_draft_tokens=K)
-    evaluated = _evaluator(draft_dir, default_target, prompts)
+def _assert_engine_agrees(draft_dir, target_dir, prompts, target_alone, new_tokens=NEW_TOKENS):
+    """vLLM serving ``target_dir`` with the draft: the same tokens as without it (``target_alone``,
+    cut to ``new_tokens``: greedy output is a prefix of a longer one) and as transformers', and
+    the evaluator's rounds and accepted tokens."""
+    served = run_vllm(target_dir, prompts, new_tokens, draft=draft_dir, num_draft_tokens=K)
+    evaluated = _evaluator(draft_dir, target_dir, prompts, new_tokens=new_tokens)
     print(
         f"\n{draft_dir.name}: vLLM acceptance {served.acceptance_length:.3f} {served.accepted_per_position} over "
         f"{served.num_drafts} rounds; evaluator {evaluated.acceptance_length:.3f} over {evaluated.num_rounds}"
     )
-    assert served.outputs == target_alone.outputs, "vLLM's output changed when the draft was added"
+    alone = [tokens[:new_tokens] for tokens in target_alone.outputs[: len(prompts)]]
+    assert served.outputs == alone, "vLLM's output changed when the draft was added"
     assert served.outputs == evaluated.target_outputs, "vLLM's greedy output differs from transformers'"
     assert served.num_drafts == evaluated.num_rounds
     assert served.num_accepted_tokens == evaluated.num_accepted_tokens
@@ -193,23 +197,30 @@ def test_missing_engine_is_one_line(monkeypatch, default_target, prompts):
 # --- MLA drafts -------------------------------------------------------------------------------------
 # vLLM's CPU build cannot run an MLA draft beside a non-MLA target (its KV caches want block sizes of
 # 16 for MLA and multiples of 32 otherwise), so MLA exports are served beside a tiny DeepSeek-V3-style
-# target with random weights and the default target's vocabulary and hidden size. vLLM's DeepSeek
-# forward differs from transformers' beyond rounding there (first-token log-probabilities by ~0.1), so
-# the evaluator's counts are not comparable: these tests hold vLLM's own loading and serving of the
-# export, and its refusal of what `converter check` reports.
+# target (random weights, MoE layers, non-trivial norms) with the default target's vocabulary and
+# hidden size. The engine runs MLA's rope in PyTorch on CPU (vLLM's CPU rope kernel mis-rotates MLA's
+# strided views: docs/vllm-cpu-mla-rope.md), and its output with an MLA draft must equal its output
+# without and transformers', with the evaluator's counts, as for the Llama exports. The default MLA
+# export is trained against the Qwen3 target: beside this one neither vLLM nor the evaluator accepts
+# any of its tokens (measured 376 rounds, 0 accepted, the same with vLLM's CPU rope kernel), so
+# these hold the target's decoding and the rounds; the rope itself is held by the states test in
+# test_engine_target.py (~1% off with the kernel).
 
 
-def test_the_default_mla_export_is_served_beside_an_mla_target(mla_target, trained_run, prompts, tmp_path):
+@pytest.fixture(scope="module")
+def mla_target_alone(mla_target, prompts):
+    """vLLM serving the MLA target without a draft: the reference output of the MLA tests."""
+    return run_vllm(mla_target, prompts, NEW_TOKENS)
+
+
+def test_the_default_mla_export_is_served_beside_an_mla_target(
+    mla_target, trained_run, prompts, mla_target_alone, tmp_path
+):
     exported = export(trained_run("mla"), tmp_path / "mla_hf")
     config = read_config(exported)
     assert config["architectures"] == ["Eagle3DeepseekV2ForCausalLM"] and config["q_lora_rank"] > 0
-    served = run_vllm(mla_target, prompts, 24, draft=exported, num_draft_tokens=K)
-    assert [len(tokens) for tokens in served.outputs] == [24] * len(prompts)
+    served, _ = _assert_engine_agrees(exported, mla_target, prompts, mla_target_alone)
     assert served.num_drafts > 0 and len(served.accepted_per_position) == K
-    # Not asserted: output with the draft == without. On this random DeepSeek target vLLM CPU's greedy
-    # output with speculative decoding departs from its plain decoding late in one of 8 prompts (token 15,
-    # the same with a 50x sharper lm_head, so not a near-tie in the head): its multi-token verification
-    # and one-token decode MLA paths compute different hidden states there. A vLLM-side question.
 
 
 def _refused_by_vllm_and_by_check(mla_target, prompts, folder, engine_words, check_words, **draft_values):
@@ -252,12 +263,12 @@ def test_an_mla_latent_width_vllm_refuses_is_a_check_error(mla_target, prompts, 
     )
 
 
-def test_an_eagle3_1_mla_export_is_served_beside_an_mla_target(mla_target, prompts, tmp_path):
+def test_an_eagle3_1_mla_export_is_served_beside_an_mla_target(mla_target, prompts, mla_target_alone, tmp_path):
     """fc_norm + norm_output (model.eagle3_1=true): vLLM's DeepSeek draft loads and serves them."""
     folder = untrained_draft("mla", mla_target, tmp_path / "mla_e31_hf", "model.eagle3_1=true")
     assert {"fc_norm.0.weight", "fc_norm.2.weight"} <= set(load_weights(folder))
-    served = run_vllm(mla_target, prompts[:2], 16, draft=folder, num_draft_tokens=K)
-    assert served.num_drafts > 0 and [len(tokens) for tokens in served.outputs] == [16, 16]
+    served, _ = _assert_engine_agrees(folder, mla_target, prompts[:2], mla_target_alone, new_tokens=16)
+    assert served.num_drafts > 0
 
 
 def test_norm_before_fc_on_an_mla_draft_is_refused_by_vllm_and_by_check(mla_target, prompts, tmp_path):
