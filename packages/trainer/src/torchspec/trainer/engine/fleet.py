@@ -297,9 +297,8 @@ class VllmServer:
     def __init__(self, command: list[str], log_path: str | os.PathLike, url: str, start_timeout_s: float = 600):
         self.command, self.url, self.log_path = command, url, Path(log_path)
         env = engine_environment()
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a server steps its engine core in its own process
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") is not None:
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+        if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:  # the in-process default is the worker's
+            del env["VLLM_ENABLE_V1_MULTIPROCESSING"]  # a server steps its engine core in its own process
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
