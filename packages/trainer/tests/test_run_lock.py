@@ -238,3 +238,39 @@ def test_an_unwritable_lock_folder_is_one_line(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and f"the lock folder {runtime / 'torchspec-locks'} cannot be created" in message
     assert "set XDG_RUNTIME_DIR" in message
+
+
+def test_a_failure_under_the_lock_removes_the_folders_the_lock_created_and_nothing_else(tmp_path):
+    with pytest.raises(RuntimeError):
+        with OutputDirLock(tmp_path / "new" / "run"):
+            raise RuntimeError("refused before writing")
+    assert not (tmp_path / "new").exists()  # both folders the lock made are gone
+
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(RuntimeError):
+        with OutputDirLock(tmp_path / "existing"):
+            raise RuntimeError("refused before writing")
+    assert sorted(p.name for p in (tmp_path / "existing").iterdir()) == [".lock"]  # not ours to remove
+
+    with pytest.raises(RuntimeError):
+        with OutputDirLock(tmp_path / "written"):
+            (tmp_path / "written" / "shard").write_text("work")
+            raise RuntimeError("failed after writing")
+    assert (tmp_path / "written" / "shard").read_text() == "work"  # written work is kept
+
+    with OutputDirLock(tmp_path / "ok"):
+        pass
+    assert (tmp_path / "ok").is_dir()  # a run that ends well keeps its folder
+
+
+def test_a_training_run_refused_while_building_leaves_no_output_folder(tmp_path, assets):
+    from torchspec.trainer.config import load_config
+    from torchspec.trainer.loop.run import train
+
+    output_dir = tmp_path / "out"
+    config = load_config(
+        None, [f"model.target_model_path={tmp_path / 'no-such-target'}", f"training.output_dir={output_dir}"]
+    )
+    with pytest.raises(ConfigError):
+        train(config)
+    assert not output_dir.exists()

@@ -55,8 +55,10 @@ class OutputDirLock:
         self.key, self.activity = key, activity
         self._files: list[TextIO] = []
         self._identity: tuple[int, int] | None = None
+        self._created: list[Path] = []  # the folders acquire made, innermost first
 
     def acquire(self) -> None:
+        self._created = [p for p in (self.output_dir, *self.output_dir.parents) if not p.exists()]
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -146,17 +148,33 @@ class OutputDirLock:
         if message is not None:
             raise ConfigError(message)
 
-    def release(self) -> None:
+    def release(self, failed: bool = False) -> None:
+        """Drop the lock. ``failed``: the holder stopped on an error; a folder this lock created that
+        holds nothing but the lock file is removed too, so a refused run leaves no empty folder behind."""
+        if failed and self._files and self.lost() is None:
+            self._remove_if_unused()
         for handle in reversed(self._files):
             handle.close()  # closing the descriptor drops the lock
         self._files = []
+
+    def _remove_if_unused(self) -> None:
+        if not self._created or self._created[0] != self.output_dir:
+            return
+        try:
+            if [p.name for p in self.output_dir.iterdir()] != [LOCK_NAME]:
+                return
+            (self.output_dir / LOCK_NAME).unlink()  # still held through the open descriptor until release
+            for folder in self._created:
+                folder.rmdir()
+        except OSError:  # written meanwhile, or not ours to remove: leave it
+            pass
 
     def __enter__(self) -> OutputDirLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.release(failed=exc_type is not None)
 
 
 def hold_on_main(output_dir: str | os.PathLike, is_main: bool) -> OutputDirLock | None:

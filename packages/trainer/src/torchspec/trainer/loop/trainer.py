@@ -85,7 +85,7 @@ class Trainer:
             self.target = build_target(config, target_path, ctx)
             self._build(config, ctx, target_path)
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
 
     def _build(self, config: TrainConfig, ctx: DistributedContext, target_path: Path) -> None:
@@ -167,15 +167,15 @@ class Trainer:
             "rng": RNGState(),
         }
 
-    def close(self) -> None:
-        """Stop what serves the target's states (an engine, dump files); hand the output folder back."""
+    def close(self, failed: bool = False) -> None:
+        """Stop the target's engine or dump files; hand the output folder back (``failed``: see release)."""
         try:
             target = getattr(self, "target", None)  # None: the build stopped before the target
             if isinstance(target, ServedTarget):
                 target.close()
         finally:
             if self.lock is not None:
-                self.lock.release()
+                self.lock.release(failed=failed)
             self.lock, self.closed = None, True
 
     def restore(self) -> None:
