@@ -1,10 +1,18 @@
-"""The embedded default target: a tiny Qwen3-style model and its tokenizer, built locally once.
+"""The embedded targets: tiny models and their tokenizer, built locally once.
 
 ``hatch run trainer:train`` with no arguments needs a target and a tokenizer without any network.
 ``ensure_default_target()`` builds them on first use and caches the folder: a byte-level BPE
-tokenizer trained on the bundled sample conversations (torchspec-data), and an 8-layer Qwen3-style
-causal LM trained briefly on those conversations, so that its next-token distributions are those
-of a (very small) language model rather than of random weights, which a draft could not learn.
+tokenizer trained on the bundled sample conversations (torchspec-data), and an 8-layer causal LM
+trained briefly on those conversations, so that its next-token distributions are those of a (very
+small) language model rather than of random weights, which a draft could not learn.
+
+Two are built in (``BUILTIN_TARGETS``): ``builtin:tiny-qwen3``, the default, and
+``builtin:tiny-deepseek-v3``, the target MLA drafts are made for, scaled down: DeepSeek-V3's
+multi-head latent attention, its first layers dense and the rest mixture-of-experts routed as
+DeepSeek-V3 routes (sigmoid scores plus a correction bias), and the router keys DeepSeek-V3's own
+``config.json`` carries. Its RMSNorm weights start at ``1 + 0.3 * N(0, 1)`` and its correction bias
+at a small random value, so a state taken before a norm differs from one taken after it and the
+bias takes part in routing (both are what an engine must reproduce, and 1s and 0s would hide).
 
 The cache folder's name carries a hash of the recipe, so a changed recipe builds a new one. The
 build runs in a temporary folder renamed into place when done, under a file lock, so concurrent
@@ -27,13 +35,21 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TinyTargetRecipe", "build_tiny_target", "default_cache_dir", "ensure_default_target"]
+__all__ = [
+    "BUILTIN_TARGETS",
+    "TinyTargetRecipe",
+    "build_tiny_target",
+    "default_cache_dir",
+    "ensure_builtin_target",
+    "ensure_default_target",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TinyTargetRecipe:
+    architecture: str = "qwen3"  # qwen3 | deepseek_v3
     vocab_size: int = 2048
     hidden_size: int = 128
     num_hidden_layers: int = 8
@@ -57,6 +73,22 @@ class TinyTargetRecipe:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
+# The built-in target names (``model.target_model_path``) and what they build.
+BUILTIN_TARGETS = {
+    "builtin:tiny-qwen3": TinyTargetRecipe(),
+    # 4 heads of MLA (DeepSeek-V3's kv_lora_rank 512 and 64 rope dims, narrower q/k/v); layers 0-2
+    # dense, 3-7 MoE. A step costs about twice the Qwen3 target's, so it trains on half-length
+    # sequences for fewer steps: a draft needs a peaked next-token distribution, not a good model.
+    "builtin:tiny-deepseek-v3": TinyTargetRecipe(
+        architecture="deepseek_v3",
+        num_key_value_heads=4,
+        intermediate_size=256,
+        max_seq_length=256,
+        train_steps=120,
+    ),
+}
+
+
 def default_cache_dir() -> Path:
     """``$TORCHSPEC_CACHE`` or ``~/.cache/torchspec``, plus ``default_target``."""
     root = os.environ.get("TORCHSPEC_CACHE") or Path.home() / ".cache" / "torchspec"
@@ -67,7 +99,7 @@ def ensure_default_target(cache_dir: str | os.PathLike | None = None, recipe: Ti
     """The folder of the built tiny target (model + tokenizer), building it on first use."""
     recipe = recipe or TinyTargetRecipe()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache_dir / f"tiny-qwen3-{recipe.key()}"
+    final = cache_dir / f"tiny-{recipe.architecture.replace('_', '-')}-{recipe.key()}"
     if (final / "config.json").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -85,9 +117,14 @@ def ensure_default_target(cache_dir: str | os.PathLike | None = None, recipe: Ti
     return final
 
 
+def ensure_builtin_target(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of the built-in target ``name`` (a key of ``BUILTIN_TARGETS``), built on first use."""
+    return ensure_default_target(cache_dir, BUILTIN_TARGETS[name])
+
+
 def build_tiny_target(output_dir: str | os.PathLike, recipe: TinyTargetRecipe | None = None) -> Path:
     """Build tokenizer and model into ``output_dir`` (no caching, no locking)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from torchspec.data import build_local_tokenizer, build_training_dataset, sample_conversations_path
 
@@ -107,26 +144,20 @@ def build_tiny_target(output_dir: str | os.PathLike, recipe: TinyTargetRecipe | 
         )
         sequences = [torch.tensor(ids, dtype=torch.long) for ids in dataset["input_ids"]]
 
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=recipe.hidden_size,
-        num_hidden_layers=recipe.num_hidden_layers,
-        num_attention_heads=recipe.num_attention_heads,
-        num_key_value_heads=recipe.num_key_value_heads,
-        head_dim=recipe.head_dim,
-        intermediate_size=recipe.intermediate_size,
-        max_position_embeddings=recipe.max_position_embeddings,
-        rope_theta=recipe.rope_theta,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     torch.manual_seed(recipe.seed)
-    model = Qwen3ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(_model_config(recipe, tokenizer))
+    if recipe.architecture == "deepseek_v3":
+        _spread_norms_and_router_bias(model)
     final_loss = _train_language_model(model, sequences, tokenizer.pad_token_id, recipe)
     data_loss = _language_model_loss(model, sequences, tokenizer.pad_token_id)
     model.save_pretrained(output_dir)
+    if recipe.architecture == "deepseek_v3":
+        # DeepSeek-V3's own config.json names its router's kind; transformers 5's DeepseekV3Config
+        # (which always routes this way) no longer writes it, and without it vLLM builds a softmax
+        # router without the correction bias and refuses the checkpoint (KeyError: ...e_score_correction_bias).
+        written = json.loads((output_dir / "config.json").read_text())
+        written.update(topk_method="noaux_tc", scoring_func="sigmoid")
+        (output_dir / "config.json").write_text(json.dumps(written, indent=2) + "\n")
     (output_dir / "torchspec_build.json").write_text(
         json.dumps(
             {
@@ -143,6 +174,57 @@ def build_tiny_target(output_dir: str | os.PathLike, recipe: TinyTargetRecipe | 
         "built the tiny target in %.0fs (LM loss on its conversations %.3f)", time.monotonic() - started, data_loss
     )
     return output_dir
+
+
+def _model_config(recipe: TinyTargetRecipe, tokenizer):
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_key_value_heads,
+        intermediate_size=recipe.intermediate_size,
+        max_position_embeddings=recipe.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if recipe.architecture == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**common, head_dim=recipe.head_dim, rope_theta=recipe.rope_theta)
+    if recipe.architecture == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        return DeepseekV3Config(
+            **common,
+            first_k_dense_replace=3,
+            moe_intermediate_size=64,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            q_lora_rank=64,
+            kv_lora_rank=512,  # vLLM's MLA kernels take DeepSeek-V3's latent width
+            qk_nope_head_dim=recipe.head_dim,
+            qk_rope_head_dim=64,
+            v_head_dim=recipe.head_dim,
+            rope_theta=recipe.rope_theta,
+            rope_scaling=None,
+        )
+    raise ValueError(f"unknown tiny target architecture {recipe.architecture!r} (qwen3 | deepseek_v3)")
+
+
+@torch.no_grad()
+def _spread_norms_and_router_bias(model) -> None:
+    for module in model.modules():
+        if type(module).__name__ == "DeepseekV3RMSNorm":
+            module.weight.copy_(1 + 0.3 * torch.randn_like(module.weight))
+        elif type(module).__name__ == "DeepseekV3TopkRouter":
+            # about the spread of the sigmoid scores: the bias shifts choices without deciding them
+            module.e_score_correction_bias.copy_(0.05 * torch.randn_like(module.e_score_correction_bias))
 
 
 def _length_sorted_batches(

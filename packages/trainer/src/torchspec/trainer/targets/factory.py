@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from torchspec.draft_models.config import DTYPES
-from torchspec.trainer.config import BUILTIN_TINY_TARGET, ConfigError, TrainConfig
+from torchspec.trainer.config import ConfigError, TrainConfig
 from torchspec.trainer.distributed.process_group import DistributedContext
 from torchspec.trainer.targets.contract import ServedTarget
 from torchspec.trainer.targets.in_process import TargetModel
@@ -86,10 +86,16 @@ def build_target(config: TrainConfig, path: Path, ctx: DistributedContext) -> Ta
 
 
 def resolve_target_path(path: str) -> Path:
-    if path == BUILTIN_TINY_TARGET:
-        from torchspec.trainer.commands.default_assets import ensure_default_target  # builds it once, cached
+    """``model.target_model_path`` as a folder: a built-in target's (built once, then cached), or ``path``."""
+    if path.startswith("builtin:"):
+        from torchspec.trainer.commands.default_assets import BUILTIN_TARGETS, ensure_builtin_target
 
-        return ensure_default_target()
+        if path not in BUILTIN_TARGETS:
+            raise ConfigError(
+                f"model.target_model_path {path} is not a built-in target; use one of {', '.join(BUILTIN_TARGETS)} "
+                "or a local Hugging Face folder"
+            )
+        return ensure_builtin_target(path)
     return Path(path)
 
 
