@@ -53,7 +53,7 @@ def test_the_commands_chain_without_arguments(tmp_path, default_target, config):
     check_log = _run(tmp_path, "torchspec.converter.cli", "check")
     assert f"{run_dir}_hf: 0 error(s)" in check_log
 
-    if vllm_available() and not config:  # vLLM CPU serves no MLA draft beside this (non-MLA) target
+    if vllm_available() and not config:  # the MLA chain's export is served by vLLM in test_engine.py
         _run(tmp_path, "torchspec.trainer.cli", "verify")
         report = json.loads((exported / "engine_verify.json").read_text())
         assert report["engine_output_identical_with_and_without_draft"]
