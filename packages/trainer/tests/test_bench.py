@@ -208,3 +208,20 @@ def test_a_run_without_checkpoints_and_a_missing_draft_are_one_line(tmp_path, mo
     assert_one_line_error(code, err, f"--run {tmp_path / 'run'}: no complete checkpoint")
     code, err = _bench(capsys, "--draft", str(tmp_path / "nope"), "--target", str(models["target"]))
     assert_one_line_error(code, err, f"--draft {tmp_path / 'nope'}: no config.json there")
+
+
+def test_a_run_gets_the_picture_across_its_checkpoints(tmp_path):
+    from torchspec.trainer.commands.bench import BenchResult, Protocol, SetResult, render_pictures
+    from torchspec.trainer.loop.acceptance_stats import ratio_interval, summarize
+
+    def measured(accepted):
+        summary = summarize(accepted, 2, resamples=100)
+        positions = [
+            ratio_interval([sum(a >= i for a in p) for p in accepted], [len(p) for p in accepted]) for i in (1, 2)
+        ]
+        return SetResult("mt", "q.jsonl", "mt-bench", summary, positions, {"math": summary}, [])
+
+    results = [BenchResult(f"iter_{step}", step, [measured([[step // 20, 0, 1], [1, 2]])]) for step in (20, 40, 60)]
+    pictures = render_pictures(results, Protocol(judge="evaluator", num_draft_tokens=2), "evaluator")
+    assert set(pictures) == {"categories", "positions", "steps"}
+    assert all(data.startswith(PNG_HEADER) and len(data) > 5000 for data in pictures.values())

@@ -679,6 +679,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Protocol fields given by the option of the same name.
+_PROTOCOL_OPTIONS = (
+    "num_draft_tokens",
+    "temperature",
+    "top_p",
+    "draft_sampling",
+    "max_new_tokens",
+    "batch",
+    "num_prompts",
+    "seed",
+    "confidence",
+    "resamples",
+)
+
+
 def _protocol(args) -> Protocol:
     judge = args.judge or _judge_default()
     if not 0 <= args.temperature:
@@ -692,20 +707,8 @@ def _protocol(args) -> Protocol:
             f"--batch {args.batch} with --judge evaluator: the evaluator decodes one prompt at a time; "
             "--batch applies to --judge vllm"
         )
-    return Protocol(
-        judge=judge,
-        num_draft_tokens=args.num_draft_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        draft_sampling=args.draft_sampling,
-        max_new_tokens=args.max_new_tokens,
-        stop_at_eos=not args.ignore_eos,
-        batch=args.batch,
-        num_prompts=args.num_prompts,
-        seed=args.seed,
-        confidence=args.confidence,
-        resamples=args.resamples,
-    )
+    options = {name: getattr(args, name) for name in _PROTOCOL_OPTIONS}
+    return Protocol(judge=judge, stop_at_eos=not args.ignore_eos, **options)
 
 
 def _fill_defaults(args) -> None:
