@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from torchspec.draft_models import AutoEagle3DraftModel, SpeculativeGenerator, target_greedy_generate
-from torchspec.draft_models.speculative import rejection_sample
+from torchspec.draft_models.speculative import rejection_sample, top_p_filter
 
 from draft_helpers import EAGLE3_1_VARIANTS, build_draft, explicit_fc, explicit_next_hidden
 
@@ -217,7 +217,7 @@ NEW_TOKENS = 3
 
 
 @torch.no_grad()
-def _target_sampling_distribution(target, prompt, temperature, depth):
+def _target_sampling_distribution(target, prompt, temperature, depth, top_p=1.0):
     """The exact law of ``depth`` tokens sampled from the target alone: the joint ``P(x1 .. xd)`` as a
     ``[V] * depth`` tensor, by running the target on every prefix (97 ** (depth - 1) of them), and
     the conditionals: ``conditionals[d][i]`` is the next-token law after the generated prefix whose
@@ -227,6 +227,7 @@ def _target_sampling_distribution(target, prompt, temperature, depth):
     joint, conditionals = torch.ones(1, dtype=torch.float64), []
     for d in range(depth):
         probs = torch.softmax(target(prefixes).logits[:, -1].double() / temperature, dim=-1)
+        probs = top_p_filter(probs, top_p)
         conditionals.append(probs)
         joint = (joint[:, None] * probs).reshape(-1)
         if d + 1 < depth:
@@ -372,3 +373,51 @@ def test_sampling_without_the_rejection_rule_is_caught(tiny_target, target_law, 
     samples, _ = _sample(generator, 600)
     with pytest.raises(AssertionError, match="samples: a cell of probability"):
         _assert_target_distribution(samples, target_law[0])
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([0.1, 0.5, 0.15, 0.25])
+    torch.testing.assert_close(top_p_filter(probs, 0.7), torch.tensor([0.0, 2 / 3, 0.0, 1 / 3]))
+    torch.testing.assert_close(top_p_filter(probs, 0.5), torch.tensor([0.0, 1.0, 0.0, 0.0]))  # reached exactly
+    torch.testing.assert_close(top_p_filter(probs, 0.01), torch.tensor([0.0, 1.0, 0.0, 0.0]))  # at least one
+    assert top_p_filter(probs, 1.0) is probs
+    rows = torch.stack([probs, probs.flip(0)])  # row by row over the last dimension
+    torch.testing.assert_close(top_p_filter(rows, 0.7)[1], top_p_filter(probs.flip(0), 0.7))
+
+
+def _random_small_draft(tiny_target):
+    draft = build_draft("llama", draft_vocab_size=40)
+    draft.load_embedding(tiny_target.get_input_embeddings().weight)
+    with torch.no_grad():  # logits of std ~0.1 like the target's: proposals spread over a few tokens
+        draft.lm_head.weight.mul_(0.1)
+    return draft
+
+
+@pytest.mark.parametrize("draft_sampling", ["probabilistic", "greedy"])
+def test_top_p_sampling_follows_the_targets_nucleus(tiny_target, draft_sampling):
+    """Top-p on the target (and on a sampling draft); "greedy" is vLLM's default draft at T > 0: the
+    argmax proposed, verified as a one-hot proposal (accepted with probability p(x))."""
+    top_p = 0.6
+    joint, _ = _target_sampling_distribution(tiny_target, SAMPLING_PROMPT, TEMPERATURE, NEW_TOKENS, top_p=top_p)
+    generator = SpeculativeGenerator(
+        _random_small_draft(tiny_target),
+        tiny_target,
+        num_draft_tokens=2,
+        temperature=TEMPERATURE,
+        seed=6,
+        top_p=top_p,
+        draft_sampling=draft_sampling,
+    )
+    samples, accepted = _sample(generator, 500)
+    _assert_target_distribution(samples, joint)
+    assert any(a > 0 for a in accepted)
+    # the nucleus is smaller than the full law's support: tokens outside it never appear
+    assert joint[tuple(samples.T)].gt(0).all()
+
+
+def test_sampling_options_are_checked(tiny_target):
+    draft = build_draft("llama")
+    with pytest.raises(ValueError, match="top_p"):
+        SpeculativeGenerator(draft, tiny_target, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="draft_sampling"):
+        SpeculativeGenerator(draft, tiny_target, temperature=1.0, draft_sampling="beam")

@@ -10,7 +10,12 @@ Each round drafts a chain of ``num_draft_tokens`` tokens the way SGLang and vLLM
 The output is therefore exactly the target's greedy output. With ``temperature > 0`` the draft
 samples its chain and verification uses the standard rejection rule (accept drafted token ``x``
 with probability ``min(1, p(x) / q(x))``, else sample from ``max(0, p - q)`` renormalised), so the
-output is distributed exactly as sampling from the target alone. Acceptance length is reported as
+output is distributed exactly as sampling from the target alone. ``top_p < 1`` samples from the
+nucleus (the smallest set of likeliest tokens holding ``top_p`` of the probability, renormalised) of
+the target, and of the draft when it samples. ``draft_sampling="greedy"`` drafts the argmax token
+and verifies it as a one-hot proposal (accepted with probability ``p(x)``), vLLM's default
+(``speculative_config.draft_sample_method``); ``"probabilistic"`` samples the chain from the
+draft's distribution. Acceptance length is reported as
 accepted draft tokens + 1 (the bonus token) per round, the convention of the serving engines.
 """
 
@@ -31,7 +36,30 @@ from torchspec.draft_models.draft_model import Eagle3DraftModel
 from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.ttt_attention import DecodeMask
 
-__all__ = ["SpeculativeGenerator", "SpeculativeResult", "rejection_sample", "target_greedy_generate"]
+__all__ = [
+    "DRAFT_SAMPLING",
+    "SpeculativeGenerator",
+    "SpeculativeResult",
+    "rejection_sample",
+    "target_greedy_generate",
+    "top_p_filter",
+]
+
+# How the draft picks its chain when temperature > 0 (vLLM: speculative_config.draft_sample_method).
+DRAFT_SAMPLING = ("probabilistic", "greedy")
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` (distributions over the last dimension) restricted to the nucleus: the likeliest
+    tokens whose probability, summed in descending order, first reaches ``top_p`` (always at least
+    the likeliest one), renormalised."""
+    if top_p >= 1:
+        return probs
+    ordered, order = probs.sort(dim=-1, descending=True)
+    before = ordered.cumsum(-1) - ordered  # probability of the strictly likelier tokens
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < top_p)
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
 def rejection_sample(
@@ -125,11 +153,18 @@ class SpeculativeGenerator:
         aux_layer_ids: list[int] | None = None,
         temperature: float = 0.0,
         seed: int = 0,
+        top_p: float = 1.0,
+        draft_sampling: str = "probabilistic",
     ):
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if draft_sampling not in DRAFT_SAMPLING:
+            raise ValueError(f"draft_sampling must be one of {', '.join(DRAFT_SAMPLING)}, got {draft_sampling!r}")
+        self.top_p, self.draft_sampling = top_p, draft_sampling
         num_layers = target.config.num_hidden_layers
         self.draft, self.target = draft.eval(), target.eval()
         self.num_draft_tokens = num_draft_tokens
@@ -149,7 +184,7 @@ class SpeculativeGenerator:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def _target_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits / self.temperature, dim=-1)
+        return top_p_filter(torch.softmax(logits / self.temperature, dim=-1), self.top_p)
 
     def _pick(self, target_logits: torch.Tensor) -> int:
         """The target's own next token: greedy, or sampled at the temperature."""
@@ -166,8 +201,12 @@ class SpeculativeGenerator:
         logits = self.draft.lm_head(normed).float()[0, -1]
         if self.temperature == 0:
             draft_id, probs = logits.argmax(), None
+        elif self.draft_sampling == "greedy":  # a one-hot proposal: accepted with probability p(x)
+            draft_id = logits.argmax()
+            probs = torch.zeros(self.vocab_size, device=logits.device)
+            probs[self.draft_to_target[draft_id]] = 1.0
         else:
-            draft_probs = torch.softmax(logits / self.temperature, dim=-1)
+            draft_probs = top_p_filter(torch.softmax(logits / self.temperature, dim=-1), self.top_p)
             draft_id = torch.multinomial(draft_probs, 1, generator=self.generator)[0]
             probs = torch.zeros(self.vocab_size, device=logits.device).index_copy(0, self.draft_to_target, draft_probs)
         token = self.draft_to_target[draft_id].view(1, 1)

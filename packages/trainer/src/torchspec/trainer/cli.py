@@ -1,7 +1,7 @@
 """Command line: ``python -m torchspec.trainer.cli train [--config FILE] [section.key=value ...]``,
 ``... dump-states [--config FILE] [overrides]`` (``torchspec.trainer.commands.dump_states``) and
-``python -m torchspec.trainer.cli evaluate|verify|regenerate ...`` (``torchspec.trainer.commands.evaluate``,
-``verify``, ``regenerate``).
+``python -m torchspec.trainer.cli evaluate|verify|bench|regenerate ...`` (``torchspec.trainer.commands.evaluate``,
+``verify``, ``bench``, ``regenerate``).
 
 With no ``--config`` the embedded default runs (a tiny built-in target, the bundled sample
 conversations, a small Llama-style draft); ``configs/default_llama.yaml`` spells out the same values.
@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         "verify", help="serve the draft in vLLM beside the evaluator (see verify --help)", add_help=False
     )
     commands.add_parser(
+        "bench",
+        help="acceptance length of a draft or of a run's checkpoints, with intervals and pictures (see bench --help)",
+        add_help=False,
+    )
+    commands.add_parser(
         "regenerate",
         help="rewrite a dataset's assistant answers with the target on vLLM (see regenerate --help)",
         add_help=False,
@@ -98,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
         _quiet_library_bars()
         return evaluate_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from torchspec.trainer.commands.bench import main as bench_main
+
+        _quiet_library_bars()
+        return bench_main(argv[1:])
     if argv[:1] == ["verify"]:
         from torchspec.trainer.commands.verify import main as verify_main
 

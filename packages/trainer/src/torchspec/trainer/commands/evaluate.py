@@ -25,16 +25,28 @@ from torchspec.trainer.loop.speculative_eval import EvaluationResult, evaluate_p
 __all__ = [
     "EvaluationResult",
     "apply_defaults",
+    "at_least_one",
+    "chat_prompt_ids",
     "decoding_inputs",
     "evaluate_draft",
     "evaluate_prompts",
+    "load_draft_for_target",
     "load_for_evaluation",
     "main",
     "prompts_from_conversations",
     "prompts_from_tokenized",
+    "recorded_model_and_data",
     "require_model_folders",
     "write_report",
 ]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` rendered with the tokenizer's chat template, generation prompt included."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 def prompts_from_conversations(data_path: str, tokenizer, prompt_key: str, limit: int) -> list[list[int]]:
@@ -52,10 +64,7 @@ def prompts_from_conversations(data_path: str, tokenizer, prompt_key: str, limit
         context = messages[:last_assistant]
         if not context or context[-1]["role"] == "assistant":
             continue
-        ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        prompts.append(list(ids))
+        prompts.append(chat_prompt_ids(tokenizer, context))
         if len(prompts) >= limit:
             break
     if not prompts:
@@ -101,11 +110,20 @@ def load_for_evaluation(draft_path: str, target_path: str):
     """``(draft, target)`` in float32, the draft with the embedding table a serving engine gives it."""
     import torch
 
-    from torchspec.draft_models import AutoEagle3DraftModel
     from torchspec.trainer.targets.in_process import load_causal_lm
 
     require_model_folders(draft_path, target_path)
     target = load_causal_lm(target_path, "--target", torch.float32)
+    return load_draft_for_target(draft_path, target), target
+
+
+def load_draft_for_target(draft_path: str, target):
+    """The draft folder ``draft_path`` in float32, with the embedding table a serving engine gives
+    it beside ``target`` (a model already loaded)."""
+    import torch
+
+    from torchspec.draft_models import AutoEagle3DraftModel
+
     draft = AutoEagle3DraftModel.from_pretrained(draft_path, dtype=torch.float32)
     # vLLM serves a draft with the embed_tokens.weight its folder holds (SGLang too when the hidden
     # sizes differ, the only case the converter exports one by default), else with the target's table.
@@ -119,10 +137,10 @@ def load_for_evaluation(draft_path: str, target_path: str):
             )
         with torch.no_grad():
             draft.load_embedding(target_embedding)
-    return draft, target
+    return draft
 
 
-def _at_least_one(text: str) -> int:
+def at_least_one(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -138,9 +156,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, max_new_tokens: int)
     parser.add_argument("--target", help="Hugging Face target folder (default: the last training run's target)")
     parser.add_argument("--data", help="conversations (.jsonl/.json/.parquet; default: the last run's training data)")
     parser.add_argument("--prompt-key", default="conversations", help="the conversation column of --data")
-    parser.add_argument("--num-prompts", type=_at_least_one, default=8)
-    parser.add_argument("--max-new-tokens", type=_at_least_one, default=max_new_tokens)
-    parser.add_argument("--num-draft-tokens", type=_at_least_one, default=4)
+    parser.add_argument("--num-prompts", type=at_least_one, default=8)
+    parser.add_argument("--max-new-tokens", type=at_least_one, default=max_new_tokens)
+    parser.add_argument("--num-draft-tokens", type=at_least_one, default=4)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +177,7 @@ def apply_defaults(args) -> None:
     from torchspec.trainer.config import BUILTIN_SAMPLE_CONVERSATIONS, BUILTIN_TINY_TARGET
 
     run = last_run()
-    recorded = _recorded_model_and_data(run)
+    recorded = recorded_model_and_data(run)
     if args.draft is None:
         args.draft = str(serving_folder(run))
     if args.target is None:
@@ -176,7 +194,7 @@ def apply_defaults(args) -> None:
         args.data = str(sample_conversations_path())
 
 
-def _recorded_model_and_data(run_dir: Path) -> dict:
+def recorded_model_and_data(run_dir: Path) -> dict:
     """``target_model_path`` and ``train_path`` from the run's training_config.yaml, if it has one."""
     import yaml
 

@@ -32,7 +32,15 @@ from pathlib import Path
 
 from torchspec.draft_models.errors import cli_main
 
-__all__ = ["VerifyReport", "count_disagreements", "first_differences", "main", "verdict", "verify_draft"]
+__all__ = [
+    "VerifyReport",
+    "count_disagreements",
+    "first_differences",
+    "json_object",
+    "main",
+    "verdict",
+    "verify_draft",
+]
 
 
 @dataclass
@@ -250,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--engine-args",
-        type=_json_object,
+        type=json_object,
         default={},
         metavar="JSON",
         help="vLLM engine arguments, e.g. '{\"tensor_parallel_size\": 8}' (a target larger than one GPU)",
@@ -266,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except ValueError as err:

@@ -246,7 +246,8 @@ class EngineWorker:
 
     ``layer_ids`` given: the engine extracts hidden states (``extract``); None: a plain engine that
     generates (``generate``), with ``draft`` (an EAGLE-3 serving folder) as its speculative draft
-    when given. A failed start raises :class:`EngineError` with the engine's reason (also in its
+    when given (``speculative_options``: more keys of vLLM's ``speculative_config``, e.g.
+    ``draft_sample_method``). A failed start raises :class:`EngineError` with the engine's reason (also in its
     ``reason`` attribute); the engine's output goes to ``log_path`` (a file in a temporary folder
     when None).
     """
@@ -267,6 +268,7 @@ class EngineWorker:
         max_num_seqs: int | None = None,
         draft: str | os.PathLike | None = None,
         num_draft_tokens: int = 4,
+        speculative_options: dict[str, Any] | None = None,
     ):
         if layer_ids is not None and list(layer_ids) != sorted(set(layer_ids)):
             # vLLM hands the states out in layer order, once per layer, whatever the order asked.
@@ -285,7 +287,9 @@ class EngineWorker:
             "trust_remote_code": trust_remote_code,
             "scratch_dir": str(self._scratch / "requests"),
             "max_num_seqs": max_num_seqs,
-            "draft": None if draft is None else {"model": str(draft), "num_speculative_tokens": num_draft_tokens},
+            "draft": None
+            if draft is None
+            else {"model": str(draft), "num_speculative_tokens": num_draft_tokens, **(speculative_options or {})},
             # vLLM's CPU rotary kernel mis-rotates MLA's strided query/key views (docs/vllm-cpu-mla-rope.md).
             "has_mla": any(is_mla_model(path) for path in (target, draft) if path is not None),
         }

@@ -12,7 +12,9 @@ engine is ready, or why it is not. Requests:
   ``out``, atomically.
 * ``{"op": "generate", "prompts": [...], "max_new_tokens": N, "temperature": t, "top_p": p,
   "seed": s, "stop_token_ids": [...], "ignore_eos": b, "spec_stats": b}``: the generated token ids
-  of every prompt, and with ``spec_stats`` the engine's speculative-decoding counters so far.
+  of every prompt, and with ``spec_stats`` the engine's speculative-decoding counters so far, and,
+  when the engine keeps them (``per_request_spec_decode_metrics``), each prompt's
+  ``accepted_histograms[i][j]``: its verification rounds that accepted ``j`` draft tokens.
 
 The parent starts it with ``engine_environment`` (among others
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set: the engine core inside this process, 16 s to start
@@ -187,6 +189,10 @@ def _generate(llm, request: dict[str, Any]) -> dict[str, Any]:
     }
     if request.get("spec_stats"):
         reply.update(_spec_decode_counters(llm))
+        metrics = [getattr(o.outputs[0], "spec_decode_metrics", None) for o in outputs]
+        histograms = [list(m.histogram) for m in metrics if m is not None]
+        if metrics and len(histograms) == len(metrics):
+            reply["accepted_histograms"] = histograms
     return reply
 
 
