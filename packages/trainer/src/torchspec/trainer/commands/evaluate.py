@@ -182,10 +182,10 @@ def apply_defaults(args) -> None:
         args.draft = str(serving_folder(run))
     if args.target is None:
         args.target = recorded.get("target_model_path") or BUILTIN_TINY_TARGET
-    if args.target == BUILTIN_TINY_TARGET:
-        from torchspec.trainer.commands.default_assets import ensure_default_target
+    if args.target.startswith("builtin:"):  # the run's target was a built-in one: its cached folder
+        from torchspec.trainer.targets.factory import resolve_target_path
 
-        args.target = str(ensure_default_target())
+        args.target = str(resolve_target_path(args.target))
     if args.data is None:
         args.data = recorded.get("train_path") or BUILTIN_SAMPLE_CONVERSATIONS
     if args.data == BUILTIN_SAMPLE_CONVERSATIONS:
