@@ -329,3 +329,13 @@ def test_trainer_errors_are_torchspec_errors():
 
     assert issubclass(ConfigError, UserInputError) and issubclass(ConfigError, ValueError)
     assert issubclass(EngineError, TorchSpecError) and issubclass(EngineError, RuntimeError)
+
+
+def test_an_unknown_builtin_target_names_the_builtin_ones():
+    from torchspec.trainer.config import ConfigError
+    from torchspec.trainer.targets.factory import resolve_target_path
+
+    with pytest.raises(ConfigError) as caught:
+        resolve_target_path("builtin:tiny-llama")
+    message = str(caught.value)
+    assert "\n" not in message and "builtin:tiny-qwen3, builtin:tiny-deepseek-v3" in message
