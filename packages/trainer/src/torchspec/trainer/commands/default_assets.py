@@ -70,7 +70,10 @@ class TinyTargetRecipe:
     version: int = 2
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        fields = asdict(self)
+        if fields["architecture"] == "qwen3":  # the key it had before there was a choice: caches stay valid
+            del fields["architecture"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # The built-in target names (``model.target_model_path``) and what they build.
