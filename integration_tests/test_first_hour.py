@@ -46,8 +46,11 @@ def test_the_commands_chain_without_arguments(tmp_path, default_target, config):
     export_log = _run(tmp_path, "torchspec.converter.cli", "export")
     exported = tmp_path / f"{run_dir}_hf"
     assert f"-> {run_dir}_hf" in export_log and (exported / "model.safetensors").is_file()
+    # Real acceptance measured at the last step picked the best checkpoint, which export takes.
+    assert f"exporting the best checkpoint of {run_dir}: iter_0000012 (best.json: real_acceptance_length" in export_log
 
-    _run(tmp_path, "torchspec.trainer.cli", "evaluate")
+    evaluate_log = _run(tmp_path, "torchspec.trainer.cli", "evaluate")
+    assert f"from the eval split of {run_dir} (data.eval_split 0.1 of builtin:sample-conversations" in evaluate_log
     assert json.loads((exported / "speculative_eval.json").read_text())["identical_to_target"] is True
 
     check_log = _run(tmp_path, "torchspec.converter.cli", "check")

@@ -268,3 +268,38 @@ def test_an_export_killed_between_its_renames_loses_neither_folder(tmp_path, mon
         export_checkpoint(tmp_path / "run")
     assert (tmp_path / "run_hf" / "config.json").read_text() == "the previous export\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run_hf"]
+
+
+def test_export_without_input_takes_the_best_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
+    from torchspec.draft_models.run_pointer import record_last_run
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "run"
+    best, latest = tiny_draft("llama", seed=1), tiny_draft("llama", seed=2)
+    write_training_checkpoint(best, run, step=10)
+    write_training_checkpoint(latest, run, step=20)
+    record = {"checkpoint": "iter_0000010", "step": 10, "metric": "real_acceptance_length", "value": 2.5}
+    (run / "best.json").write_text(json.dumps(record))
+    record_last_run(run)
+    assert main(["export", "--include-embeddings"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "the best checkpoint of outputs/run: iter_0000010 (best.json: real_acceptance_length 2.500 at step 10)" in out
+    )
+    exported = tmp_path / "outputs" / "run_hf"
+    torch.testing.assert_close(draft_logits(AutoEagle3DraftModel.from_pretrained(exported)), draft_logits(best))
+
+    # Without best.json (or one naming a checkpoint that is gone): the latest, and it says why.
+    (run / "best.json").write_text(json.dumps({**record, "checkpoint": "iter_0000005"}))
+    assert main(["export", "--include-embeddings", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "the latest checkpoint of outputs/run: iter_0000020 (best.json names iter_0000005" in out
+    (run / "best.json").unlink()
+    assert main(["export", "--include-embeddings", "--force"]) == 0
+    assert "the latest checkpoint of outputs/run: iter_0000020 (no best.json)" in capsys.readouterr().out
+    torch.testing.assert_close(draft_logits(AutoEagle3DraftModel.from_pretrained(exported)), draft_logits(latest))
+
+    # An explicit --input wins: the run's newest, as before.
+    (run / "best.json").write_text(json.dumps(record))
+    assert main(["export", "--input", str(run), "--output", str(tmp_path / "explicit")]) == 0
+    assert "iter_0000020" in capsys.readouterr().out

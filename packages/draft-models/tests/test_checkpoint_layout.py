@@ -91,3 +91,19 @@ def test_aux_layers_json_out_of_order_is_refused_naming_the_file(tmp_path, ids, 
         TrainingCheckpoint.open(path)
     message = str(err.value)
     assert str(path / "aux_layers.json") in message and words in message and "\n" not in message
+
+
+def test_best_json_is_read_in_both_layouts(tmp_path):
+    from torchspec.draft_models.checkpoint_layout import BestCheckpoint, read_best
+
+    assert read_best(tmp_path) is None
+    (tmp_path / "best.json").write_text(
+        json.dumps({"checkpoint": "iter_0000040", "step": 40, "metric": "real_acceptance_length", "value": 2.5})
+    )
+    assert read_best(tmp_path) == BestCheckpoint("iter_0000040", 40, "real_acceptance_length", 2.5)
+    # As written before torchspec-trainer 0.8.0: picked by the simulated acceptance, no metric named.
+    (tmp_path / "best.json").write_text(json.dumps({"checkpoint": "iter_0000020", "step": 20, "acceptance_length": 3}))
+    assert read_best(tmp_path) == BestCheckpoint("iter_0000020", 20, "acceptance_length", 3.0)
+    for damaged in ("{", "[]", '{"step": 2}', '{"checkpoint": "iter_0000002", "value": "high"}'):
+        (tmp_path / "best.json").write_text(damaged)
+        assert read_best(tmp_path) is None, damaged

@@ -32,7 +32,7 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):
     assert states["train"].step == 5 and states["train"].aux_layer_ids == SMALL_AUX_LAYERS
     assert json.loads((path / "trainer_state.json").read_text()) == {
         "step": 5,
-        "train": {"step": 5, "best": None, "aux_layer_ids": SMALL_AUX_LAYERS, "world_size": 1},
+        "train": {"step": 5, "best": None, "stale_evaluations": 0, "aux_layer_ids": SMALL_AUX_LAYERS, "world_size": 1},
     }
     for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), name

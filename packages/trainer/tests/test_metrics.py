@@ -195,6 +195,6 @@ def test_the_loop_clock_splits_the_wall_time_into_its_parts(monkeypatch):
     clock.add("draft", 5.0)
     now[0] += 7.0 + 2.0  # target and draft happened in this time, then 2 s of something else
     assert clock.summary() == (
-        "data 1.0 s (10%), target 2.0 s (20%), draft 5.0 s (50%), eval 0.0 s (0%), checkpoint 0.0 s (0%), "
-        "other 2.0 s (20%)"
+        "data 1.0 s (10%), target 2.0 s (20%), draft 5.0 s (50%), eval 0.0 s (0%), acceptance 0.0 s (0%), "
+        "checkpoint 0.0 s (0%), other 2.0 s (20%)"
     )

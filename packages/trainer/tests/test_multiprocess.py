@@ -1,5 +1,6 @@
 """Integration: the same run on 1 and 2 processes (torchrun, gloo), and resuming across world sizes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -115,3 +116,27 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_losses(assets, one_and_t
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
         assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6), step
+
+
+def test_real_acceptance_on_two_processes_decides_as_one_process(assets, tmp_path):
+    """FSDP2: the draft's shards are gathered on every rank, rank 0 decodes, the result is broadcast,
+    so both ranks take the same best-checkpoint and early-stop decisions (a rank saving alone would
+    leave the other waiting at the save's barrier) and they are the one-process run's."""
+    overrides = {
+        **EXTRA,
+        "metrics.real_acceptance_prompts": 3,
+        "metrics.real_acceptance_max_new_tokens": 6,
+        "metrics.real_acceptance_interval": 2,
+        "training.early_stop_patience": 1,
+    }
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(load_config(None, small_overrides(assets, one, **overrides)))
+    result = torchrun(small_overrides(assets, two, **overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = read_metrics(one, "acceptance"), read_metrics(two, "acceptance")
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step]["real_acceptance_length"] == pytest.approx(expected[step]["real_acceptance_length"], abs=0.2)
+    assert [s for s, _ in list_checkpoints(two)] == [s for s, _ in list_checkpoints(one)]
+    best_one, best_two = (json.loads((run / "best.json").read_text()) for run in (one, two))
+    assert best_two["checkpoint"] == best_one["checkpoint"] and best_two["metric"] == "real_acceptance_length"

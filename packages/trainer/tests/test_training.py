@@ -10,7 +10,7 @@ from torchspec.trainer.config import ConfigError, load_config
 from torchspec.trainer.loop.checkpoint import find_latest, list_checkpoints
 from torchspec.trainer.loop.run import train
 
-from trainer_test_helpers import read_metrics, small_overrides
+from trainer_test_helpers import Interrupted, interrupt_at, read_metrics, small_overrides
 
 
 def run(assets, output_dir, callback=None, **extra):
@@ -74,16 +74,8 @@ def test_run_outputs(reference_run):
 
 def test_interrupted_and_resumed_run_repeats_the_losses_bitwise(assets, reference_run, tmp_path):
     reference_dir, _ = reference_run
-
-    class Interrupted(Exception):
-        pass
-
-    def stop_at_5(step, record):
-        if step == 5:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        run(assets, tmp_path, stop_at_5, **{"checkpoint.save_interval": 2})
+        run(assets, tmp_path, interrupt_at(5), **{"checkpoint.save_interval": 2})
     assert find_latest(tmp_path).name == "iter_0000004"
     resumed = run(assets, tmp_path, **{"checkpoint.save_interval": 2, "checkpoint.resume": "auto"})
     assert [r["step"] for r in resumed.train_history] == [5, 6, 7, 8]

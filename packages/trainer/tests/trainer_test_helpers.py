@@ -103,10 +103,25 @@ def small_overrides(assets: dict, output_dir: Path, **extra) -> list[str]:
         "metrics.progress_bar": False,
         "checkpoint.keep_last": None,
         "metrics.speculative_eval_prompts": 0,
+        "metrics.real_acceptance_prompts": 0,  # real acceptance during training: tests/test_acceptance.py
         "checkpoint.resume": None,  # a fresh run unless a test asks to resume (the shipped default is auto)
     }
     values.update(extra)
     return [f"{key}={'null' if value is None else value}" for key, value in values.items()]
+
+
+class Interrupted(Exception):
+    """What :func:`interrupt_at`'s step callback raises: a run killed after that step."""
+
+
+def interrupt_at(stop: int):
+    """A ``step_callback`` that interrupts a run after step ``stop`` (its checkpoint, if any, saved)."""
+
+    def callback(step, record):
+        if step == stop:
+            raise Interrupted
+
+    return callback
 
 
 def assert_one_line_error(code, err, *fragments, expected_code=2):

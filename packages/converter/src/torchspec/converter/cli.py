@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from torchspec.converter.errors import ConverterError
 from torchspec.draft_models.errors import cli_main
@@ -47,13 +48,31 @@ def _supervised_counts(args, vocab_size: int):
     return count_supervised_tokens(dataset, vocab_size)
 
 
+def _run_checkpoint(run_dir) -> Path:
+    """The checkpoint of ``run_dir`` an export without ``--input`` takes: the best one (best.json)
+    when it is there and complete, else the newest; one line says which and why."""
+    from torchspec.draft_models.checkpoint_layout import is_complete, read_best, resolve_checkpoint
+
+    best = read_best(run_dir)
+    if best is not None and is_complete(Path(run_dir) / best.name):
+        step = f" at step {best.step}" if best.step is not None else ""
+        print(
+            f"exporting the best checkpoint of {run_dir}: {best.name} (best.json: {best.metric} {best.value:.3f}{step})"
+        )
+        return Path(run_dir) / best.name
+    latest = resolve_checkpoint(run_dir)
+    why = "no best.json" if best is None else f"best.json names {best.name}, which is not a complete checkpoint"
+    print(f"exporting the latest checkpoint of {run_dir}: {latest.name} ({why})")
+    return latest
+
+
 def _export(args) -> int:
     from torchspec.converter.export import export_checkpoint
     from torchspec.converter.vocab_pruning import restrict_counts_to_draft_vocab
     from torchspec.draft_models.checkpoint_layout import TrainingCheckpoint
 
     source = args.input or last_run()
-    checkpoint = TrainingCheckpoint.open(source)
+    checkpoint = TrainingCheckpoint.open(source if args.input is not None else _run_checkpoint(source))
     config = checkpoint.config
     if args.analyze_vocab:
         _require_data_options(args)
@@ -120,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="checkpoint -> serving folder")
     export.add_argument(
         "--input",
-        help="iter_XXXXXXX folder or training output_dir (default: the last training run "
-        "started in this directory, else outputs/default_llama)",
+        help="iter_XXXXXXX folder or training output_dir, meaning its newest checkpoint (default: the best "
+        "checkpoint (best.json) of the last training run started in this directory, else outputs/default_llama; "
+        "its newest without best.json)",
     )
     export.add_argument("--output", help="output folder (default <input>_hf; without --input, <run>_hf)")
     export.add_argument(

@@ -7,7 +7,10 @@ One folder per saved step::
       latest                        text: the name of the newest complete checkpoint, for people and
                                     scripts (readers here go by step number, which a half-written
                                     ``latest`` cannot mislead)
-      best.json                     the checkpoint with the best eval acceptance length
+      best.json                     the best checkpoint so far: {"checkpoint": "iter_...", "step",
+                                    "metric": what picked it (real_acceptance_length, by speculative
+                                    decoding; acceptance_length, the simulated one), "value"}; before
+                                    trainer 0.8.0 {"checkpoint", "step", "acceptance_length"} (simulated)
       iter_0000200/
         .metadata, *.distcp         DCP: {"model": draft state dict, "optimizer": AdamW state, ...}
         config.json                 the draft config
@@ -42,17 +45,21 @@ from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.safe_checkpoint import load_dcp, read_dcp_metadata
 
 __all__ = [
+    "BEST_FILE",
     "COMPLETE_MARKER",
     "LATEST_FILE",
+    "BestCheckpoint",
     "CheckpointNotFoundError",
     "TrainingCheckpoint",
     "checkpoint_name",
     "find_latest",
     "is_complete",
     "list_checkpoints",
+    "read_best",
     "resolve_checkpoint",
 ]
 
+BEST_FILE = "best.json"
 COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
 MODEL_PREFIX = "model."  # the draft's tensors in the DCP state
@@ -89,6 +96,36 @@ def find_latest(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint (by step) in ``output_dir``, or None."""
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+@dataclass(frozen=True)
+class BestCheckpoint:
+    """What ``best.json`` says: the checkpoint's folder name, its step, the metric that picked it and
+    its value."""
+
+    name: str
+    step: int | None
+    metric: str
+    value: float
+
+    @classmethod
+    def from_record(cls, record: dict) -> BestCheckpoint:
+        """From best.json's record, also as written before torchspec-trainer 0.8.0 (the simulated
+        acceptance, no metric named). Raises ``KeyError``, ``TypeError`` or ``ValueError`` on others."""
+        metric = str(record.get("metric", "acceptance_length"))
+        value = record["value"] if "value" in record else record["acceptance_length"]
+        step = record.get("step")
+        return cls(str(record["checkpoint"]), None if step is None else int(step), metric, float(value))
+
+
+def read_best(output_dir: str | os.PathLike) -> BestCheckpoint | None:
+    """``output_dir``'s best.json, or None when there is none or it cannot be read (the checkpoint it
+    names may since be gone: check ``is_complete(output_dir / best.name)``)."""
+    path = Path(output_dir) / BEST_FILE
+    try:
+        return BestCheckpoint.from_record(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def resolve_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Path:

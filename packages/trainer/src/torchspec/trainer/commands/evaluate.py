@@ -1,7 +1,10 @@
 """``hatch run trainer:evaluate``: real speculative decoding of an exported draft against its target.
 
-For each conversation, the prompt is everything up to the last assistant turn rendered with the
-tokenizer's chat template (generation prompt included); the target then generates greedily twice,
+Without --data the prompts are the last run's eval split, the samples it held out (reproduced from
+its training_config.yaml as the trainer split them), each up to its first supervised token: never
+prompts the draft was trained on. With --data, for each conversation, the prompt is everything up to
+the last assistant turn rendered with the tokenizer's chat template (generation prompt included).
+The target then generates greedily twice,
 once alone and once with the draft proposing chains of ``--num-draft-tokens``. The speculative
 output must equal the plain one token for token (it is checked, and reported), and the table shows
 
@@ -28,6 +31,7 @@ __all__ = [
     "at_least_one",
     "chat_prompt_ids",
     "decoding_inputs",
+    "eval_split_prompts",
     "evaluate_draft",
     "evaluate_prompts",
     "load_draft_for_target",
@@ -82,13 +86,18 @@ def evaluate_draft(
     max_new_tokens: int = 64,
     num_draft_tokens: int = 4,
     prompt_key: str = "conversations",
+    prompts: list[list[int]] | None = None,
+    prompt_source: str | None = None,
 ) -> EvaluationResult:
+    """``prompts`` (with ``prompt_source`` saying where they come from) instead of ``data_path``'s."""
     from transformers import AutoTokenizer
 
     draft, target = load_for_evaluation(draft_path, target_path)
     tokenizer = AutoTokenizer.from_pretrained(target_path)
-    prompts = prompts_from_conversations(data_path, tokenizer, prompt_key, num_prompts)
-    return evaluate_prompts(
+    if prompts is None:
+        prompts = prompts_from_conversations(data_path, tokenizer, prompt_key, num_prompts)
+        prompt_source = prompt_source or f"{data_path} (--data)"
+    result = evaluate_prompts(
         draft,
         target,
         prompts,
@@ -98,6 +107,41 @@ def evaluate_draft(
         draft_name=str(draft_path),
         target_name=str(target_path),
     )
+    result.prompt_source = prompt_source or ""
+    return result
+
+
+def eval_split_prompts(run_dir: str | Path, limit: int) -> tuple[list[list[int]], str]:
+    """The first ``limit`` prompts of the samples run ``run_dir`` held out (its training_config.yaml;
+    the default run's config where it has none yet), split as the trainer splits them
+    (``loop.training_data.load_training_data``), each up to its first supervised token; and a phrase
+    naming them."""
+    import yaml
+
+    from torchspec.trainer.config import TrainConfig, config_from_dict, upgrade_saved_config
+    from torchspec.trainer.loop.training_data import load_training_data
+    from torchspec.trainer.targets.factory import load_tokenizer, resolve_target_path
+
+    saved = Path(run_dir) / "training_config.yaml"
+    config = TrainConfig()
+    if saved.is_file():
+        config = config_from_dict(upgrade_saved_config(yaml.safe_load(saved.read_text()) or {}), source=str(saved))
+    d = config.data
+    if d.eval_path is None and d.eval_split == 0:
+        raise UserInputError(
+            f"{run_dir} holds out no eval split (data.eval_split is 0 and data.eval_path is null in {saved}); "
+            "pass --data FILE with conversations it was not trained on"
+        )
+    m = config.model
+    tokenizer = load_tokenizer(m.tokenizer_path or resolve_target_path(m.target_model_path), m.trust_remote_code)
+    held_out = load_training_data(d, tokenizer, config.training.seed, is_main=True).eval
+    prompts = prompts_from_tokenized(held_out, limit)
+    if not prompts:
+        raise UserInputError(f"the eval split of {run_dir} holds no prompt; pass --data FILE")
+    if d.eval_path is not None:
+        return prompts, f"the eval split of {run_dir} (data.eval_path {d.eval_path})"
+    split = f"data.eval_split {d.eval_split} of {d.train_path}, seed {config.training.seed}"
+    return prompts, f"the eval split of {run_dir} ({split})"
 
 
 def require_model_folders(draft_path: str, target_path: str) -> None:
@@ -150,11 +194,13 @@ def at_least_one(text: str) -> int:
     return value
 
 
-def add_decoding_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def add_decoding_arguments(
+    parser: argparse.ArgumentParser, max_new_tokens: int, data_default: str = "the last run's training data"
+) -> None:
     """The draft, target, prompts and decoding options shared by ``evaluate`` and ``verify``."""
     parser.add_argument("--draft", help="exported draft folder (default: the last training run's <output_dir>_hf)")
     parser.add_argument("--target", help="Hugging Face target folder (default: the last training run's target)")
-    parser.add_argument("--data", help="conversations (.jsonl/.json/.parquet; default: the last run's training data)")
+    parser.add_argument("--data", help=f"conversations (.jsonl/.json/.parquet; default: {data_default})")
     parser.add_argument("--prompt-key", default="conversations", help="the conversation column of --data")
     parser.add_argument("--num-prompts", type=at_least_one, default=8)
     parser.add_argument("--max-new-tokens", type=at_least_one, default=max_new_tokens)
@@ -165,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchspec-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_decoding_arguments(parser, max_new_tokens=64)
+    add_decoding_arguments(parser, max_new_tokens=64, data_default="the last run's eval split, the samples it held out")
     parser.add_argument("--output", help="JSON result file (default: <draft>/speculative_eval.json)")
     return parser
 
@@ -235,8 +281,11 @@ def write_report(table: str, record: dict, output: str | Path) -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
+    from torchspec.draft_models.run_pointer import last_run
+
     args = build_parser().parse_args(argv)
-    result = evaluate_draft(*decoding_inputs(args))
+    held_out = eval_split_prompts(last_run(), args.num_prompts) if args.data is None else (None, None)
+    result = evaluate_draft(*decoding_inputs(args), *held_out)
     record = {**asdict(result), "speedup": result.speedup}
     write_report(result.table(), record, args.output or Path(args.draft) / "speculative_eval.json")
     return 0 if result.identical_to_target else 1

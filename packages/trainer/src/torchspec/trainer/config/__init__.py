@@ -25,7 +25,7 @@ from torchspec.trainer.config.schema import (
     TrainingConfig,
     TTTConfig,
 )
-from torchspec.trainer.config.validation import validate_config
+from torchspec.trainer.config.validation import real_acceptance_off, validate_config
 
 __all__ = [
     "BUILTIN_SAMPLE_CONVERSATIONS",
@@ -49,6 +49,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_yaml_scalar",
+    "real_acceptance_off",
     "upgrade_saved_config",
     "validate_config",
 ]

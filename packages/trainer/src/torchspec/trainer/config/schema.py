@@ -123,6 +123,9 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     # Shard the frozen target with FSDP2 too, for targets larger than one device.
     shard_target: bool = False
+    # Stop after this many evaluations of the metric that picks best.json (the real acceptance, else
+    # the simulated one) without a new best; null = train to the end.
+    early_stop_patience: int | None = None
 
 
 @dataclass
@@ -186,6 +189,13 @@ class MetricsConfig:
     eval_interval: int = 40
     # After training, real speculative decoding of this many held-out prompts (0 = off).
     speculative_eval_prompts: int = 8
+    # During training: real speculative decoding (greedy, 4 draft tokens) of the first this-many
+    # held-out prompts, which then picks best.json (0 = off: the simulated acceptance picks it).
+    real_acceptance_prompts: int = 16
+    # Steps between real-acceptance measurements (0 = only at the end).
+    real_acceptance_interval: int = 40
+    # Tokens generated per prompt in those measurements.
+    real_acceptance_max_new_tokens: int = 32
     tensorboard: bool = False
     progress_bar: bool = True
 

@@ -8,11 +8,50 @@ from torchspec.draft_models.aux_layers import validate_aux_layer_ids
 from torchspec.draft_models.errors import UserInputError
 from torchspec.trainer.config.schema import ConfigError, TrainConfig
 
-__all__ = ["validate_config"]
+__all__ = ["real_acceptance_off", "validate_config"]
 
 
 def _where(source: str | None) -> str:
     return f" in {source}" if source else ""
+
+
+def real_acceptance_off(config: TrainConfig, prompts: str = "real_acceptance_prompts") -> str | None:
+    """Why real speculative decoding of held-out prompts cannot run in the trainer (or is switched off
+    by ``metrics.<prompts>`` being 0), or None when it runs. During training best.json then follows
+    the simulated acceptance."""
+    if config.target.backend != "transformers":
+        return (
+            f"target.backend={config.target.backend}: the target is not in this process (after export, "
+            "`hatch run trainer:evaluate` or `engine:verify` measure it)"
+        )
+    if config.training.shard_target:
+        return "training.shard_target=true: speculative decoding needs the whole target on one rank"
+    if config.data.eval_path is None and config.data.eval_split == 0:
+        return "no held-out prompts (data.eval_path is null and data.eval_split is 0)"
+    if getattr(config.metrics, prompts) == 0:
+        return f"metrics.{prompts}=0"
+    return None
+
+
+def _check_early_stop(config: TrainConfig, where: str) -> None:
+    """Early stop counts evaluations of the metric that picks best.json: there must be some before the end."""
+    d, met = config.data, config.metrics
+    if config.training.early_stop_patience is None:
+        return
+    prefix = f"training.early_stop_patience is set{where} but"
+    if d.eval_path is None and d.eval_split == 0:
+        raise ConfigError(f"{prefix} the run has no held-out split to evaluate; set data.eval_split or data.eval_path")
+    if real_acceptance_off(config) is None:
+        if met.real_acceptance_interval == 0:
+            raise ConfigError(
+                f"{prefix} metrics.real_acceptance_interval is 0 (real acceptance, which it counts, is measured "
+                "only at the end); set metrics.real_acceptance_interval"
+            )
+    elif met.eval_interval == 0:
+        raise ConfigError(
+            f"{prefix} metrics.eval_interval is 0 (the simulated acceptance it counts, real acceptance being off, "
+            "is measured only at the end); set metrics.eval_interval"
+        )
 
 
 def validate_config(config: TrainConfig, source: str | None = None) -> None:
@@ -36,8 +75,10 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
     positive("checkpoint", "keep_last", ckpt.keep_last)
     positive("checkpoint", "save_interval", ckpt.save_interval, allow_zero=True)
     positive("metrics", "log_interval", met.log_interval)
-    for name in ("eval_interval", "speculative_eval_prompts"):
+    for name in ("eval_interval", "speculative_eval_prompts", "real_acceptance_prompts", "real_acceptance_interval"):
         positive("metrics", name, getattr(met, name), allow_zero=True)
+    positive("metrics", "real_acceptance_max_new_tokens", met.real_acceptance_max_new_tokens)
+    positive("training", "early_stop_patience", t.early_stop_patience)
     positive("data", "max_seq_length", d.max_seq_length)
     positive("target", "prefetch_batches", config.target.prefetch_batches, allow_zero=True)
     positive("target", "engine_timeout_s", config.target.engine_timeout_s)
@@ -71,6 +112,7 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
         )
     if not 0 <= d.eval_split < 1:
         raise ConfigError(f"data.eval_split{where} must be in [0, 1), got {d.eval_split}")
+    _check_early_stop(config, where)
     if m.aux_layer_ids is not None:  # the count and order here, the range once the target is read
         try:
             validate_aux_layer_ids(m.aux_layer_ids, None, source=f"model.aux_layer_ids{where}")

@@ -54,12 +54,14 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from torchspec.draft_models.atomic import fsync_tree, publish_dir, recover_replaced_dir, write_file_atomic
 from torchspec.draft_models.checkpoint_layout import (
+    BEST_FILE,
     COMPLETE_MARKER,
     LATEST_FILE,
     checkpoint_name,
     find_latest,
     is_complete,
     list_checkpoints,
+    read_best,
 )
 from torchspec.draft_models.errors import UserInputError
 from torchspec.draft_models.safe_checkpoint import load_dcp, load_torch
@@ -265,13 +267,8 @@ class Checkpointer:
         )
 
     def _protected(self) -> set[str]:
-        best = self.output_dir / "best.json"
-        if best.is_file():
-            try:
-                return {json.loads(best.read_text())["checkpoint"]}
-            except (ValueError, KeyError):
-                return set()
-        return set()
+        best = read_best(self.output_dir)
+        return {best.name} if best is not None else set()
 
     def _apply_retention(self, keep: str) -> None:
         """Delete all but the newest ``keep_last`` checkpoints, never the best one nor ``keep`` (the one
@@ -291,7 +288,7 @@ class Checkpointer:
         """Point ``best.json`` at ``checkpoint`` (rank 0 writes)."""
         if self.rank == 0:
             record = {"checkpoint": Path(checkpoint).name, **metrics}
-            write_file_atomic(self.output_dir / "best.json", json.dumps(record, indent=2) + "\n")
+            write_file_atomic(self.output_dir / BEST_FILE, json.dumps(record, indent=2) + "\n")
 
     def clean_stale(self) -> None:
         """Delete leftovers of interrupted saves and deletions (rank 0), after putting back a checkpoint

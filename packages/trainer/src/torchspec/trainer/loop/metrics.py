@@ -329,10 +329,11 @@ def _is_terminal(stream: TextIO) -> bool:
 class LoopClock:
     """Where the training loop's wall time goes, summed over the run on this process: ``data``
     (drawing and moving batches), ``target`` (the target's pass, or waiting for the engine's states),
-    ``draft`` (forward, backward, optimizer), ``eval``, ``checkpoint``; the rest is ``other``
-    (metrics, logging)."""
+    ``draft`` (forward, backward, optimizer), ``eval`` (the simulated acceptance of the eval split),
+    ``acceptance`` (real speculative decoding of held-out prompts), ``checkpoint``; the rest is
+    ``other`` (metrics, logging)."""
 
-    PARTS = ("data", "target", "draft", "eval", "checkpoint")
+    PARTS = ("data", "target", "draft", "eval", "acceptance", "checkpoint")
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(self.PARTS, 0.0)

@@ -85,7 +85,9 @@ def resume_hint(resume: str, output_dir: Path, checkpoint: Path, step: int, tota
 
 def completed_run(config: TrainConfig) -> tuple[Path, int] | None:
     """The checkpoint and step of a run that ``checkpoint.resume`` would continue but that has already
-    reached this config's last step (after logging one line saying so and how to start over), else None.
+    reached this config's last step, or stopped early (``training.early_stop_patience`` evaluations
+    without a new best, as many as this config allows or more), after logging one line saying so and
+    how to start over (or train on); else None.
 
     Decided from the checkpoint's ``trainer_state.json`` alone (its step and the data size it was
     trained with), before the target, the data or a process group are touched; every rank decides
@@ -104,6 +106,17 @@ def completed_run(config: TrainConfig) -> tuple[Path, int] | None:
         step, data = int(state["step"]), state.get("data") or {}  # the checkpointer's step, the data position
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    stale = (state.get("train") or {}).get("stale_evaluations") or 0
+    if t.early_stop_patience is not None and isinstance(stale, int) and stale >= t.early_stop_patience:
+        where = output_dir if resume == "auto" else checkpoint
+        if _is_main_process():
+            logger.info(
+                f"the run in {where} stopped early at step {step} ({checkpoint}: {stale} evaluations without a new "
+                f"best, training.early_stop_patience={t.early_stop_patience}); to train on, raise "
+                f"training.early_stop_patience or set it to null; to start over, delete {output_dir} or set "
+                "training.output_dir to another folder"
+            )
+        return checkpoint, step
     total = t.max_steps
     if total is None:
         if data.get("global_batch_size") != t.global_batch_size or not data.get("num_samples"):

@@ -9,7 +9,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EvaluationResult", "evaluate_prompts", "evaluate_trained_draft", "prompts_from_tokenized"]
+__all__ = [
+    "EvaluationResult",
+    "evaluate_prompts",
+    "evaluate_trained_draft",
+    "gather_draft",
+    "prompts_from_tokenized",
+]
 
 
 @dataclass
@@ -25,9 +31,11 @@ class EvaluationResult:
     target_only_seconds: float
     identical_to_target: bool
     per_prompt_acceptance: list[float] = field(default_factory=list)
+    per_prompt_rounds: list[int] = field(default_factory=list)  # target verification rounds of each prompt
     num_rounds: int = 0  # target verification rounds that carried a draft (vLLM: spec_decode_num_drafts)
     num_accepted_tokens: int = 0  # accepted draft tokens, bonus tokens excluded
     target_outputs: list[list[int]] = field(default_factory=list, repr=False)  # the target's own greedy tokens
+    prompt_source: str = ""  # where the prompts come from, e.g. "the eval split of outputs/default_llama (...)"
 
     @property
     def speedup(self) -> float:
@@ -37,7 +45,9 @@ class EvaluationResult:
         lines = [
             f"draft                 {self.draft}",
             f"target                {self.target}",
-            f"prompts               {self.num_prompts} ({self.generated_tokens} generated tokens)",
+            f"prompts               {self.num_prompts}"
+            + (f" from {self.prompt_source}" if self.prompt_source else "")
+            + f" ({self.generated_tokens} generated tokens)",
             f"acceptance length     {self.acceptance_length:.3f} tokens/round (accepted drafts + 1 bonus, "
             f"K={self.num_draft_tokens})",
             "position acceptance   " + "  ".join(f"{i + 1}:{a:.2f}" for i, a in enumerate(self.position_acceptance)),
@@ -68,6 +78,7 @@ def evaluate_prompts(
 
     generator = SpeculativeGenerator(draft, target, num_draft_tokens=num_draft_tokens)
     accepted, produced, identical, per_prompt, target_outputs = [], 0, True, [], []
+    per_prompt_rounds: list[int] = []
     spec_seconds = plain_seconds = 0.0
 
     from tqdm.auto import tqdm
@@ -83,6 +94,7 @@ def evaluate_prompts(
         identical &= result.tokens == expected
         accepted += result.accepted_per_round
         per_prompt.append(result.acceptance_length)
+        per_prompt_rounds.append(result.rounds)
         produced += len(result.tokens)
     rounds = max(len(accepted), 1)
     return EvaluationResult(
@@ -97,6 +109,7 @@ def evaluate_prompts(
         target_only_seconds=plain_seconds,
         identical_to_target=identical,
         per_prompt_acceptance=per_prompt,
+        per_prompt_rounds=per_prompt_rounds,
         num_rounds=len(accepted),
         num_accepted_tokens=sum(accepted),
         target_outputs=target_outputs,
@@ -116,34 +129,41 @@ def prompts_from_tokenized(dataset, limit: int) -> list[list[int]]:
     return prompts
 
 
+def gather_draft(draft, draft_config, is_main: bool, like, into=None):
+    """The full weights of ``draft`` (FSDP2-sharded or not) in a plain draft model on the main rank, on
+    the device and dtype of the module ``like`` (the target); None on the other ranks. ``into``: a copy
+    made by an earlier call, refilled. Every rank must call it (the weights are gathered from all)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from torchspec.draft_models import AutoEagle3DraftModel
+
+    state = get_model_state_dict(draft, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    if into is None:
+        parameter = next(like.parameters())
+        into = AutoEagle3DraftModel.from_config(draft_config).to(device=parameter.device, dtype=parameter.dtype)
+    into.load_state_dict(state)
+    return into
+
+
 def evaluate_trained_draft(trainer: Any) -> dict[str, Any] | None:
     """Speculative decoding of a run's held-out prompts with the draft it trained (main rank; the
     full draft weights are gathered from every rank first); written to ``speculative_eval.json``."""
     import logging
 
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from torchspec.draft_models import AutoEagle3DraftModel
-    from torchspec.trainer.targets.in_process import TargetModel
+    from torchspec.trainer.config import real_acceptance_off
 
     ctx, config = trainer.ctx, trainer.config
     log = logging.getLogger("torchspec.trainer").info if ctx.is_main else (lambda message: None)
-    if not isinstance(trainer.target, TargetModel):
-        log(
-            "speculative eval skipped: the target is not in this process (target.backend="
-            f"{config.target.backend}); after export, `hatch run trainer:evaluate` or `engine:verify` measure it"
-        )
+    off = real_acceptance_off(config, "speculative_eval_prompts")
+    if off is not None:
+        log(f"speculative eval skipped: {off}")
         return None
-    if trainer.eval_dataset is None or len(trainer.eval_dataset) == 0 or config.training.shard_target:
-        log("speculative eval skipped: it needs a held-out split and an unsharded target")
-        return None
-    state = get_model_state_dict(trainer.draft, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not ctx.is_main:
-        return None
-    draft = AutoEagle3DraftModel.from_config(trainer.draft_config)
-    draft.load_state_dict(state)
     target = trainer.target.model
-    draft = draft.to(device=ctx.device, dtype=next(target.parameters()).dtype)
+    draft = gather_draft(trainer.draft, trainer.draft_config, ctx.is_main, target)
+    if draft is None:
+        return None
     prompts = prompts_from_tokenized(trainer.eval_dataset, config.metrics.speculative_eval_prompts)
     result = evaluate_prompts(
         draft,

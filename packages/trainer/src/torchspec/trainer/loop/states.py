@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchspec.draft_models.checkpoint_layout import BestCheckpoint
 from torchspec.draft_models.errors import UserInputError
 
 __all__ = [
@@ -118,26 +119,33 @@ class RNGState:
 
 @dataclass
 class TrainState:
-    """The loop's own state: optimizer steps taken and the best evaluation so far, with what the
-    run was trained on (aux layers, checked on resume) and its world size (for the record: a run
-    may resume on another world size)."""
+    """The loop's own state: optimizer steps taken, the best evaluation so far (by the metric that
+    picks ``best.json``) and how many evaluations since it brought no improvement (early stop), with
+    what the run was trained on (aux layers, checked on resume) and its world size (for the record: a
+    run may resume on another world size)."""
 
     aux_layer_ids: list[int]
     world_size: int = 1
     step: int = 0
     best: dict[str, Any] | None = field(default=None)
+    stale_evaluations: int = 0
 
-    def offer_best(self, acceptance_length: float, checkpoint: str) -> bool:
-        """Record an evaluation at the current step; whether it is the best so far."""
-        if self.best is not None and acceptance_length <= self.best["acceptance_length"]:
+    def offer_best(self, value: float, checkpoint: str, metric: str) -> bool:
+        """Record an evaluation of ``metric`` at the current step; whether it is the best so far. A best
+        of another metric (real acceptance switched on or off between resumes) is replaced."""
+        best = BestCheckpoint.from_record(self.best) if self.best is not None else None
+        if best is not None and best.metric == metric and value <= best.value:
+            self.stale_evaluations += 1
             return False
-        self.best = {"step": self.step, "acceptance_length": acceptance_length, "checkpoint": checkpoint}
+        self.best = {"step": self.step, "metric": metric, "value": value, "checkpoint": checkpoint}
+        self.stale_evaluations = 0
         return True
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "best": self.best,
+            "stale_evaluations": self.stale_evaluations,
             "aux_layer_ids": list(self.aux_layer_ids),
             "world_size": self.world_size,
         }
@@ -150,3 +158,4 @@ class TrainState:
                 f"set model.aux_layer_ids={list(saved)}"
             )
         self.step, self.best = int(state["step"]), state.get("best")
+        self.stale_evaluations = int(state.get("stale_evaluations", 0))  # saved since torchspec-trainer 0.8.0

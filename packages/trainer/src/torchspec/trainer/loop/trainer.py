@@ -1,8 +1,9 @@
 """The Trainer composes the components of a run in the order they depend on each other; ``fit`` runs
-the loop: a step (``loop.step``), its metrics, held-out evaluation and checkpoints at their
-intervals, and the real speculative decoding of held-out prompts at the end. Each component is its
-own module with one job (config, target factory, data order, draft, step, checkpoints and resume,
-metrics, LR schedule, parallelism); ``loop.run.train`` is the entry point that builds one.
+the loop: a step (``loop.step``), its metrics, held-out evaluation (``loop.acceptance``: simulated
+and real acceptance, the best checkpoint, early stop) and checkpoints at their intervals, and the
+real speculative decoding of held-out prompts at the end. Each component is its own module with
+one job (config, target factory, data order, draft, step, checkpoints and resume, metrics, LR
+schedule, parallelism); ``loop.run.train`` is the entry point that builds one.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from torchspec.trainer.distributed.process_group import (
     DistributedContext,
     mixed_precision_policy,
 )
-from torchspec.trainer.loop.checkpoint import Checkpointer, checkpoint_name, find_latest
-from torchspec.trainer.loop.data_loader import DistributedBatchLoader, EvalBatches, pad_token_id
+from torchspec.trainer.loop.acceptance import HeldOutEvaluation, RealAcceptance
+from torchspec.trainer.loop.checkpoint import Checkpointer, find_latest
+from torchspec.trainer.loop.data_loader import DistributedBatchLoader, pad_token_id
 from torchspec.trainer.loop.draft import build_draft, check_draft_against_target, count_trainable, resolve_draft_config
 from torchspec.trainer.loop.lr_schedule import WarmupDecaySchedule, build_lr_scheduler, warmup_steps_for
 from torchspec.trainer.loop.metrics import (
@@ -148,15 +150,12 @@ class Trainer:
             self.optimizer,
             WarmupDecaySchedule(self.total_steps, warmup, sched.kind, sched.min_lr_ratio, sched.decay_ratio),
         )
-        self.eval_batches = None
-        if data.eval is not None and len(data.eval) > 0:
-            self.eval_batches = EvalBatches(
-                data.eval, t.micro_batch_size, pad_id, ctx.rank, ctx.world_size, config.data.max_seq_length
-            )
         self.step_fn = DraftStep(
             config, ctx, self.model, self.target, self.draft_config, self.optimizer, self.scheduler
         )
         self.train_state = TrainState(self.target.aux_layer_ids, ctx.world_size)
+        real = RealAcceptance.build(config, ctx, self.draft, self.target, data.eval, self.eos_token_id)
+        self.held_out = HeldOutEvaluation(config, ctx, self.step_fn, self.train_state, real, data.eval, pad_id)
         # What a checkpoint holds, each component Stateful (torchspec.trainer.loop.states).
         self.states: dict[str, Stateful] = {
             "model": ModelState(self.draft),
@@ -248,7 +247,9 @@ class Trainer:
         speculative = evaluate_trained_draft(self) if t.speculative_eval_prompts else None
         _log(ctx, f"checkpoint: {checkpoint}")
         _log(ctx, f"next: hatch run converter:export  (exports this run to {serving_folder(self.output_dir)})")
-        return TrainResult(self.output_dir, checkpoint, self.train_state.step, history, eval_metrics, speculative)
+        result = TrainResult(self.output_dir, checkpoint, self.train_state.step, history, eval_metrics, speculative)
+        result.stopped_early = self.held_out.stopped
+        return result
 
     def _loop(
         self, progress: ProgressBar, sink: MetricsSink | None, step_callback: Callable[[int, dict], None] | None
@@ -267,29 +268,24 @@ class Trainer:
             history.append(record)
             if sink is not None:
                 sink.write(record)
-            progress.update(state.step, f"loss {record['loss']:.3f} acc {record['acc']:.3f}")
+            progress.update(state.step, f"loss {record['loss']:.3f} acc {record['acc']:.3f}{self.held_out.postfix}")
             last = state.step == self.total_steps
             if state.step % t.log_interval == 0 or last:
                 _log(ctx, format_metrics(record))
-
-            new_best = False
-            if self.eval_batches is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or last):
-                with clock.measure("eval"):
-                    eval_metrics = {"step": state.step, "split": "eval", **self.step_fn.evaluate(self.eval_batches)}
-                if sink is not None:
-                    sink.write(eval_metrics)
-                _log(ctx, "eval " + format_metrics(eval_metrics))
-                new_best = state.offer_best(eval_metrics["acceptance_length"], checkpoint_name(state.step))
-            # A new best eval is always saved, so that best.json points at a checkpoint.
+            outcome = self.held_out.after_step(state.step, last, sink, clock)
+            eval_metrics = outcome.eval_metrics or eval_metrics
+            # A new best is always saved, so that best.json points at a checkpoint; so is an early stop.
             save_interval = self.config.checkpoint.save_interval
-            if (save_interval and state.step % save_interval == 0) or last or new_best:
+            if (save_interval and state.step % save_interval == 0) or last or outcome.new_best or outcome.stop:
                 with clock.measure("checkpoint"):
                     checkpoint = self.save()
-                if new_best:
-                    best = {k: v for k, v in cast(dict, state.best).items() if k != "checkpoint"}
-                    self.checkpointer.mark_best(checkpoint, best)
+                if outcome.best_record is not None:
+                    self.checkpointer.mark_best(checkpoint, outcome.best_record)
             if step_callback is not None:
                 step_callback(state.step, record)
+            if outcome.stop is not None:
+                _log(ctx, outcome.stop)
+                break
         _log(ctx, f"where the time went: {clock.summary()}")
         return history, eval_metrics, checkpoint
 
