@@ -10,8 +10,8 @@ chains of :data:`NUM_DRAFT_TOKENS` draft tokens, ``metrics.real_acceptance_max_n
 per prompt, the first ``metrics.real_acceptance_prompts`` prompts of the eval split (each sample up to
 its first supervised token), the same prompts at every measurement. The draft's full weights are
 gathered from every rank (FSDP2), the main rank decodes, and the result is broadcast, so that every
-rank takes the same best-checkpoint and early-stop decisions. Its 95% interval is a bootstrap over
-prompts (:func:`confidence_interval`).
+rank takes the same best-checkpoint and early-stop decisions. Its 95% interval is a percentile
+bootstrap over prompts (``loop.acceptance_stats.ratio_interval``).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-import torch
 import torch.distributed as dist
 
 from torchspec.draft_models.checkpoint_layout import BestCheckpoint, checkpoint_name
 from torchspec.trainer.config import TrainConfig, real_acceptance_off
 from torchspec.trainer.distributed.process_group import DistributedContext
+from torchspec.trainer.loop.acceptance_stats import ratio_interval
 from torchspec.trainer.loop.data_loader import EvalBatches
 from torchspec.trainer.loop.metrics import LoopClock, MetricsSink, format_metrics
 from torchspec.trainer.loop.speculative_eval import evaluate_prompts, gather_draft, prompts_from_tokenized
@@ -40,7 +40,6 @@ __all__ = [
     "Evaluated",
     "HeldOutEvaluation",
     "RealAcceptance",
-    "confidence_interval",
     "evaluate_prompts",
     "real_acceptance_off",
 ]
@@ -49,21 +48,6 @@ logger = logging.getLogger("torchspec.trainer")
 
 REAL, SIMULATED = "real_acceptance_length", "acceptance_length"  # the metrics that can pick best.json
 NUM_DRAFT_TOKENS = 4  # as `trainer:evaluate` by default
-
-
-def confidence_interval(
-    per_prompt_acceptance: list[float], per_prompt_rounds: list[int], resamples: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """95% bootstrap interval of the acceptance length over prompts: prompts drawn with replacement,
-    each draw's acceptance the ratio of its tokens to its rounds (as the point estimate is)."""
-    rounds = torch.tensor(per_prompt_rounds, dtype=torch.float64)
-    tokens = torch.tensor(per_prompt_acceptance, dtype=torch.float64) * rounds
-    if len(rounds) == 0:
-        return float("nan"), float("nan")
-    draws = torch.randint(len(rounds), (resamples, len(rounds)), generator=torch.Generator().manual_seed(seed))
-    ratios = tokens[draws].sum(1) / rounds[draws].sum(1).clamp(min=1)
-    low, high = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return low, high
 
 
 class RealAcceptance:
@@ -101,7 +85,9 @@ class RealAcceptance:
                 )
             finally:
                 set_rng_state(saved)
-            low, high = confidence_interval(result.per_prompt_acceptance, result.per_prompt_rounds)
+            rounds = result.per_prompt_rounds  # the interval of the same ratio of sums (tokens / rounds)
+            interval = ratio_interval([a * n for a, n in zip(result.per_prompt_acceptance, rounds)], rounds)
+            low, high = interval.low, interval.high
             record = {
                 REAL: result.acceptance_length,
                 "real_acceptance_low": low,
