@@ -15,6 +15,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from torchspec.trainer.commands.evaluate import evaluate_prompts, load_for_evaluation, prompts_from_conversations
 from torchspec.trainer.engine.launch import EngineError, run_vllm, vllm_available
@@ -146,6 +147,8 @@ def test_eagle3_1_llama_exports(default_target, trained_run, prompts, target_alo
     assert {option: config[option] for option in ("fc_norm", "norm_before_fc", "norm_output")} == {
         option: option in options for option in ("fc_norm", "norm_before_fc", "norm_output")
     }
+    for option in options:
+        _make_dropping_visible(exported, option)
     served, _ = _assert_engine_agrees(exported, default_target, prompts, target_alone)
     assert served.acceptance_length > 1.3
     for option in options:
@@ -153,6 +156,27 @@ def test_eagle3_1_llama_exports(default_target, trained_run, prompts, target_alo
         assert (without.num_rounds, without.num_accepted_tokens) != (served.num_drafts, served.num_accepted_tokens), (
             option
         )
+
+
+def _make_dropping_visible(exported, option):
+    """Rescale a norm that feeds fc so that the draft computes the same function with it, but a very
+    different one without it: the norm's weight times s per feature, fc's matching input columns
+    divided by s. A briefly trained norm weight stays near 1, and then serving without the norm can
+    happen to give the same greedy chains (CI saw equal counts for norm_before_fc), which would hide
+    an engine that ignores the option. norm_output's norm feeds the next step's RMSNorm, not a linear
+    layer: it is left as trained."""
+    from safetensors.torch import save_file
+
+    if option not in ("norm_before_fc", "fc_norm"):
+        return
+    weights = load_weights(exported)
+    norm_keys = ["input_norm.weight"] if option == "norm_before_fc" else [f"fc_norm.{i}.weight" for i in range(3)]
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.empty(weights["fc.weight"].shape[1]).uniform_(-1.0, 1.0, generator=generator).exp()
+    weights["fc.weight"] = weights["fc.weight"] / scale
+    for key, chunk in zip(norm_keys, scale.chunk(len(norm_keys)), strict=True):
+        weights[key] = weights[key] * chunk
+    save_file(weights, str(exported / "model.safetensors"), metadata={"format": "pt"})
 
 
 def test_verify_command(default_target, trained_run, tmp_path, capsys):

@@ -1,4 +1,7 @@
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -93,3 +96,22 @@ def test_mixed_precision_policy():
     assert mixed_precision_policy(torch.float32) is None
     policy = mixed_precision_policy(torch.bfloat16)
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+
+
+@pytest.mark.parametrize("world_size, finalized", [("1", True), ("2", False)])
+def test_a_process_of_a_multi_process_launch_exits_without_finalizing_the_interpreter(world_size, finalized):
+    """torchrun's processes end without interpreter finalization (during which a gloo worker thread
+    still freeing a tensor aborts the process: exit_process), with their output flushed and their
+    exit status kept; a one-process command ends normally (atexit handlers run)."""
+    script = (
+        "import atexit\n"
+        "from torchspec.trainer.distributed.process_group import exit_process\n"
+        "atexit.register(lambda: print('finalized'))\n"
+        "print('unterminated line', end='')\n"
+        "exit_process(3)\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    completed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 3, completed.stderr
+    assert completed.stdout.startswith("unterminated line")
+    assert ("finalized" in completed.stdout) == finalized

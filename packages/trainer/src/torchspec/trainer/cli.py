@@ -161,4 +161,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torchspec.trainer.distributed.process_group import exit_process
+
+    exit_process(main())

@@ -39,6 +39,7 @@ __all__ = [
     "BUILTIN_TARGETS",
     "TinyTargetRecipe",
     "build_tiny_target",
+    "cached_target_folder",
     "default_cache_dir",
     "ensure_builtin_target",
     "ensure_default_target",
@@ -98,11 +99,16 @@ def default_cache_dir() -> Path:
     return Path(root) / "default_target"
 
 
+def cached_target_folder(cache_dir: str | os.PathLike, recipe: TinyTargetRecipe) -> Path:
+    """Where ``recipe``'s target is cached under ``cache_dir`` (its name carries the recipe's hash)."""
+    return Path(cache_dir) / f"tiny-{recipe.architecture.replace('_', '-')}-{recipe.key()}"
+
+
 def ensure_default_target(cache_dir: str | os.PathLike | None = None, recipe: TinyTargetRecipe | None = None) -> Path:
     """The folder of the built tiny target (model + tokenizer), building it on first use."""
     recipe = recipe or TinyTargetRecipe()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache_dir / f"tiny-{recipe.architecture.replace('_', '-')}-{recipe.key()}"
+    final = cached_target_folder(cache_dir, recipe)
     if (final / "config.json").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +116,10 @@ def ensure_default_target(cache_dir: str | os.PathLike | None = None, recipe: Ti
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if (final / "config.json").is_file():  # built by another process while we waited
             return final
+        # Holding the lock, any staging folder of this target is a dead build's (killed by a signal,
+        # which runs no cleanup).
+        for stale in cache_dir.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
         try:
             build_tiny_target(staging, recipe)
