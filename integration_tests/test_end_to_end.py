@@ -63,9 +63,10 @@ def test_trained_draft_is_accepted_far_more_than_an_untrained_one(trained, targe
         f"positions {after.position_acceptance}"
     )
     assert before.identical_to_target and after.identical_to_target
-    # measured (6 prompts x 48 tokens, K=4): untrained 1.00 for both; after 120 steps llama 2.97, mla 2.73
+    # measured (6 prompts x 48 tokens, K=4): untrained 1.00 for both; after 80 steps (TTT length 4)
+    # llama 2.16, mla 2.35
     assert before.acceptance_length < 1.2
-    assert after.acceptance_length > before.acceptance_length + 1.0, (before.acceptance_length, after.acceptance_length)
+    assert after.acceptance_length > before.acceptance_length + 0.8, (before.acceptance_length, after.acceptance_length)
 
 
 def test_post_training_pruning_keeps_acceptance(trained, target, tmp_path):
@@ -76,7 +77,7 @@ def test_post_training_pruning_keeps_acceptance(trained, target, tmp_path):
         f"{pruned.acceptance_length:.3f}"
     )
     assert pruned.identical_to_target
-    # measured: identical acceptance (llama 2.97, mla 2.73); the 600 most frequent supervised tokens
+    # measured: identical acceptance (llama 2.16, mla 2.35); the 600 most frequent supervised tokens
     # cover nearly all of this data's assistant tokens
     assert pruned.acceptance_length > full.acceptance_length - 0.2, (full.acceptance_length, pruned.acceptance_length)
 
@@ -89,7 +90,7 @@ def test_train_time_vocab_pruning(target, trained_run, tmp_path):
     result = _evaluate(exported, target)
     print(f"\ntrain-time pruned (600): acceptance {result.acceptance_length:.3f}")
     assert result.identical_to_target
-    assert result.acceptance_length > 2.0, result.acceptance_length  # measured 3.00; untrained 1.00
+    assert result.acceptance_length > 2.0, result.acceptance_length  # measured 3.08; untrained 1.00
 
 
 def test_resume_mid_run_then_export_matches_the_uninterrupted_run(tmp_path):
