@@ -27,22 +27,26 @@ pytestmark = pytest.mark.slow
 PROMPTS, NEW_TOKENS = 6, 48
 
 
+def _evaluate(draft_dir, target):
+    return evaluate_draft(str(draft_dir), str(target), SAMPLES, num_prompts=PROMPTS, max_new_tokens=NEW_TOKENS)
+
+
 @pytest.fixture(scope="module")
 def target(default_target):
     return default_target
 
 
-def _evaluate(draft_dir, target):
-    return evaluate_draft(str(draft_dir), str(target), SAMPLES, num_prompts=PROMPTS, max_new_tokens=NEW_TOKENS)
-
-
 @pytest.fixture(scope="module", params=["llama", "mla"])
-def trained(request, target, trained_run, tmp_path_factory):
+def trained(request, default_target, mla_target, trained_run, tmp_path_factory):
+    """The default run of each draft against its default target: the Llama draft and the Qwen3
+    target, the MLA draft and the DeepSeek-V3-style target (configs/default_*.yaml)."""
     arch = request.param
+    target = default_target if arch == "llama" else mla_target
     run = trained_run(arch)
     root = tmp_path_factory.mktemp(f"e2e-{arch}")
     return dict(
         arch=arch,
+        target=target,
         root=root,
         run=run,
         untrained=untrained_draft(arch, target, root / "untrained_hf"),
@@ -50,7 +54,8 @@ def trained(request, target, trained_run, tmp_path_factory):
     )
 
 
-def test_trained_draft_is_accepted_far_more_than_an_untrained_one(trained, target):
+def test_trained_draft_is_accepted_far_more_than_an_untrained_one(trained):
+    target = trained["target"]
     # That vLLM loads and serves these exports is tested in test_engine.py, by vLLM.
     draft = AutoEagle3DraftModel.from_pretrained(trained["exported"])
     assert draft.config.architectures[0] == (
@@ -69,7 +74,8 @@ def test_trained_draft_is_accepted_far_more_than_an_untrained_one(trained, targe
     assert after.acceptance_length > before.acceptance_length + 0.8, (before.acceptance_length, after.acceptance_length)
 
 
-def test_post_training_pruning_keeps_acceptance(trained, target, tmp_path):
+def test_post_training_pruning_keeps_acceptance(trained, tmp_path):
+    target = trained["target"]
     out = prune_after_training(trained["run"], tmp_path / "pruned_hf", target)
     full, pruned = _evaluate(trained["exported"], target), _evaluate(out, target)
     print(

@@ -227,9 +227,8 @@ def test_missing_engine_is_one_line(monkeypatch, default_target, prompts):
 # MLA drafts are served beside the built-in tiny DeepSeek-V3-style target (MLA, MoE layers routed as
 # DeepSeek-V3 routes, non-trivial norms, trained briefly; vLLM's CPU build cannot run an MLA draft
 # beside a non-MLA target anyway: its KV caches want block sizes of 16 for MLA and multiples of 32
-# otherwise). The default MLA run still trains against the Qwen3 target, so beside this one its
-# export is hardly accepted (training it against this target is the next step: see the trainer
-# CHANGELOG 0.8.0); these tests hold the target's decoding and the rounds. The engine runs MLA's
+# otherwise). The default MLA run trains against this target, so its export is accepted often enough
+# that a wrong rope, norm or weight in the engine's draft shows in the counts. The engine runs MLA's
 # rope in PyTorch on CPU (vLLM's CPU rope kernel mis-rotates MLA's strided views:
 # docs/vllm-cpu-mla-rope.md); its output with an MLA draft must equal its output without and
 # transformers', with the evaluator's counts, as for the Llama exports.
@@ -248,7 +247,9 @@ def test_the_default_mla_export_is_served_beside_an_mla_target(
     config = read_config(exported)
     assert config["architectures"] == ["Eagle3DeepseekV2ForCausalLM"] and config["q_lora_rank"] > 0
     served, _ = _assert_engine_agrees(exported, mla_target, prompts, mla_target_alone)
-    assert served.num_drafts > 0 and len(served.accepted_per_position) == K
+    assert len(served.accepted_per_position) == K
+    # Drafts accepted often, at every position: equal counts then hold the draft's whole chain.
+    assert served.acceptance_length > 1.5 and min(served.accepted_per_position) > 0, served
 
 
 def _refused_by_vllm_and_by_check(mla_target, prompts, folder, engine_words, check_words, **draft_values):

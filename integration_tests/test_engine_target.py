@@ -214,3 +214,33 @@ def test_an_mla_targets_states_come_out_of_vllm(mla_target, tmp_path):
     errors = [((got - want).abs().max() / want.abs().max()).item() for got, want in pairs]
     print(f"\nMLA target states vs transformers, max abs error / max |state| per column: {errors}")
     assert max(errors) <= 1e-4, errors
+
+
+def test_an_mla_draft_trained_on_vllm_serving_the_deepseek_target_has_the_in_process_losses(trained_run, tmp_path):
+    """The seed's own path, engine-served: the default MLA run (its DeepSeek-V3-style target) with the
+    target on vLLM has the losses of the same run with the target in process, step by step. The
+    reference is the shared 120-step run (test_engine.py serves its export); this run stops after
+    its first steps, which see the same data and learning rates."""
+    reference = trained_run("mla")
+    expected = [
+        json.loads(line)["loss"]
+        for line in (reference / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line).get("split") == "train"
+    ]
+    from e2e_helpers import STEPS as REFERENCE_STEPS
+
+    class Enough(Exception):
+        pass
+
+    losses = []
+
+    def record(step, metrics):
+        losses.append(metrics["loss"])
+        if step == 4:
+            raise Enough
+
+    with pytest.raises(Enough):
+        train_default("mla", tmp_path / "run", REFERENCE_STEPS, "target.backend=vllm", step_callback=record)
+    assert len(losses) == 4
+    for step, (got, want) in enumerate(zip(losses, expected), 1):
+        assert abs(got - want) <= 1e-5 * abs(want), f"step {step}: loss {got} on vLLM vs {want} in process"

@@ -17,10 +17,11 @@ def test_default_llama_yaml_spells_out_the_embedded_default():
     assert load_config(REPO / "configs" / "default_llama.yaml") == TrainConfig()
 
 
-def test_default_mla_yaml_differs_only_in_the_draft_and_output():
+def test_default_mla_yaml_differs_only_in_the_draft_its_deepseek_target_and_output():
     mla = load_config(REPO / "configs" / "default_mla.yaml")
     expected = TrainConfig()
     expected.model.draft_architecture = "mla"
+    expected.model.target_model_path = "builtin:tiny-deepseek-v3"
     expected.training.output_dir = "outputs/default_mla"
     assert mla == expected
 
