@@ -219,7 +219,7 @@ def test_an_mla_targets_states_come_out_of_vllm(mla_target, tmp_path):
 def test_an_mla_draft_trained_on_vllm_serving_the_deepseek_target_has_the_in_process_losses(trained_run, tmp_path):
     """The seed's own path, engine-served: the default MLA run (its DeepSeek-V3-style target) with the
     target on vLLM has the losses of the same run with the target in process, step by step. The
-    reference is the shared 120-step run (test_engine.py serves its export); this run stops after
+    reference is the shared run (test_engine.py serves its export); this run stops after
     its first steps, which see the same data and learning rates."""
     reference = trained_run("mla")
     expected = [
