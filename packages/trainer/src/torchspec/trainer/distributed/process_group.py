@@ -114,7 +114,7 @@ def exit_process(code: int) -> NoReturn:
     reference to a tensor created in Python must take the GIL to free it. Once finalization has begun,
     CPython ends such a thread by unwinding it through a C++ destructor, which calls std::terminate:
     the process aborts after the run finished and saved ("terminate called without an active
-    exception", exit -6; 2 of 60 two-process runs on 2 cores). Files the run wrote were closed and
+    exception", exit -6; 1 in 17 two-process runs on 2 cores). Files the run wrote were closed and
     fsynced before this point (checkpoints, metrics, logs); what finalization would still do is free
     memory the system reclaims anyway.
     """
