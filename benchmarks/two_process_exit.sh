@@ -7,6 +7,7 @@
 # Measured on 2 CPU cores: 1 abort in 17 runs before exit_process, 0 in 50 after.
 set -u
 N=$1; OUT=$(realpath -m "$2"); PYTHON=${3:-python}
+case $PYTHON in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac  # absolute, not resolved: a venv python is a link
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"; cd "$OUT"
 ulimit -c unlimited
