@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import torch
@@ -57,6 +58,13 @@ def untrained_draft(arch: str, target_dir: Path, out: Path, *overrides: str) -> 
         out, include_embeddings=False, num_target_layers=target.num_layers
     )
     return out
+
+
+def free_port() -> int:
+    """A localhost port nothing listens on now (for a server or torchrun's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def export(run_dir: Path, out: Path, **kwargs) -> Path:

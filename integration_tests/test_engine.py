@@ -24,6 +24,7 @@ from e2e_helpers import (
     PRUNED_ALT_AUX,
     SAMPLES,
     export,
+    free_port,
     load_weights,
     prune_after_training,
     read_config,
@@ -39,6 +40,7 @@ pytestmark = [
 ]
 
 PROMPTS, NEW_TOKENS, K = 8, 48, 4
+E31_STEPS = 48
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,9 @@ def test_eagle3_1_llama_exports(default_target, trained_run, prompts, target_alo
     by reading each option, since the evaluator without any one of them counts differently.
     (fc_norm after norm_before_fc would leave only input_norm's weight to tell them apart: RMSNorm
     ignores the scale of its input. Each is therefore checked without the other.)"""
-    exported = export(trained_run("llama", *overrides), tmp_path / "e31_hf")
+    # 48 steps, not the shared runs' 80: each option set is a run of its own (CI time), and what is
+    # checked is the engine reading the options, not how far training got.
+    exported = export(trained_run("llama", *overrides, steps=E31_STEPS), tmp_path / "e31_hf")
     config = read_config(exported)
     assert {option: config[option] for option in ("fc_norm", "norm_before_fc", "norm_output")} == {
         option: option in options for option in ("fc_norm", "norm_before_fc", "norm_output")
@@ -142,6 +146,7 @@ def test_eagle3_1_llama_exports(default_target, trained_run, prompts, target_alo
     for option in options:
         _make_dropping_visible(exported, option)
     served, _ = _assert_engine_agrees(exported, default_target, prompts, target_alone)
+    print(f"\n{overrides}: vLLM acceptance {served.acceptance_length:.3f} over {served.num_drafts} rounds")
     assert served.acceptance_length > 1.3
     for option in options:
         without = _evaluator(exported, default_target, prompts, drop_option=option)
@@ -171,22 +176,45 @@ def _make_dropping_visible(exported, option):
     save_file(weights, str(exported / "model.safetensors"), metadata={"format": "pt"})
 
 
-def test_verify_command(default_target, trained_run, tmp_path, capsys):
+def test_verify_command_against_running_servers(default_target, trained_run, prompts, tmp_path, capsys):
+    """`verify --server --plain-server`: `vllm serve` of the target with and without the draft (the
+    commands `verify --print-serve-commands` prints), judged against the in-process evaluator. The
+    other way to verify (verify starting its own engines) runs in test_first_hour."""
     from torchspec.trainer.commands.verify import main as verify_main
+    from torchspec.trainer.engine.served import generation_serve_command
+    from torchspec.trainer.engine.servers import VllmServer
 
     exported = export(trained_run("llama"), tmp_path / "verify_hf")
-    code = verify_main(
-        [
-            "--draft",
-            str(exported),
-            "--target",
-            str(default_target),
-            "--num-prompts",
-            str(PROMPTS),
-            "--max-new-tokens",
-            str(NEW_TOKENS),
-        ]
-    )
+    longest = max(len(p) for p in prompts) + NEW_TOKENS + K + 1
+    options = {"dtype": "float32", "max_model_len": -(-longest // 64) * 64, "on_cpu": True}
+    with_draft_port, plain_port = free_port(), free_port()
+    servers = []
+    try:
+        for port, draft in ((with_draft_port, exported), (plain_port, None)):
+            command = generation_serve_command(default_target, draft, num_draft_tokens=K, port=port, **options)
+            url = f"http://127.0.0.1:{port}"
+            servers.append(VllmServer(command, tmp_path / f"server-{port}.log", url, wait=False))
+        for server in servers:  # started side by side: a server's start is mostly one core's work
+            server.wait_ready()
+        code = verify_main(
+            [
+                "--draft",
+                str(exported),
+                "--target",
+                str(default_target),
+                "--num-prompts",
+                str(PROMPTS),
+                "--max-new-tokens",
+                str(NEW_TOKENS),
+                "--server",
+                servers[0].url,
+                "--plain-server",
+                servers[1].url,
+            ]
+        )
+    finally:
+        for server in servers:
+            server.stop()
     out = capsys.readouterr().out
     assert code == 0, out
     report = json.loads((exported / "engine_verify.json").read_text())

@@ -67,10 +67,41 @@ def _assert_same_training(result, reference):
         assert abs(got - want) <= 1e-5 * abs(want), f"step {step}: loss {got} vs {want} in process"
 
 
+def _kill_engine_processes() -> int:
+    """SIGKILL this process's vLLM engine workers, as a crash would; returns how many."""
+    import psutil
+
+    workers = [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if "torchspec.trainer.engine.worker" in " ".join(child.cmdline())
+    ]
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+    return len(workers)
+
+
 def test_online_training_on_vllm_equals_the_in_process_target(in_process_run, default_target, prompts, tmp_path):
-    result = train_default("llama", tmp_path / "run", STEPS, "target.backend=vllm", "target.prefetch_batches=2")
+    """Also when the engine is killed mid-run (after step 4, with batches asked ahead): the trainer
+    starts it again, asks again for what it had, and the losses are the uninterrupted ones."""
+    killed = []
+
+    def kill_at_step_4(step, metrics):
+        if step == 4:
+            killed.append(_kill_engine_processes())
+
+    result = train_default(
+        "llama",
+        tmp_path / "run",
+        STEPS,
+        "target.backend=vllm",
+        "target.prefetch_batches=2",
+        step_callback=kill_at_step_4,
+    )
+    assert killed == [1]
     _assert_same_training(result, in_process_run)
     assert (tmp_path / "run" / "engine.log").is_file()
+    assert (tmp_path / "run" / "engine.restart-1.log").is_file()
     # The trained drafts decode alike: the evaluator counts the same rounds and accepted tokens.
     assert _acceptance(result.output_dir, default_target, prompts, tmp_path) == _acceptance(
         in_process_run.output_dir, default_target, prompts, tmp_path

@@ -52,7 +52,14 @@ def test_the_percentile_interval_matches_the_exact_bootstrap_distribution(prompt
     denominators = [len(p) for p in prompts]
     exact = _exact_distribution(numerators, denominators)
     interval = bootstrap_interval(prompts, confidence=0.9, resamples=40_000, seed=1)
-    eps = 0.01  # Monte Carlo error of a CDF value from 40k resamples is ~0.0015
+    _assert_the_5_and_95_percent_quantiles(interval, exact)
+    assert interval.low <= acceptance_length(prompts) <= interval.high
+
+
+def _assert_the_5_and_95_percent_quantiles(interval, exact, eps=0.01):
+    """``interval`` is the 5% / 95% quantiles of the sorted ``exact`` distribution:
+    P(X < low) <= 5% <= P(X <= low), likewise for high (eps: Monte Carlo error of 40k resamples
+    is ~0.0015 on a CDF value)."""
 
     def below(value):
         return sum(v < value - 1e-12 for v in exact) / len(exact)
@@ -60,10 +67,8 @@ def test_the_percentile_interval_matches_the_exact_bootstrap_distribution(prompt
     def at_most(value):
         return sum(v <= value + 1e-12 for v in exact) / len(exact)
 
-    # low is the 5% quantile of the exact distribution: P(X < low) <= 5% <= P(X <= low)
     assert below(interval.low) <= 0.05 + eps and at_most(interval.low) >= 0.05 - eps
     assert below(interval.high) <= 0.95 + eps and at_most(interval.high) >= 0.95 - eps
-    assert interval.low <= acceptance_length(prompts) <= interval.high
 
 
 def test_the_bootstrap_standard_error_of_a_mean_is_the_closed_form_one():
@@ -117,3 +122,35 @@ def test_bad_settings_are_refused(kwargs):
 def test_mismatched_numerators_and_denominators_are_refused():
     with pytest.raises(ValueError, match="2 numerators and 3 denominators"):
         ratio_interval([1, 2], [1, 1, 1])
+
+
+SECOND = [[3, 3, 1], [2, 0], [1, 1, 1, 0], [3]]
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_the_paired_difference_matches_the_exact_joint_bootstrap_distribution(n):
+    from torchspec.trainer.loop.acceptance_stats import paired_difference_interval
+
+    first, second = PROMPTS[:n], SECOND[:n]
+    exact = []
+    for picks in product(range(n), repeat=n):  # the same prompts drawn for both drafts
+        exact.append(acceptance_length([second[i] for i in picks]) - acceptance_length([first[i] for i in picks]))
+    exact.sort()
+    interval = paired_difference_interval(first, second, confidence=0.9, resamples=40_000, seed=2)
+    _assert_the_5_and_95_percent_quantiles(interval, exact)
+    difference = acceptance_length(second) - acceptance_length(first)
+    assert interval.low <= difference <= interval.high
+
+
+def test_a_draft_against_itself_differs_by_exactly_nothing_and_mismatched_sets_are_refused():
+    from torchspec.trainer.loop.acceptance_stats import paired_difference_interval
+
+    same = paired_difference_interval(PROMPTS, PROMPTS, resamples=500)
+    assert (same.low, same.high) == (0.0, 0.0)
+    # Separate intervals would overlap widely here; resampled jointly, a shift of one accepted
+    # token in every round of every prompt is certain.
+    shifted = [[a + 1 for a in p] for p in PROMPTS]
+    certain = paired_difference_interval(PROMPTS, shifted, resamples=500)
+    assert certain.low == pytest.approx(1.0) and certain.high == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="the same prompts"):
+        paired_difference_interval(PROMPTS, PROMPTS[:2])

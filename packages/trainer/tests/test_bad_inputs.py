@@ -333,7 +333,7 @@ def test_trainer_errors_are_torchspec_errors():
 
 def test_an_unknown_builtin_target_names_the_builtin_ones():
     from torchspec.trainer.config import ConfigError
-    from torchspec.trainer.targets.factory import resolve_target_path
+    from torchspec.trainer.targets.resolve import resolve_target_path
 
     with pytest.raises(ConfigError) as caught:
         resolve_target_path("builtin:tiny-llama")

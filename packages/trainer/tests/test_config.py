@@ -141,6 +141,9 @@ def test_cross_field_checks():
         load_config(None, ["optimizer.weight_decay=.nan"])
     with pytest.raises(ConfigError, match="data.eval_split must be in"):
         load_config(None, ["data.eval_split=1.5"])
+    with pytest.raises(ConfigError, match="target.prefetch_gib must be a finite number > 0, got 0"):
+        load_config(None, ["target.prefetch_gib=0"])
+    assert load_config(None, ["target.prefetch_gib=null"]).target.prefetch_gib is None
 
 
 def test_warmup_steps_alone_replaces_the_default_ratio(tmp_path):

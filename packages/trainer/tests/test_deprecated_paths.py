@@ -39,3 +39,21 @@ def test_the_old_engine_and_distributed_modules_forward_their_names():
     with pytest.warns(DeprecationWarning, match="distributed.barrier moved to .*process_group"):
         from torchspec.trainer.distributed import barrier
     assert barrier is process_group.barrier
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "new_module"),
+    [
+        ("torchspec.trainer.targets.factory", "resolve_target_path", "torchspec.trainer.targets.resolve"),
+        ("torchspec.trainer.targets.factory", "load_tokenizer", "torchspec.trainer.targets.resolve"),
+        ("torchspec.trainer.engine.fleet", "VllmServer", "torchspec.trainer.engine.servers"),
+    ],
+)
+def test_names_moved_in_0_10_still_import_with_a_warning(module, name, new_module):
+    with pytest.warns(
+        DeprecationWarning, match=rf"{module}.{name} moved to {new_module}.{name} in torchspec-trainer 0.10.0"
+    ):
+        value = getattr(importlib.import_module(module), name)
+    assert value is getattr(importlib.import_module(new_module), name)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        importlib.import_module(module).no_such_name  # noqa: B018

@@ -10,7 +10,7 @@ from torchspec.trainer.commands.evaluate import eval_split_prompts
 from torchspec.trainer.config import dump_config, load_config
 from torchspec.trainer.loop.speculative_eval import prompts_from_tokenized
 from torchspec.trainer.loop.training_data import load_training_data
-from torchspec.trainer.targets.factory import load_tokenizer
+from torchspec.trainer.targets.resolve import load_tokenizer
 
 from trainer_test_helpers import assert_one_line_error, save_small_llama_draft, small_overrides
 
@@ -49,3 +49,20 @@ def test_a_run_without_an_eval_split_needs_data(assets, tmp_path, capsys):
     code = main(["evaluate"])
     err = capsys.readouterr().err
     assert_one_line_error(code, err, "outputs/run holds out no eval split", "--data")
+
+
+def test_bench_defaults_to_the_runs_eval_split_too(assets, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    run_dir, config = _recorded_run(assets, tmp_path)
+    vocab = AutoConfig.from_pretrained(assets["target"]).vocab_size
+    save_small_llama_draft(tmp_path / "outputs" / "run_hf", vocab, 32, 64, seed=1, include_embeddings=True)
+    code = main(["bench", "--judge", "evaluator", "--num-prompts", "2", "--max-new-tokens", "3", "--resamples", "50"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "prompts   eval split: 2 prompts (conversations; the eval split of outputs/run (data.eval_split 0.15" in out
+    record = json.loads((tmp_path / "outputs" / "run_hf" / "bench.json").read_text())
+    (measured,) = record["results"][0]["sets"]
+    assert measured["name"] == "eval split" and measured["num_prompts"] == 2
+    held_out = load_training_data(config.data, load_tokenizer(assets["target"], False), 0, True).eval
+    assert measured["path"].startswith("the eval split of outputs/run") and len(held_out) >= 2

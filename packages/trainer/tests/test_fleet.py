@@ -242,3 +242,52 @@ def test_the_serve_command_names_the_layers_the_states_folder_and_the_cpu_rope_f
     assert "--enforce-eager" in command
     gpu = serve_command(mla, [1, 3, 4, 6], tmp_path / "states", engine_args={"tensor_parallel_size": 8})
     assert "--compilation-config" not in gpu and gpu[gpu.index("--tensor-parallel-size") + 1] == "8"
+
+
+def test_the_mooncake_serve_command_publishes_to_the_store_and_needs_no_states_folder(tmp_path):
+    store = {"master_server_address": "10.0.0.5:50051", "protocol": "rdma", "device_name": "mlx5_0"}
+    command = serve_command(tmp_path, [1, 3, 4, 6], None, transport="mooncake", mooncake=store)
+    transfer = json.loads(command[command.index("--kv-transfer-config") + 1])
+    assert transfer["kv_connector"] == "HostMooncakeHiddenStatesConnector"
+    assert transfer["kv_connector_module_path"] == "torchspec.trainer.engine.mooncake_connector"
+    assert transfer["kv_connector_extra_config"] == {"mooncake": store}
+    config = load_config(
+        None,
+        ["target.backend=fleet", "target.transport=mooncake", "target.mooncake={master_server_address: 'h:1'}"],
+    )
+    from torchspec.trainer.targets.fleet_servers import serve_command_for
+
+    config.model.target_model_path = str(save_tiny_qwen3(tmp_path / "target"))
+    assert "HostMooncakeHiddenStatesConnector" in " ".join(serve_command_for(config))  # no states_dir asked for
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["target.transport=mooncake"], "target.transport=mooncake applies to target.backend=fleet, not transformers"),
+        (
+            ["target.backend=fleet", "target.transport=mooncake", "target.mooncake={master: 'h:1'}"],
+            r"target.mooncake has unknown keys \['master'\]; the store takes master_server_address",
+        ),
+    ],
+)
+def test_mooncake_transport_mistakes_are_one_line(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, overrides)
+
+
+def test_a_reply_whose_server_failed_or_died_since_is_known(tmp_path, servers):
+    """What lets a rank stop waiting for states a dead server will never hand over (a Mooncake
+    object, a file whose writer died) instead of waiting out target.request_timeout_s."""
+    first, second = servers(), servers()
+    fleet = ServerFleet([first.url, second.url], LAYERS, timeout_s=30, request_timeout_s=10)
+    reply = fleet.submit([4, 9, 2]).result()
+    assert not fleet.failed_since(reply)
+    fleet.set_aside(reply.server, "answered without writing its states file")  # counts as a failure
+    assert fleet.failed_since(reply)
+    later = fleet.submit([4, 9, 2]).result()
+    other = next(s for s in (first, second) if s.url == later.server)
+    assert not fleet.failed_since(later)
+    other.stop()  # gone without any request failing yet: it does not answer
+    assert fleet.failed_since(later)
+    fleet.close()

@@ -229,11 +229,16 @@ def test_a_dump_of_another_fine_tune_of_the_same_architecture_is_refused(tmp_pat
 class _RecordingTarget:
     """Records what the loader asks the engine for, and what it discards."""
 
+    BYTES_PER_TOKEN = 100
+
     def __init__(self):
         self.asked, self.discarded = [], 0
 
     def prefetch(self, input_ids, attention_mask):
         self.asked.append(unpadded_rows(input_ids, attention_mask))
+
+    def state_bytes(self, input_ids, attention_mask):
+        return int(attention_mask.sum()) * self.BYTES_PER_TOKEN
 
     def discard_pending(self):
         self.discarded += 1
@@ -259,6 +264,28 @@ def test_prefetching_asks_ahead_and_saves_the_position_of_the_batch_returned():
         assert [_rows(b) for b in ahead.next_batches()] == [_rows(b) for b in plain.next_batches()]
         assert ahead.state_dict() == plain.state_dict()
     assert ahead.epoch == plain.epoch == 1  # 4 steps per epoch
+
+
+@pytest.mark.parametrize("max_bytes", [1, 2000, 3000, 10**9])
+def test_the_states_asked_ahead_stay_within_the_byte_bound(max_bytes):
+    """Whatever the bound, the data order is the plain loader's; the batch about to be trained is
+    always asked for, and the ones after it only while the states not yet trained on fit the bound."""
+    plain, engine = _loader(), _RecordingTarget()
+    ahead = PrefetchingLoader(_loader(), engine, depth=3, max_bytes=max_bytes)
+    trained = 0  # micro-batches handed out for training, whose states the step collects
+    for _ in range(8):
+        batches = ahead.next_batches()
+        assert [_rows(b) for b in batches] == [_rows(b) for b in plain.next_batches()]
+        outstanding = engine.asked[trained:]
+        batch_bytes = sum(len(r) for b in batches for r in _rows(b)) * _RecordingTarget.BYTES_PER_TOKEN
+        asked_bytes = sum(len(r) for rows in outstanding for r in rows) * _RecordingTarget.BYTES_PER_TOKEN
+        assert len(outstanding) >= len(batches)  # the batch returned was asked for
+        assert asked_bytes <= max(max_bytes, batch_bytes), (asked_bytes, max_bytes)
+        if max_bytes == 10**9:
+            assert len(outstanding) == 2 * 4  # depth 3: this batch and three more, two micro-batches each
+        if max_bytes == 1:
+            assert len(outstanding) == 2  # only the batch returned
+        trained += len(batches)
 
 
 def test_prefetching_resumes_the_saved_position_and_drops_what_was_asked_ahead():

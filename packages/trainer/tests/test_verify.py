@@ -129,6 +129,8 @@ def test_engine_arguments_reach_the_engine_and_bad_ones_are_one_line(monkeypatch
         "engine_args": {"tensor_parallel_size": 8},
         "engine_python": "/envs/vllm/bin/python",
         "evaluator": False,
+        "server": None,
+        "plain_server": None,
     }
     with pytest.raises(SystemExit) as exit_info:
         verify.main([*argv, "--engine-args", "[8]"])

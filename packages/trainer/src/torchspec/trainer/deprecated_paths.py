@@ -12,7 +12,7 @@ import types
 import warnings
 from typing import Any
 
-__all__ = ["forwarding_getattr", "install"]
+__all__ = ["forwarding_getattr", "install", "moved_names_getattr"]
 
 _PACKAGE = "torchspec.trainer"
 _MOVED = {
@@ -92,6 +92,23 @@ def forwarding_getattr(package: str, module: str):
             stacklevel=2,
         )
         return getattr(target, name)
+
+    return __getattr__
+
+
+def moved_names_getattr(module: str, target: str, names: tuple[str, ...], version: str):
+    """A module ``__getattr__`` for ``module``, whose ``names`` moved to module ``target`` in ``version``:
+    they still resolve, with a DeprecationWarning naming the new place."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in names:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(
+            f"{module}.{name} moved to {target}.{name} in torchspec-trainer {version}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(target), name)
 
     return __getattr__
 

@@ -15,7 +15,8 @@ output states it in full:
 * batch: prompts the engine decodes at once (``--batch``, default all; the evaluator decodes one at
   a time); number of prompts per set; seed (sampling and the bootstrap).
 
-Prompt sets (``--prompts FILE``, repeatable; default the run's training data): MT-Bench's
+Prompt sets (``--prompts FILE``, repeatable; default the run's eval split, the samples it held out,
+never its training prompts): MT-Bench's
 ``question.jsonl`` layout (``question_id``, ``category``, ``turns``: the user's messages), run as
 MT-Bench runs it (turn 2's prompt is the chat with turn 1's generated answer in it; acceptance counts
 every turn), or the project's conversation datasets (each conversation up to its last assistant
@@ -60,6 +61,7 @@ __all__ = [
     "SetResult",
     "build_parser",
     "draft_folder_from_checkpoint",
+    "held_out_prompt_set",
     "main",
     "read_prompt_set",
     "render_pictures",
@@ -214,6 +216,17 @@ def read_prompt_set(path: str, tokenizer, prompt_key: str = "conversations", lim
         )
     ids = prompts_from_conversations(str(path), tokenizer, prompt_key, limit)
     return PromptSet(name, str(path), "conversations", [BenchPrompt(str(i), token_ids=p) for i, p in enumerate(ids)])
+
+
+def held_out_prompt_set(run_dir: Path, limit: int = 80) -> PromptSet:
+    """The first ``limit`` prompts of the samples run ``run_dir`` held out (as ``trainer:evaluate``
+    reads them without --data)."""
+    from torchspec.trainer.commands.evaluate import eval_split_prompts
+
+    prompts, source = eval_split_prompts(run_dir, limit)
+    return PromptSet(
+        "eval split", source, "conversations", [BenchPrompt(str(i), token_ids=p) for i, p in enumerate(prompts)]
+    )
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -653,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prompts",
         action="append",
-        help="prompt set: MT-Bench question.jsonl or conversations (repeatable; default: the run's training data)",
+        help="prompt set: MT-Bench question.jsonl or conversations (repeatable; default: the run's eval split, "
+        "the samples it held out)",
     )
     parser.add_argument("--prompt-key", default="conversations", help="the conversation column of a conversation set")
     parser.add_argument("--num-prompts", type=at_least_one, default=80, help="at most this many per set (default 80)")
@@ -712,7 +726,7 @@ def _protocol(args) -> Protocol:
 
 
 def _fill_defaults(args) -> None:
-    """--target and the default prompts from the --run folder's config, else from the last run."""
+    """--target from the --run folder's config, else from the last run (and --draft: its export)."""
     from torchspec.trainer.commands.evaluate import apply_defaults, recorded_model_and_data
 
     if args.run is not None:
@@ -720,9 +734,7 @@ def _fill_defaults(args) -> None:
             raise UserInputError(f"--run {args.run}: no such folder; pass a training output_dir")
         recorded = recorded_model_and_data(Path(args.run))
         args.target = args.target or recorded.get("target_model_path")
-        args.data = recorded.get("train_path")
-    else:
-        args.data = None
+    args.data = None  # apply_defaults reads it; bench's prompts are --prompts, else the run's eval split
     draft = args.draft
     apply_defaults(args)  # fills what is still None: draft, target, data (resolving the built-in ones)
     if args.run is not None:
@@ -748,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from torchspec.draft_models.atomic import write_file_atomic
+    from torchspec.draft_models.run_pointer import last_run
     from torchspec.trainer.commands.evaluate import require_model_folders
 
     args = build_parser().parse_args(argv)
@@ -762,9 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     if not output.parent.is_dir():
         raise UserInputError(f"--output {output}: its folder {output.parent} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(args.target)
-    prompt_sets = [
-        read_prompt_set(path, tokenizer, args.prompt_key, protocol.num_prompts) for path in args.prompts or [args.data]
-    ]
+    if args.prompts:
+        prompt_sets = [read_prompt_set(path, tokenizer, args.prompt_key, protocol.num_prompts) for path in args.prompts]
+    else:
+        prompt_sets = [held_out_prompt_set(Path(args.run) if args.run else last_run(), protocol.num_prompts)]
     print(f"protocol  {protocol.describe()}")
     print(f"target    {args.target}")
     for s in prompt_sets:

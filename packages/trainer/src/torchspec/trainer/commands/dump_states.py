@@ -38,8 +38,8 @@ from torchspec.trainer.targets.dump import (
     write_manifest_file,
 )
 from torchspec.trainer.targets.engine import vllm_layer_ids
-from torchspec.trainer.targets.factory import load_tokenizer, resolve_dtype, resolve_target_path
 from torchspec.trainer.targets.head import TargetHead
+from torchspec.trainer.targets.resolve import load_tokenizer, resolve_dtype, resolve_target_path
 
 __all__ = ["DumpSummary", "dump_states"]
 

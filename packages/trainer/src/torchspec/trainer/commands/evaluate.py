@@ -120,7 +120,7 @@ def eval_split_prompts(run_dir: str | Path, limit: int) -> tuple[list[list[int]]
 
     from torchspec.trainer.config import TrainConfig, config_from_dict, upgrade_saved_config
     from torchspec.trainer.loop.training_data import load_training_data
-    from torchspec.trainer.targets.factory import load_tokenizer, resolve_target_path
+    from torchspec.trainer.targets.resolve import load_tokenizer, resolve_target_path
 
     saved = Path(run_dir) / "training_config.yaml"
     config = TrainConfig()
@@ -229,7 +229,7 @@ def apply_defaults(args) -> None:
     if args.target is None:
         args.target = recorded.get("target_model_path") or BUILTIN_TINY_TARGET
     if args.target.startswith("builtin:"):  # the run's target was a built-in one: its cached folder
-        from torchspec.trainer.targets.factory import resolve_target_path
+        from torchspec.trainer.targets.resolve import resolve_target_path
 
         args.target = str(resolve_target_path(args.target))
     if args.data is None:

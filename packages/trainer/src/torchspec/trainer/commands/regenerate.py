@@ -416,7 +416,7 @@ def regenerate_dataset(
     from torchspec.data.tokenization import ConversationEncoder
     from torchspec.trainer.__about__ import __version__
     from torchspec.trainer.loop.training_data import data_source
-    from torchspec.trainer.targets.factory import load_tokenizer, resolve_target_path
+    from torchspec.trainer.targets.resolve import load_tokenizer, resolve_target_path
 
     path = _check_output(output, overwrite)
     m, d = config.model, config.data

@@ -15,6 +15,13 @@ mapping); the counts are what catch that. They agree when both sides count the s
 draft and the same accepted draft tokens, and per draft position at most one count apart (float32
 rounding may flip a near-tie late in a chain, seen once in ~150 rounds, totals still equal).
 
+With ``--server URL --plain-server URL`` the two vLLM runs are servers already running (``vllm
+serve``, with whatever parallelism a large target needs, on any node; ``--print-serve-commands``
+prints their command lines): nothing of the target is loaded here but its tokenizer, and the
+evaluator runs beside them only when the target fits this process (``--no-evaluator`` otherwise).
+The servers' counters come from their ``/metrics``, so they must serve nobody else meanwhile
+(verify refuses counts that include other requests).
+
 Exit status: 0 served, identical outputs and counts agree; 1 served but the outputs differ or the
 counts disagree (each difference printed); 2 not served (the engine's reason is printed). The
 evaluator runs float32, so the verdict needs the engine in float32 too (``--dtype``, the default):
@@ -30,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import zip_longest
 from pathlib import Path
 
-from torchspec.draft_models.errors import cli_main
+from torchspec.draft_models.errors import UserInputError, cli_main
 
 __all__ = [
     "VerifyReport",
@@ -38,6 +45,7 @@ __all__ = [
     "first_differences",
     "json_object",
     "main",
+    "print_serve_commands",
     "verdict",
     "verify_draft",
 ]
@@ -169,11 +177,14 @@ def verify_draft(
     engine_args: dict | None = None,
     engine_python: str | None = None,
     evaluator: bool = True,
+    server: str | None = None,
+    plain_server: str | None = None,
 ) -> VerifyReport:
     """vLLM serving ``target_path`` with and without the draft, and (``evaluator``) the in-process
     evaluator on the same prompts. ``engine_args`` are vLLM's (``tensor_parallel_size``, ...) and
     ``engine_python`` the interpreter of its environment, so a target larger than this process can
-    be verified by the engine alone (``evaluator=False``)."""
+    be verified by the engine alone (``evaluator=False``). ``server`` and ``plain_server``: running vLLM
+    servers of the target with and without the draft, used instead of starting engines here."""
     from transformers import AutoTokenizer
 
     from torchspec.trainer.commands.evaluate import (
@@ -185,23 +196,34 @@ def verify_draft(
     )
     from torchspec.trainer.engine.launch import run_vllm
 
+    if (server is None) != (plain_server is None):
+        raise UserInputError(
+            "verify against running servers needs both --server (the target with the draft) and --plain-server "
+            "(the target alone); --print-serve-commands prints how to start them"
+        )
     require_model_folders(draft_path, target_path)
     if prompts is None:
         tokenizer = AutoTokenizer.from_pretrained(target_path)
         prompts = prompts_from_conversations(data_path, tokenizer, prompt_key, num_prompts)
-    plain = run_vllm(
-        target_path, prompts, max_new_tokens, dtype=dtype, engine_args=engine_args or {}, python=engine_python
-    )
-    served = run_vllm(
-        target_path,
-        prompts,
-        max_new_tokens,
-        draft=draft_path,
-        num_draft_tokens=num_draft_tokens,
-        dtype=dtype,
-        engine_args=engine_args or {},
-        python=engine_python,
-    )
+    if server is not None and plain_server is not None:
+        from torchspec.trainer.engine.served import run_served
+
+        plain = run_served(plain_server, prompts, max_new_tokens, num_draft_tokens=0)
+        served = run_served(server, prompts, max_new_tokens, num_draft_tokens=num_draft_tokens)
+    else:
+        plain = run_vllm(
+            target_path, prompts, max_new_tokens, dtype=dtype, engine_args=engine_args or {}, python=engine_python
+        )
+        served = run_vllm(
+            target_path,
+            prompts,
+            max_new_tokens,
+            draft=draft_path,
+            num_draft_tokens=num_draft_tokens,
+            dtype=dtype,
+            engine_args=engine_args or {},
+            python=engine_python,
+        )
     if evaluator:
         draft, target = load_for_evaluation(draft_path, target_path)
         evaluated = evaluate_prompts(
@@ -270,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify with the engine alone (a target this process cannot load): output and acceptance, "
         "no count comparison",
     )
+    parser.add_argument(
+        "--server", metavar="URL", help="a running vLLM server of the target with this draft (needs --plain-server)"
+    )
+    parser.add_argument("--plain-server", metavar="URL", help="a running vLLM server of the target without a draft")
+    parser.add_argument(
+        "--print-serve-commands",
+        action="store_true",
+        help="print the two `vllm serve` commands --server and --plain-server expect (ports 8000 and 8001), then exit",
+    )
     parser.add_argument("--output", help="JSON report (default: <draft>/engine_verify.json)")
     return parser
 
@@ -284,17 +315,42 @@ def json_object(text: str) -> dict:
     return value
 
 
+def print_serve_commands(args: argparse.Namespace) -> None:
+    """The `vllm serve` commands of the target with the draft (port 8000) and without it (port 8001)."""
+    import torch
+
+    from torchspec.trainer.commands.evaluate import decoding_inputs
+    from torchspec.trainer.engine.fleet import format_command
+    from torchspec.trainer.engine.served import generation_serve_command
+
+    draft, target, *_ = decoding_inputs(args)
+    options = {
+        "dtype": args.dtype,
+        "engine_args": args.engine_args,
+        "on_cpu": not torch.cuda.is_available(),
+        "python": args.engine_python,
+    }
+    with_draft = generation_serve_command(target, draft, num_draft_tokens=args.num_draft_tokens, port=8000, **options)
+    print(format_command(with_draft))
+    print(format_command(generation_serve_command(target, port=8001, **options)))
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     from torchspec.trainer.commands.evaluate import decoding_inputs, write_report
 
     args = build_parser().parse_args(argv)
+    if args.print_serve_commands:
+        print_serve_commands(args)
+        return 0
     report = verify_draft(
         *decoding_inputs(args),
         args.dtype,
         engine_args=args.engine_args,
         engine_python=args.engine_python,
         evaluator=not args.no_evaluator,
+        server=args.server,
+        plain_server=args.plain_server,
     )
     problems = verdict(report)
     record = {**asdict(report), "counts_agree": report.counts_agree, "verdict": problems}

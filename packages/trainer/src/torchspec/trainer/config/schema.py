@@ -80,14 +80,30 @@ class TargetConfig:
     engine_devices: str | None = None  # vllm: CUDA_VISIBLE_DEVICES of the engine, e.g. "4,5,6,7"
     # vllm: the python of the environment vLLM is installed in (null: $TORCHSPEC_ENGINE_PYTHON, else this one)
     engine_python: str | None = None
-    prefetch_batches: int = 2  # vllm: global batches the engine works ahead of the draft
+    prefetch_batches: int = 2  # vllm, fleet: global batches the engines work ahead of the draft
+    # vllm, fleet: the states asked for and not trained on yet, per rank, stay within this many GiB
+    # (the batch being trained is always asked for; null: prefetch_batches alone bounds them)
+    prefetch_gib: float | None = 4.0
     engine_timeout_s: float = 900.0  # vllm: longest wait for the engine to start or answer
     dump_dir: str | None = None  # dump (and dump-states' output): the hidden-state dump folder
     # fleet: the states servers' URLs, e.g. [http://node1:8000, http://node2:8000] (`trainer serve-command`)
     servers: list[str] = field(default_factory=list)
-    # fleet: the folder the servers write states to (shared by servers and trainer ranks)
+    # fleet: how states travel from the servers to the ranks: file (target.states_dir, a folder both
+    # see) | mooncake (a Mooncake store over TCP or RDMA, no shared file system: target.mooncake)
+    transport: Literal["file", "mooncake"] = "file"
+    # fleet, transport file: the folder the servers write states to (shared by servers and trainer ranks)
     states_dir: str | None = None
+    # fleet, transport mooncake: the store, as hs-connectors' MooncakeStoreConfig keys
+    # (master_server_address, protocol, device_name, global_segment_size, local_buffer_size, ...)
+    mooncake: dict[str, Any] = field(default_factory=dict)
     request_timeout_s: float = 120.0  # fleet: a server silent this long on one request is set aside
+    # fleet: states servers the trainer starts on each node (its local rank 0), serving that node's
+    # ranks, and starts again when they exit (0: the servers in target.servers, started by you)
+    start_servers: int = 0
+    server_devices: list[str] = field(default_factory=list)  # fleet: CUDA_VISIBLE_DEVICES of each started server
+    server_port: int = 8100  # fleet: started server i listens on 127.0.0.1:(server_port + i)
+    # vllm, fleet with start_servers: times an engine the trainer started is started again after it exits
+    max_engine_restarts: int = 3
 
 
 @dataclass

@@ -81,8 +81,11 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
     positive("training", "early_stop_patience", t.early_stop_patience)
     positive("data", "max_seq_length", d.max_seq_length)
     positive("target", "prefetch_batches", config.target.prefetch_batches, allow_zero=True)
+    positive("target", "prefetch_gib", config.target.prefetch_gib)
     positive("target", "engine_timeout_s", config.target.engine_timeout_s)
     positive("target", "request_timeout_s", config.target.request_timeout_s)
+    _check_started_servers(config, where)
+    _check_transport(config, where)
     if config.target.backend == "dump" and config.target.dump_dir is None:
         raise ConfigError(
             f"target.backend is dump but target.dump_dir is not set{where}; set it to the folder "
@@ -125,3 +128,53 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
             f"checkpoint.resume and checkpoint.continual_training are both set{where}; resume continues a run, "
             "continual_training starts a new one from its weights: keep one"
         )
+
+
+# hs-connectors 0.9's MooncakeStoreConfig fields; local_hostname is each process's own address.
+_MOONCAKE_KEYS = (
+    "master_server_address",
+    "metadata_server",
+    "protocol",
+    "device_name",
+    "global_segment_size",
+    "local_buffer_size",
+    "num_writer_threads",
+    "local_hostname",
+)
+
+
+def _check_transport(config: TrainConfig, where: str) -> None:
+    t = config.target
+    if t.transport == "mooncake" and t.backend != "fleet":
+        raise ConfigError(f"target.transport=mooncake{where} applies to target.backend=fleet, not {t.backend}")
+    unknown = sorted(set(t.mooncake) - set(_MOONCAKE_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"target.mooncake{where} has unknown keys {unknown}; the store takes {', '.join(_MOONCAKE_KEYS)}"
+        )
+
+
+def _check_started_servers(config: TrainConfig, where: str) -> None:
+    t = config.target
+    for name in ("start_servers", "max_engine_restarts"):
+        value = getattr(t, name)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"target.{name}{where} must be a whole number >= 0, got {value}")
+    if not t.start_servers:
+        return
+    if t.backend != "fleet":
+        raise ConfigError(
+            f"target.start_servers{where} applies to target.backend=fleet, not {t.backend}; set target.backend=fleet"
+        )
+    if t.servers:
+        raise ConfigError(
+            f"target.start_servers and target.servers are both set{where}: the trainer either starts its servers "
+            "or uses yours; keep one"
+        )
+    if t.server_devices and len(t.server_devices) != t.start_servers:
+        raise ConfigError(
+            f"target.server_devices{where} lists {len(t.server_devices)} device groups for target.start_servers="
+            f"{t.start_servers}; give one CUDA_VISIBLE_DEVICES value per server"
+        )
+    if not 0 < t.server_port <= 65536 - t.start_servers:
+        raise ConfigError(f"target.server_port{where} must leave room for {t.start_servers} ports, got {t.server_port}")

@@ -19,25 +19,26 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from torchspec.trainer.engine.launch import EngineError, engine_environment, is_mla_model
+from torchspec.trainer.deprecated_paths import moved_names_getattr
+from torchspec.trainer.engine.http import get_json, post_json
+from torchspec.trainer.engine.launch import EngineError, is_mla_model
 
 __all__ = [
     "FleetReply",
     "format_command",
+    "mooncake_local_hostname",
+    "states_transfer_config",
     "ServerFleet",
-    "VllmServer",
     "serve_command",
+    "vllm_server_command",
     "served_model_name",
 ]
 
@@ -62,58 +63,87 @@ def _layers_of(name: str) -> list[int] | None:
         return None
 
 
+def mooncake_local_hostname() -> str:
+    """The address this process's Mooncake client is reached at: ``$MOONCAKE_LOCAL_HOSTNAME``, else
+    the address the host's name resolves to (hs-connectors' rule)."""
+    import socket
+
+    return os.environ.get("MOONCAKE_LOCAL_HOSTNAME") or socket.gethostbyname(socket.gethostname())
+
+
+def states_transfer_config(transport: str, states_dir: str | os.PathLike | None, mooncake: dict | None) -> dict:
+    """The KV-transfer config that has a states server hand states over by ``transport``: ``file``
+    (one safetensors file per request in ``states_dir``) or ``mooncake`` (one object per request in
+    the Mooncake store ``mooncake`` describes: hs-connectors' ``MooncakeStoreConfig`` keys)."""
+    if transport == "mooncake":
+        return {
+            "kv_connector": "HostMooncakeHiddenStatesConnector",
+            "kv_connector_module_path": "torchspec.trainer.engine.mooncake_connector",
+            "kv_role": "kv_producer",
+            "kv_connector_extra_config": {"mooncake": dict(mooncake or {})},
+        }
+    return {
+        "kv_connector": "HostHiddenStatesConnector",
+        "kv_connector_module_path": "torchspec.trainer.engine.connector",
+        "kv_role": "kv_producer",
+        "kv_connector_extra_config": {"shared_storage_path": str(states_dir)},
+    }
+
+
 def serve_command(
     target: str | os.PathLike,
     layer_ids: list[int],
-    states_dir: str | os.PathLike,
+    states_dir: str | os.PathLike | None,
     *,
+    transport: str = "file",
+    mooncake: dict | None = None,
+    engine_args: dict[str, Any] | None = None,
+    **server_options: Any,
+) -> list[str]:
+    """The command that starts one states server for a training config (``server_options``:
+    :func:`vllm_server_command`'s port, host, dtype, max_model_len, on_cpu, python)."""
+    speculative = {
+        "method": "extract_hidden_states",
+        "num_speculative_tokens": 1,
+        "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(layer_ids)}},
+    }
+    transfer = states_transfer_config(transport, states_dir, mooncake)
+    return vllm_server_command(
+        target,
+        served_name=served_model_name(layer_ids),
+        options=["--skip-tokenizer-init", "--speculative-config", json.dumps(speculative)],
+        engine_args={**(engine_args or {}), "kv_transfer_config": transfer},
+        has_mla=is_mla_model(target),
+        **server_options,
+    )
+
+
+def vllm_server_command(
+    model: str | os.PathLike,
+    *,
+    served_name: str | None = None,
+    options: Sequence[str] = (),
     port: int = 8000,
     host: str = "127.0.0.1",
     dtype: str = "bfloat16",
     max_model_len: int = 4096,
     engine_args: dict[str, Any] | None = None,
     on_cpu: bool = False,
+    has_mla: bool = False,
     python: str | None = None,
 ) -> list[str]:
-    """The command that starts one states server for a training config (``python -m`` of vLLM's
-    OpenAI server, which every vLLM build has; ``vllm serve`` takes the same arguments)."""
-    speculative = {
-        "method": "extract_hidden_states",
-        "num_speculative_tokens": 1,
-        "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(layer_ids)}},
-    }
-    transfer = {
-        "kv_connector": "HostHiddenStatesConnector",
-        "kv_connector_module_path": "torchspec.trainer.engine.connector",
-        "kv_role": "kv_producer",
-        "kv_connector_extra_config": {"shared_storage_path": str(states_dir)},
-    }
-    command = [
-        python or sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(target),
-        "--served-model-name",
-        served_model_name(layer_ids),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--dtype",
-        dtype,
-        "--max-model-len",
-        str(max_model_len),
-        "--skip-tokenizer-init",
-        "--speculative-config",
-        json.dumps(speculative),
-        "--kv-transfer-config",
-        json.dumps(transfer),
-    ]
+    """A vLLM OpenAI server's command line (``python -m`` of vLLM's API server, which every vLLM
+    build has; ``vllm serve`` takes the same arguments) with this project's CPU settings;
+    ``engine_args`` become flags (``tensor_parallel_size: 8`` -> ``--tensor-parallel-size 8``)."""
+    command = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    if served_name is not None:
+        command += ["--served-model-name", served_name]
+    command += ["--host", host, "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len)]
+    command += list(options)
     args = dict(engine_args or {})
     if on_cpu:
         args.setdefault("enforce_eager", True)  # compiling costs more than it saves on prefills on CPU
-        if is_mla_model(target):  # vLLM's CPU rotary kernel mis-rotates MLA (docs/vllm-cpu-mla-rope.md)
+        if has_mla:  # vLLM's CPU rotary kernel mis-rotates MLA (docs/vllm-cpu-mla-rope.md)
             from torchspec.trainer.engine.worker import cpu_mla_compilation_config
 
             args["compilation_config"] = cpu_mla_compilation_config(args.get("compilation_config"))
@@ -139,6 +169,7 @@ class FleetReply:
     server: str
     kv_transfer_params: dict[str, Any]
     prompt_token_ids: list[int] | None = None
+    failures_before: int = 0  # the server's failures when it answered (see ServerFleet.failed_since)
 
 
 @dataclass
@@ -148,6 +179,7 @@ class _Server:
     set_aside_until: float = 0.0
     last_error: str = ""
     answered: int = 0
+    failures: int = 0  # requests it refused or failed, and answers found unusable
 
 
 @dataclass
@@ -159,6 +191,7 @@ class ServerFleet:
     timeout_s: float = 900.0  # longest time without any server answering
     request_timeout_s: float = 120.0  # a server silent this long on one request is set aside
     max_workers: int = 16
+    reply_key: str = "hidden_states_path"  # what kv_transfer_params carry with this transport
     _servers: list[_Server] = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     _pool: ThreadPoolExecutor = field(init=False)
@@ -177,7 +210,7 @@ class ServerFleet:
         not. A server that cannot be reached yet is left to the requests' retries."""
         for server in self._servers:
             try:
-                models = self._get_json(server.url + "/v1/models", timeout=self.request_timeout_s)
+                models = get_json(server.url + "/v1/models", timeout=self.request_timeout_s)
             except OSError:
                 continue
             names = [entry.get("id", "") for entry in models.get("data", [])]
@@ -225,9 +258,9 @@ class ServerFleet:
                 time.sleep(0.2)
                 continue
             try:
-                reply = self._post_json(server.url + "/v1/completions", body, timeout=self.request_timeout_s)
+                reply = post_json(server.url + "/v1/completions", body, timeout=self.request_timeout_s)
                 params = reply.get("kv_transfer_params") or {}
-                if "hidden_states_path" not in params:
+                if self.reply_key not in params:
                     raise EngineError(
                         f"the server {server.url} returned no hidden states (kv_transfer_params: {params}); "
                         "start it with the command `trainer serve-command` prints"
@@ -235,11 +268,13 @@ class ServerFleet:
                 choices = reply.get("choices") or [{}]
                 with self._lock:
                     server.answered += 1
-                return FleetReply(server.url, params, choices[0].get("prompt_token_ids"))
+                    failures = server.failures
+                return FleetReply(server.url, params, choices[0].get("prompt_token_ids"), failures)
             except (OSError, ValueError) as err:  # refused, reset, timed out, 5xx, bad JSON: try another
                 with self._lock:
                     server.set_aside_until = time.monotonic() + _RETRY_AFTER_S
                     server.last_error = _one_line(err)
+                    server.failures += 1
                 if time.monotonic() > deadline:
                     raise EngineError(self._all_gone()) from None
             finally:
@@ -253,6 +288,20 @@ class ServerFleet:
                 if server.url == url:
                     server.set_aside_until = time.monotonic() + _RETRY_AFTER_S
                     server.last_error = reason
+                    server.failures += 1
+
+    def failed_since(self, reply: FleetReply) -> bool:
+        """Whether the server that gave ``reply`` has failed since (it may have died, and with it
+        the states it had not handed over yet), or does not answer now."""
+        with self._lock:
+            server = next(s for s in self._servers if s.url == reply.server)
+            if server.failures != reply.failures_before:
+                return True
+        try:
+            get_json(reply.server + "/v1/models", timeout=5)
+            return False
+        except (OSError, ValueError):
+            return True
 
     def _all_gone(self) -> str:
         reasons = "; ".join(f"{s.url}: {s.last_error or 'no answer'}" for s in self._servers)
@@ -269,81 +318,11 @@ class ServerFleet:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    @staticmethod
-    def _get_json(url: str, timeout: float) -> dict[str, Any]:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return json.loads(response.read())
-
-    @staticmethod
-    def _post_json(url: str, body: bytes, timeout: float) -> dict[str, Any]:
-        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")[:300]
-            raise OSError(f"HTTP {err.code}: {detail}") from None
-
 
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text}"[:300]
 
 
-class VllmServer:
-    """One states server started here as a child process (tests, single-node runs); stopped on
-    :meth:`stop` or when the object is used as a context manager."""
-
-    def __init__(self, command: list[str], log_path: str | os.PathLike, url: str, start_timeout_s: float = 600):
-        self.command, self.url, self.log_path = command, url, Path(log_path)
-        env = engine_environment()
-        if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:  # the in-process default is the worker's
-            del env["VLLM_ENABLE_V1_MULTIPROCESSING"]  # a server steps its engine core in its own process
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        deadline = time.monotonic() + start_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._log.close()
-                raise EngineError(
-                    f"the states server {url} exited (code {self.process.returncode}) before it was ready "
-                    f"(log: {self.log_path})"
-                )
-            try:
-                ServerFleet._get_json(url + "/v1/models", timeout=5)
-                return
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise EngineError(
-            f"the states server {url} was not ready within {start_timeout_s:.0f} s (log: {self.log_path})"
-        )
-
-    def kill(self) -> None:
-        """SIGKILL the whole server (its engine core too), as a crash would."""
-        import signal
-
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-
-    def stop(self) -> None:
-        import signal
-
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                self.kill()
-        self._log.close()
-
-    def __enter__(self) -> VllmServer:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+# Names that lived here before torchspec-trainer 0.10.0.
+__getattr__ = moved_names_getattr(__name__, "torchspec.trainer.engine.servers", ("VllmServer",), "0.10.0")

@@ -376,6 +376,11 @@ class EngineWorker:
     def scratch_dir(self) -> Path:
         return self._scratch
 
+    @property
+    def running(self) -> bool:
+        """Whether the engine process is still there (False once it ended or was closed)."""
+        return self._process.poll() is None
+
     def close(self) -> None:
         """Stop the engine and remove its scratch files. Requests still unanswered (batches asked
         for ahead of a run's last step) are abandoned: the engine is terminated rather than left

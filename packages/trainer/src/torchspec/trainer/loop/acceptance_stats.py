@@ -14,7 +14,10 @@ each prompt, the number of accepted draft tokens in each verification round. Fro
   fixed, so a report is reproducible.
 
 :func:`ratio_interval` and :func:`bootstrap_replicates` are the same computation for any per-prompt
-numerator and denominator (e.g. accepted tokens over drafted tokens). Prompts without a round (a
+numerator and denominator (e.g. accepted tokens over drafted tokens). :func:`paired_difference_interval`
+compares two drafts measured on the same prompts: the prompts are resampled once for both, so the
+interval of the difference excludes what the prompts share (a hard prompt is hard for both drafts)
+and is narrower than two separate intervals suggest. Prompts without a round (a
 generation that ended before the first verification) add nothing to either sum and are left out of
 the resampling. :func:`summarize` bundles everything in one record.
 """
@@ -33,6 +36,7 @@ __all__ = [
     "acceptance_length",
     "bootstrap_interval",
     "bootstrap_replicates",
+    "paired_difference_interval",
     "position_acceptance",
     "ratio_interval",
     "summarize",
@@ -93,16 +97,21 @@ def bootstrap_replicates(
     kept = [(n, d) for n, d in zip(numerators, denominators) if d != 0]
     if not kept:
         return torch.full((resamples,), math.nan, dtype=torch.float64)
-    num = torch.tensor([n for n, _ in kept], dtype=torch.float64)
-    den = torch.tensor([d for _, d in kept], dtype=torch.float64)
-    count = len(kept)
+    sums = _resampled_sums(torch.tensor(kept, dtype=torch.float64), resamples, seed)
+    return sums[:, 0] / sums[:, 1]
+
+
+def _resampled_sums(columns: torch.Tensor, resamples: int, seed: int) -> torch.Tensor:
+    """Column sums of ``columns`` ``[prompts, c]`` over ``resamples`` draws of its rows with
+    replacement: ``[resamples, c]``. Every column of a draw sums the same rows."""
+    count = columns.shape[0]
     generator = torch.Generator().manual_seed(seed)
     block = max(1, _BLOCK_ELEMENTS // count)
-    values = []
+    sums = []
     for start in range(0, resamples, block):
         picks = torch.randint(0, count, (min(block, resamples - start), count), generator=generator)
-        values.append(num[picks].sum(dim=1) / den[picks].sum(dim=1))
-    return torch.cat(values)
+        sums.append(columns[picks].sum(dim=1))
+    return torch.cat(sums)
 
 
 def ratio_interval(
@@ -139,6 +148,32 @@ def bootstrap_interval(
         resamples=resamples,
         seed=seed,
     )
+
+
+def paired_difference_interval(
+    first: Sequence[Sequence[int]],
+    second: Sequence[Sequence[int]],
+    confidence: float = 0.95,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval of ``acceptance_length(second) - acceptance_length(first)``,
+    where ``first[i]`` and ``second[i]`` are two drafts' rounds on the same prompt ``i``: each
+    resample draws prompts with replacement and recomputes both ratios of sums on the same draw."""
+    if len(first) != len(second):
+        raise ValueError(f"{len(first)} and {len(second)} prompts: the two drafts must be measured on the same prompts")
+    _check([0.0] * len(first), [0.0] * len(second), confidence, resamples)
+    if sum(len(p) for p in first) == 0 or sum(len(p) for p in second) == 0:
+        return Interval(math.nan, math.nan, confidence, resamples, seed, 0)
+    columns = torch.tensor(
+        [[sum(a) + len(a), len(a), sum(b) + len(b), len(b)] for a, b in zip(first, second)], dtype=torch.float64
+    )
+    sums = _resampled_sums(columns, resamples, seed)
+    replicates = sums[:, 2] / sums[:, 3] - sums[:, 0] / sums[:, 1]
+    replicates = replicates[~replicates.isnan()]  # a draw where one draft had no round at all
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(replicates, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return Interval(low, high, confidence, resamples, seed, len(first))
 
 
 @dataclass(frozen=True)

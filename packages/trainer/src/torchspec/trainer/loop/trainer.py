@@ -52,14 +52,9 @@ from torchspec.trainer.loop.states import LRScheduleState, ModelState, Optimizer
 from torchspec.trainer.loop.step import DraftStep
 from torchspec.trainer.loop.training_data import VOCAB_MAPPING_FILE, load_training_data, run_vocab_mapping
 from torchspec.trainer.targets.contract import ServedTarget
-from torchspec.trainer.targets.factory import (
-    backend_name,
-    build_target,
-    load_tokenizer,
-    resolve_dtype,
-    resolve_target_path,
-)
+from torchspec.trainer.targets.factory import backend_name, build_target
 from torchspec.trainer.targets.in_process import TargetModel
+from torchspec.trainer.targets.resolve import load_tokenizer, resolve_dtype, resolve_target_path
 
 __all__ = ["TrainResult", "Trainer"]
 
@@ -142,7 +137,10 @@ class Trainer:
         except UserInputError as err:
             raise ConfigError(f"training.global_batch_size: {err}") from None
         if isinstance(self.target, ServedTarget) and self.target.prefetches:  # computed while the draft trains
-            self.loader = PrefetchingLoader(self.loader, self.target, config.target.prefetch_batches)
+            gib = config.target.prefetch_gib
+            self.loader = PrefetchingLoader(
+                self.loader, self.target, config.target.prefetch_batches, None if gib is None else gib * 2**30
+            )
         self.total_steps = t.max_steps or t.num_epochs * self.loader.steps_per_epoch
         sched = config.lr_schedule
         warmup = warmup_steps_for(self.total_steps, sched.warmup_steps, sched.warmup_ratio)

@@ -95,6 +95,13 @@ class ServedTarget:
     def prefetch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Ask for a batch's states without waiting; calling the target on it later collects them."""
 
+    def state_bytes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        """Bytes of a batch's states as they are handed over: the aux layers and the last layer for
+        each of its tokens (padding is not sent), in the target's dtype."""
+        layers = len(self.aux_layer_ids) + 1
+        element = self.lm_head_weight.element_size()
+        return int(attention_mask.sum()) * layers * self.hidden_size * element
+
     def discard_pending(self) -> None:
         """Drop the states asked for ahead (a resume changes what comes next)."""
 

@@ -14,8 +14,11 @@ behind.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,13 @@ import torch
 from torchspec.draft_models.aux_layers import validate_aux_layer_ids
 from torchspec.draft_models.errors import UserInputError
 from torchspec.trainer.config import ConfigError
-from torchspec.trainer.engine.launch import EngineWorker, check_engine_dtype
+from torchspec.trainer.engine.launch import EngineError, EngineWorker, check_engine_dtype
 from torchspec.trainer.targets.contract import ServedTarget, TargetOutput, batch_key, states_to_output, unpadded_rows
 from torchspec.trainer.targets.head import TargetHead
 
 __all__ = ["EngineTarget", "vllm_layer_ids"]
+
+logger = logging.getLogger(__name__)
 
 
 def vllm_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
@@ -41,18 +46,39 @@ def vllm_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
     return [*aux_layer_ids, num_layers]
 
 
+@dataclass
+class _Request:
+    """One micro-batch asked of the engine: what to send again if the engine has to be restarted."""
+
+    rows: list[list[int]]
+    width: int
+    out: Path = Path()
+    request_id: int = -1
+
+
 class EngineTarget(ServedTarget):
     """The target on a vLLM engine: the trainer's target interface (shape facts, head weights, a
     call that returns a ``TargetOutput``) over an :class:`EngineWorker`.
 
     ``prefetch(batch)`` asks the engine for a batch's states without waiting; calling the target
-    on that batch later collects them (or asks and waits, for a batch nobody prefetched).
+    on that batch later collects them (or asks and waits, for a batch nobody prefetched). An engine
+    process that ends is started again (``start_worker``, up to ``max_restarts`` times) and asked
+    again for every batch it had not answered.
     """
 
-    def __init__(self, head: TargetHead, worker: EngineWorker, aux_layer_ids: list[int]):
+    def __init__(
+        self,
+        head: TargetHead,
+        worker: EngineWorker,
+        aux_layer_ids: list[int],
+        *,
+        start_worker: Callable[[], EngineWorker] | None = None,
+        max_restarts: int = 0,
+    ):
         super().__init__(head, aux_layer_ids)
         self.worker = worker
-        self._pending: dict[str, deque[tuple[int, Path, int]]] = {}
+        self._start_worker, self.max_restarts, self.restarts = start_worker, max_restarts, 0
+        self._pending: dict[str, deque[_Request]] = {}
         self._files = 0
 
     @classmethod
@@ -64,6 +90,7 @@ class EngineTarget(ServedTarget):
         device: torch.device | str,
         *,
         max_seq_length: int,
+        max_restarts: int = 0,
         **worker_options: Any,
     ) -> EngineTarget:
         """Read the head from ``path``, check the aux layer ids, then start the engine
@@ -71,14 +98,25 @@ class EngineTarget(ServedTarget):
         head = TargetHead.from_pretrained(path, dtype, device, worker_options.get("trust_remote_code", False))
         check_engine_dtype(head.config, dtype)
         aux = head.validate_aux_layer_ids(aux_layer_ids)
-        worker = EngineWorker(
-            path,
-            layer_ids=vllm_layer_ids(aux, head.num_layers),
-            dtype=str(dtype).removeprefix("torch."),
-            max_model_len=max_seq_length + 2,  # the prompt and the one token generated
-            **worker_options,
-        )
-        return cls(head, worker, aux)
+
+        starts = 0
+
+        def start_worker() -> EngineWorker:
+            nonlocal starts
+            options = dict(worker_options)
+            log_path = options.get("log_path")
+            if starts and log_path is not None:  # the log of the engine that ended stays as it was
+                options["log_path"] = Path(log_path).with_suffix(f".restart-{starts}.log")
+            starts += 1
+            return EngineWorker(
+                path,
+                layer_ids=vllm_layer_ids(aux, head.num_layers),
+                dtype=str(dtype).removeprefix("torch."),
+                max_model_len=max_seq_length + 2,  # the prompt and the one token generated
+                **options,
+            )
+
+        return cls(head, start_worker(), aux, start_worker=start_worker, max_restarts=max_restarts)
 
     prefetches = True
 
@@ -86,11 +124,48 @@ class EngineTarget(ServedTarget):
         self._ask(input_ids, attention_mask)
 
     def _ask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        out = self.worker.scratch_dir / "batches" / f"{self._files}.safetensors"
-        self._files += 1
-        request_id = self.worker.send("extract", prompts=unpadded_rows(input_ids, attention_mask), out=str(out))
-        key = batch_key(input_ids, attention_mask)
-        self._pending.setdefault(key, deque()).append((request_id, out, input_ids.shape[1]))
+        request = _Request(unpadded_rows(input_ids, attention_mask), input_ids.shape[1])
+        self._send(request)
+        self._pending.setdefault(batch_key(input_ids, attention_mask), deque()).append(request)
+
+    def _send(self, request: _Request) -> None:
+        while True:
+            request.out = self.worker.scratch_dir / "batches" / f"{self._files}.safetensors"
+            self._files += 1
+            try:
+                request.request_id = self.worker.send("extract", prompts=request.rows, out=str(request.out))
+                return
+            except EngineError as err:
+                self._restart_or_raise(err)
+
+    def _collect(self, request: _Request) -> None:
+        while True:
+            try:
+                self.worker.reply(request.request_id)
+                return
+            except EngineError as err:
+                self._restart_or_raise(err)
+                self._send(request)  # not among the pending ones: it was taken for training
+
+    def _restart_or_raise(self, err: EngineError) -> None:
+        """Start the engine again after its process ended, and ask it again for every batch pending;
+        anything else (a failed request, no restarts left) is raised."""
+        if self.worker.running or self._start_worker is None or self.restarts >= self.max_restarts:
+            raise err
+        self.restarts += 1
+        pending = [request for requests in self._pending.values() for request in requests]
+        logger.warning(
+            "%s; starting the engine again (restart %d of at most %d, target.max_engine_restarts) and asking it "
+            "again for the %d micro-batches it had",
+            err,
+            self.restarts,
+            self.max_restarts,
+            len(pending),
+        )
+        self.worker.close()
+        self.worker = self._start_worker()
+        for request in pending:
+            self._send(request)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TargetOutput:
         if attention_mask is None:
@@ -98,11 +173,11 @@ class EngineTarget(ServedTarget):
         key = batch_key(input_ids, attention_mask)
         if not self._pending.get(key):
             self._ask(input_ids, attention_mask)
-        request_id, path, width = self._pending[key].popleft()
+        request = self._pending[key].popleft()
         if not self._pending[key]:
             del self._pending[key]
-        self.worker.reply(request_id)
-        return self._load(path, width, input_ids.device)
+        self._collect(request)
+        return self._load(request.out, request.width, input_ids.device)
 
     def _load(self, path: Path, width: int, device: torch.device) -> TargetOutput:
         from safetensors.torch import load_file
@@ -114,11 +189,13 @@ class EngineTarget(ServedTarget):
 
     def discard_pending(self) -> None:
         """Collect and delete the states of every prefetched batch (a resume changes what comes next)."""
-        for entries in self._pending.values():
-            for request_id, path, _ in entries:
-                self.worker.reply(request_id)
-                path.unlink(missing_ok=True)
-        self._pending.clear()
+        while self._pending:
+            key = next(iter(self._pending))
+            request = self._pending[key].popleft()
+            if not self._pending[key]:
+                del self._pending[key]
+            self._collect(request)
+            request.out.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.worker.close()

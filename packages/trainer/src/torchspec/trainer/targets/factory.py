@@ -6,21 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from torchspec.draft_models.config import DTYPES
 from torchspec.trainer.config import ConfigError, TrainConfig
+from torchspec.trainer.deprecated_paths import moved_names_getattr
 from torchspec.trainer.distributed.process_group import DistributedContext
 from torchspec.trainer.targets.contract import ServedTarget
 from torchspec.trainer.targets.in_process import TargetModel
+from torchspec.trainer.targets.resolve import resolve_dtype
 
-__all__ = ["backend_name", "build_target", "load_tokenizer", "resolve_dtype", "resolve_target_path"]
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+__all__ = ["backend_name", "build_target"]
 
 
 def backend_name(config: TrainConfig) -> str:
@@ -30,7 +23,10 @@ def backend_name(config: TrainConfig) -> str:
     if backend == "dump":
         return f"the dump {config.target.dump_dir}"
     if backend == "fleet":
-        return f"{len(config.target.servers)} states servers (target.backend=fleet)"
+        t = config.target
+        if t.start_servers:
+            return f"{t.start_servers} states servers per node started by the trainer (target.start_servers)"
+        return f"{len(t.servers)} states servers (target.backend=fleet)"
     return "transformers in this process"
 
 
@@ -55,16 +51,29 @@ def build_target(config: TrainConfig, path: Path, ctx: DistributedContext) -> Ta
     if backend.backend == "fleet":
         from torchspec.trainer.targets.fleet import FleetTarget
 
-        return FleetTarget.connect(
-            path,
-            m.aux_layer_ids,
-            dtype,
-            ctx.device,
-            servers=list(backend.servers),
-            timeout_s=backend.engine_timeout_s,
-            request_timeout_s=backend.request_timeout_s,
-            trust_remote_code=m.trust_remote_code,
-        )
+        servers, supervisor = list(backend.servers), None
+        if backend.start_servers:
+            from torchspec.trainer.targets.fleet_servers import start_node_servers
+
+            servers, supervisor = start_node_servers(config, ctx.local_rank)
+        try:
+            return FleetTarget.connect(
+                path,
+                m.aux_layer_ids,
+                dtype,
+                ctx.device,
+                servers=servers,
+                timeout_s=backend.engine_timeout_s,
+                request_timeout_s=backend.request_timeout_s,
+                trust_remote_code=m.trust_remote_code,
+                supervisor=supervisor,
+                transport=backend.transport,
+                mooncake=backend.mooncake,
+            )
+        except BaseException:
+            if supervisor is not None:
+                supervisor.close()
+            raise
     if ctx.world_size > 1:
         raise ConfigError(
             f"target.backend=vllm trains on one process (this run has {ctx.world_size}); for several ranks serve the "
@@ -80,36 +89,13 @@ def build_target(config: TrainConfig, path: Path, ctx: DistributedContext) -> Ta
         dtype,
         ctx.device,
         max_seq_length=config.data.max_seq_length,
+        max_restarts=backend.max_engine_restarts,
         log_path=Path(t.output_dir) / "engine.log" if ctx.is_main else None,
         **engine_options(config),
     )
 
 
-def resolve_target_path(path: str) -> Path:
-    """``model.target_model_path`` as a folder: a built-in target's (built once, then cached), or ``path``."""
-    if path.startswith("builtin:"):
-        from torchspec.trainer.commands.default_assets import BUILTIN_TARGETS, ensure_builtin_target
-
-        if path not in BUILTIN_TARGETS:
-            raise ConfigError(
-                f"model.target_model_path {path} is not a built-in target; use one of {', '.join(BUILTIN_TARGETS)} "
-                "or a local Hugging Face folder"
-            )
-        return ensure_builtin_target(path)
-    return Path(path)
-
-
-def load_tokenizer(path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(
-            f"tokenizer folder {path} does not exist; set model.tokenizer_path or model.target_model_path"
-        )
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"no usable tokenizer in {path} ({str(err).splitlines()[0]}); set model.tokenizer_path"
-        ) from err
+# Names that lived here before torchspec-trainer 0.10.0.
+__getattr__ = moved_names_getattr(
+    __name__, "torchspec.trainer.targets.resolve", ("load_tokenizer", "resolve_dtype", "resolve_target_path"), "0.10.0"
+)
