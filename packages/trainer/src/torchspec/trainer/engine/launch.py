@@ -84,6 +84,10 @@ class EngineRun:
     accepted_per_position: list[int] = field(default_factory=list)
     engine_version: str = ""
     seconds: float = 0.0
+    # Per prompt, where the engine reports them (a server with --per-request-spec-decode-metrics):
+    # rounds with a draft, and draft tokens accepted.
+    prompt_rounds: list[int] = field(default_factory=list)
+    prompt_accepted: list[int] = field(default_factory=list)
 
     @property
     def acceptance_length(self) -> float:

@@ -3,7 +3,8 @@ of a draft: the target served with the draft, and without it.
 
 :func:`run_served` sends every prompt at once as token ids (greedy, exactly ``max_new_tokens``
 tokens, EOS ignored, as :func:`~torchspec.trainer.engine.launch.run_vllm` decodes) and reads the
-server's speculative-decoding counters from its Prometheus ``/metrics`` before and after. The
+server's speculative-decoding counters from its Prometheus ``/metrics`` before and after (and each
+prompt's own counts where the server reports them: ``--per-request-spec-decode-metrics summary``). The
 counters are the server's totals, so the server must serve nobody else meanwhile: the generated
 tokens it counts must be exactly the ones asked for, or the run is refused rather than reported.
 """
@@ -118,7 +119,7 @@ def run_served(
         )
     started = time.perf_counter()
 
-    def generate(prompt: list[int]) -> list[int]:
+    def generate(prompt: list[int]) -> tuple[list[int], dict[str, Any] | None]:
         body = {
             "model": names[0],
             "prompt": prompt,
@@ -134,10 +135,12 @@ def run_served(
         tokens = (reply.get("choices") or [{}])[0].get("token_ids")
         if tokens is None:
             raise EngineError(f"the vLLM server {url} returned no token ids (vLLM too old for return_token_ids?)")
-        return list(tokens)
+        return list(tokens), (reply.get("metrics") or {}).get("speculative_decoding")
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(prompts), 64))) as pool:  # all at once, as served
-        outputs = list(pool.map(generate, prompts))
+        replies = list(pool.map(generate, prompts))
+    outputs = [tokens for tokens, _ in replies]
+    per_prompt = [stats for _, stats in replies]
     seconds = time.perf_counter() - started
     expected = sum(len(tokens) for tokens in outputs)
     deadline = time.monotonic() + _SETTLE_S
@@ -160,10 +163,13 @@ def run_served(
         version = str(get_json(url + "/version", timeout=30).get("version", ""))
     except (OSError, ValueError):
         version = ""
+    reported = all(stats is not None for stats in per_prompt) and bool(per_prompt)
     return EngineRun(
         outputs=outputs,
         engine_version=version or "(version unknown)",
         seconds=seconds,
         accepted_per_position=per_position,
+        prompt_rounds=[int(stats["num_spec_steps"]) for stats in per_prompt] if reported else [],  # type: ignore[index]
+        prompt_accepted=[int(stats["num_accepted_draft_tokens"]) for stats in per_prompt] if reported else [],  # type: ignore[index]
         **delta,
     )

@@ -68,8 +68,8 @@ def wait_until_serving(urls: list[str], timeout_s: float) -> None:
 
 class VllmServer:
     """One vLLM server started here as a child process; stopped on :meth:`stop` or when used as a
-    context manager. ``devices``: its ``CUDA_VISIBLE_DEVICES``. ``wait``: return once it answers
-    (else call :meth:`wait_ready`)."""
+    context manager. ``devices``: its ``CUDA_VISIBLE_DEVICES``; ``env``: more environment variables.
+    ``wait``: return once it answers (else call :meth:`wait_ready`)."""
 
     def __init__(
         self,
@@ -79,10 +79,11 @@ class VllmServer:
         start_timeout_s: float = 600,
         *,
         devices: str | None = None,
+        env: dict[str, str] | None = None,
         wait: bool = True,
     ):
         self.command, self.url, self.log_path = command, url.rstrip("/"), Path(log_path)
-        self.start_timeout_s, self.devices = start_timeout_s, devices
+        self.start_timeout_s, self.devices, self.env = start_timeout_s, devices, dict(env or {})
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
         self.process = self._spawn()
@@ -95,6 +96,7 @@ class VllmServer:
             del env["VLLM_ENABLE_V1_MULTIPROCESSING"]  # a server steps its engine core in its own process
         if self.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.devices
+        env.update(self.env)
         return subprocess.Popen(
             self.command,
             stdout=self._log,

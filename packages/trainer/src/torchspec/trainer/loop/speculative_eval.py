@@ -131,8 +131,9 @@ def prompts_from_tokenized(dataset, limit: int) -> list[list[int]]:
 
 def gather_draft(draft, draft_config, is_main: bool, like, into=None):
     """The full weights of ``draft`` (FSDP2-sharded or not) in a plain draft model on the main rank, on
-    the device and dtype of the module ``like`` (the target); None on the other ranks. ``into``: a copy
-    made by an earlier call, refilled. Every rank must call it (the weights are gathered from all)."""
+    the device and dtype of the module ``like`` (the target; None: on the CPU, in the weights' own
+    dtype); None on the other ranks. ``into``: a copy made by an earlier call, refilled. Every rank
+    must call it (the weights are gathered from all)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from torchspec.draft_models import AutoEagle3DraftModel
@@ -141,8 +142,10 @@ def gather_draft(draft, draft_config, is_main: bool, like, into=None):
     if not is_main:
         return None
     if into is None:
-        parameter = next(like.parameters())
-        into = AutoEagle3DraftModel.from_config(draft_config).to(device=parameter.device, dtype=parameter.dtype)
+        into = AutoEagle3DraftModel.from_config(draft_config)
+        if like is not None:
+            parameter = next(like.parameters())
+            into = into.to(device=parameter.device, dtype=parameter.dtype)
     into.load_state_dict(state)
     return into
 
