@@ -25,7 +25,7 @@ from torchspec.trainer.config.schema import (
     TrainingConfig,
     TTTConfig,
 )
-from torchspec.trainer.config.validation import real_acceptance_off, validate_config
+from torchspec.trainer.config.validation import judge_configured, real_acceptance_off, validate_config
 
 __all__ = [
     "BUILTIN_SAMPLE_CONVERSATIONS",
@@ -47,6 +47,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "dump_config",
+    "judge_configured",
     "load_config",
     "parse_yaml_scalar",
     "real_acceptance_off",

@@ -212,6 +212,16 @@ class MetricsConfig:
     real_acceptance_interval: int = 40
     # Tokens generated per prompt in those measurements.
     real_acceptance_max_new_tokens: int = 32
+    # Real acceptance judged by vLLM serving the target with the draft as trained so far (reloaded
+    # into the running server before each measurement): the URL of a judge server you started (the
+    # run logs its command) | null. How runs whose target is on an engine (backend vllm, fleet)
+    # measure real acceptance; with the in-process target it replaces the in-process evaluator.
+    judge_url: str | None = None
+    # Or the trainer starts that judge itself on its main node (at the first measurement; started
+    # again if it exits), with target.engine_args, on these CUDA_VISIBLE_DEVICES, at 127.0.0.1:judge_port.
+    start_judge: bool = False
+    judge_devices: str | None = None
+    judge_port: int = 8090
     tensorboard: bool = False
     progress_bar: bool = True
 

@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torchspec.draft_models.aux_layers import validate_aux_layer_ids
 from torchspec.draft_models.errors import UserInputError
 from torchspec.trainer.config.schema import ConfigError, TrainConfig
 
-__all__ = ["real_acceptance_off", "validate_config"]
+__all__ = ["judge_configured", "real_acceptance_off", "validate_config"]
 
 
 def _where(source: str | None) -> str:
     return f" in {source}" if source else ""
 
 
+def judge_configured(config: TrainConfig) -> bool:
+    """Whether a vLLM judge server measures real acceptance during training (``metrics.judge_url`` or
+    ``metrics.start_judge``) instead of the in-process evaluator."""
+    return config.metrics.judge_url is not None or config.metrics.start_judge
+
+
 def real_acceptance_off(config: TrainConfig, prompts: str = "real_acceptance_prompts") -> str | None:
     """Why real speculative decoding of held-out prompts cannot run in the trainer (or is switched off
     by ``metrics.<prompts>`` being 0), or None when it runs. During training best.json then follows
     the simulated acceptance."""
-    if config.target.backend != "transformers":
+    judged = judge_configured(config) and prompts == "real_acceptance_prompts"
+    if config.target.backend != "transformers" and not judged:
         return (
-            f"target.backend={config.target.backend}: the target is not in this process (after export, "
-            "`hatch run trainer:evaluate` or `engine:verify` measure it)"
+            f"target.backend={config.target.backend}: the target is not in this process; a vLLM judge measures it "
+            "during training (metrics.start_judge=true, or metrics.judge_url), `engine:verify` after export"
         )
-    if config.training.shard_target:
+    if config.training.shard_target and not judged:
         return "training.shard_target=true: speculative decoding needs the whole target on one rank"
     if config.data.eval_path is None and config.data.eval_split == 0:
         return "no held-out prompts (data.eval_path is null and data.eval_split is 0)"
@@ -52,6 +60,19 @@ def _check_early_stop(config: TrainConfig, where: str) -> None:
             f"{prefix} metrics.eval_interval is 0 (the simulated acceptance it counts, real acceptance being off, "
             "is measured only at the end); set metrics.eval_interval"
         )
+
+
+def _check_judge(config: TrainConfig, where: str) -> None:
+    met = config.metrics
+    if met.judge_url is not None and met.start_judge:
+        raise ConfigError(
+            f"metrics.judge_url and metrics.start_judge are both set{where}: the judge is either a server you "
+            "started (judge_url) or one the trainer starts (start_judge); unset one"
+        )
+    if met.judge_url is not None and not re.fullmatch(r"https?://[^/\s]+:\d+/?", met.judge_url):
+        raise ConfigError(f"metrics.judge_url{where} is {met.judge_url!r}; give the server's http://HOST:PORT")
+    if not 0 < met.judge_port < 65536:
+        raise ConfigError(f"metrics.judge_port{where} must be a TCP port (1-65535), got {met.judge_port}")
 
 
 def validate_config(config: TrainConfig, source: str | None = None) -> None:
@@ -85,6 +106,7 @@ def validate_config(config: TrainConfig, source: str | None = None) -> None:
     positive("target", "engine_timeout_s", config.target.engine_timeout_s)
     positive("target", "request_timeout_s", config.target.request_timeout_s)
     _check_started_servers(config, where)
+    _check_judge(config, where)
     _check_transport(config, where)
     if config.target.backend == "dump" and config.target.dump_dir is None:
         raise ConfigError(

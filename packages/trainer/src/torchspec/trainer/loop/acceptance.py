@@ -12,6 +12,10 @@ its first supervised token), the same prompts at every measurement. The draft's 
 gathered from every rank (FSDP2), the main rank decodes, and the result is broadcast, so that every
 rank takes the same best-checkpoint and early-stop decisions. Its 95% interval is a percentile
 bootstrap over prompts (``loop.acceptance_stats.ratio_interval``).
+
+Where a vLLM judge is configured (``metrics.judge_url``, ``metrics.start_judge``: the way runs whose
+target is on an engine measure it), :class:`~torchspec.trainer.loop.served_acceptance.ServedRealAcceptance`
+measures the same protocol with the engine instead.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from typing import Any, cast
 import torch.distributed as dist
 
 from torchspec.draft_models.checkpoint_layout import BestCheckpoint, checkpoint_name
-from torchspec.trainer.config import TrainConfig, real_acceptance_off
+from torchspec.trainer.config import TrainConfig, judge_configured, real_acceptance_off
 from torchspec.trainer.distributed.process_group import DistributedContext
 from torchspec.trainer.loop.acceptance_stats import ratio_interval
 from torchspec.trainer.loop.data_loader import EvalBatches
 from torchspec.trainer.loop.metrics import LoopClock, MetricsSink, format_metrics
+from torchspec.trainer.loop.served_acceptance import ServedRealAcceptance
 from torchspec.trainer.loop.speculative_eval import evaluate_prompts, gather_draft, prompts_from_tokenized
 from torchspec.trainer.loop.states import TrainState, rng_state, set_rng_state
 from torchspec.trainer.targets.in_process import TargetModel
@@ -60,12 +65,17 @@ class RealAcceptance:
         self.copy = None  # the main rank's plain copy of the draft, refilled at every measurement
 
     @classmethod
-    def build(cls, config: TrainConfig, ctx: DistributedContext, draft, target, eval_dataset, eos):
-        """The measurement, or None (said once, with why, and which metric then picks best.json)."""
+    def build(
+        cls, config: TrainConfig, ctx: DistributedContext, draft, target, eval_dataset, eos
+    ) -> RealAcceptance | ServedRealAcceptance | None:
+        """The measurement (in-process, or by a vLLM judge where one is configured), or None (said
+        once, with why, and which metric then picks best.json)."""
         off = real_acceptance_off(config)
         prompts = prompts_from_tokenized(eval_dataset, config.metrics.real_acceptance_prompts) if off is None else []
         if off is None and not prompts:
             off = "the eval split has no sample with a prompt before its first supervised token"
+        if off is None and judge_configured(config):
+            return ServedRealAcceptance(draft, target, prompts, config, ctx)
         if off is None and isinstance(target, TargetModel):
             return cls(draft, target, prompts, eos, config, ctx)
         if ctx.is_main:
@@ -122,7 +132,14 @@ class HeldOutEvaluation:
     the result to the :class:`TrainState`, which keeps the best and counts evaluations without one."""
 
     def __init__(
-        self, config: TrainConfig, ctx, step_fn, state: TrainState, real: RealAcceptance | None, eval_dataset, pad_id
+        self,
+        config: TrainConfig,
+        ctx,
+        step_fn,
+        state: TrainState,
+        real: RealAcceptance | ServedRealAcceptance | None,
+        eval_dataset,
+        pad_id,
     ):
         self.metrics, self.ctx, self.step_fn = config.metrics, ctx, step_fn
         self.eval_batches = None
@@ -152,11 +169,13 @@ class HeldOutEvaluation:
             self._report(sink, eval_metrics, "eval " + format_metrics(eval_metrics))
         if self.real is not None and due(self.metrics.real_acceptance_interval):
             with clock.measure("acceptance"):
-                real = {"step": step, "split": "acceptance", **self.real.measure()}
-            if eval_metrics is not None:
-                real["simulated_acceptance_length"] = eval_metrics[SIMULATED]
-            self.latest_real = real[REAL]
-            self._report(sink, real, _acceptance_line(real))
+                measurement = self.real.measure()  # empty: a judge's measurement failed (said why)
+            if measurement:
+                real = {"step": step, "split": "acceptance", **measurement}
+                if eval_metrics is not None:
+                    real["simulated_acceptance_length"] = eval_metrics[SIMULATED]
+                self.latest_real = real[REAL]
+                self._report(sink, real, _acceptance_line(real))
         measured = real if self.real is not None else eval_metrics
         if measured is None:
             return Evaluated(eval_metrics)
@@ -175,6 +194,11 @@ class HeldOutEvaluation:
             )
         return Evaluated(eval_metrics, new_best, best if new_best else None, self.stopped)
 
+    def close(self) -> None:
+        """Stop the judge server the trainer started, if any."""
+        if isinstance(self.real, ServedRealAcceptance):
+            self.real.close()
+
     def _report(self, sink: MetricsSink | None, record: dict[str, Any], line: str) -> None:
         if sink is not None:
             sink.write(record)
@@ -183,10 +207,11 @@ class HeldOutEvaluation:
 
 
 def _acceptance_line(record: dict[str, Any]) -> str:
+    judge = f"; {record['judge']}" if "judge" in record else ""
     parts = [
         f"acceptance step {record['step']}",
         f"real {record[REAL]:.3f} (95% CI {record['real_acceptance_low']:.2f}-{record['real_acceptance_high']:.2f}; "
-        f"{record['num_prompts']} prompts x {record['max_new_tokens']} tokens, K={record['num_draft_tokens']})",
+        f"{record['num_prompts']} prompts x {record['max_new_tokens']} tokens, K={record['num_draft_tokens']}{judge})",
     ]
     if "simulated_acceptance_length" in record:
         parts.append(f"simulated {record['simulated_acceptance_length']:.3f}")

@@ -165,8 +165,12 @@ class Trainer:
         }
 
     def close(self, failed: bool = False) -> None:
-        """Stop the target's engine or dump files; hand the output folder back (``failed``: see release)."""
+        """Stop the judge server and the target's engine or dump files; hand the output folder back
+        (``failed``: see release)."""
         try:
+            held_out = getattr(self, "held_out", None)  # None: the build stopped before it
+            if held_out is not None:
+                held_out.close()
             target = getattr(self, "target", None)  # None: the build stopped before the target
             if isinstance(target, ServedTarget):
                 target.close()
