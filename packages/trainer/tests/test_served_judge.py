@@ -15,7 +15,6 @@ The real servers are exercised in integration_tests/test_engine.py.
 from __future__ import annotations
 
 import json
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -24,6 +23,8 @@ from torchspec.draft_models.errors import UserInputError
 from torchspec.trainer.commands import verify
 from torchspec.trainer.engine.launch import EngineError
 from torchspec.trainer.engine.served import run_served, spec_decode_counters
+
+from trainer_test_helpers import FakeVllmServer
 
 # What vLLM 0.32's PrometheusStatLogger writes for a server of two data-parallel engines, K=2.
 METRICS_PAGE = """\
@@ -58,73 +59,6 @@ def test_the_counters_are_summed_over_the_engines_and_read_per_position():
     }
     plain = spec_decode_counters('vllm:generation_tokens_total{engine="0",model_name="t"} 12.0\n')
     assert plain == {"generation_tokens": 12, "accepted_per_position": []}
-
-
-class FakeVllmServer:
-    """Answers every prompt with ``tokens`` (prompt[-1] + 1, + 2, ...), counting per request
-    ``rounds`` drafts of which the first position is accepted ``accepted`` times; ``stranger_tokens``
-    more generated tokens appear in its counters (someone else's requests)."""
-
-    def __init__(self, num_draft_tokens: int, rounds: int = 3, accepted: int = 2, stranger_tokens: int = 0):
-        self.k, self.rounds, self.accepted, self.stranger = num_draft_tokens, rounds, accepted, stranger_tokens
-        self.counts = {"drafts": 4, "accepted": 1, "generated": 10, "per_pos": [1] + [0] * (num_draft_tokens - 1)}
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, body: str, content_type="application/json"):
-                data = body.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    return self._send(json.dumps({"data": [{"id": "target"}]}))
-                if self.path == "/version":
-                    return self._send(json.dumps({"version": "0.32.0-fake"}))
-                self._send(server.metrics(), "text/plain")
-
-            def do_POST(self):
-                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                assert request["temperature"] == 0.0 and request["ignore_eos"] and request["return_token_ids"]
-                n, last = request["max_tokens"], request["prompt"][-1]
-                with server.lock:
-                    server.counts["generated"] += n + server.stranger
-                    if server.k:
-                        server.counts["drafts"] += server.rounds
-                        server.counts["accepted"] += server.accepted
-                        server.counts["per_pos"][0] += server.accepted
-                self._send(json.dumps({"choices": [{"token_ids": [last + i for i in range(1, n + 1)]}]}))
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def metrics(self) -> str:
-        c, label = self.counts, '{engine="0",model_name="target"}'
-        lines = [f"vllm:generation_tokens_total{label} {c['generated']}.0"]
-        if self.k:
-            lines += [
-                f"vllm:spec_decode_num_drafts_total{label} {c['drafts']}.0",
-                f"vllm:spec_decode_num_draft_tokens_total{label} {c['drafts'] * self.k}.0",
-                f"vllm:spec_decode_num_accepted_tokens_total{label} {c['accepted']}.0",
-            ]
-            lines += [
-                f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",model_name="target",position="{i}"}} '
-                f"{count}.0"
-                for i, count in enumerate(c["per_pos"])
-            ]
-        return "\n".join(lines) + "\n"
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -203,3 +204,130 @@ def save_small_llama_draft(folder, vocab: int, hidden_size: int, target_hidden: 
     )
     torch.manual_seed(seed)
     return AutoEagle3DraftModel.from_config(config).save_pretrained(folder, **save_kwargs)
+
+
+class FakeVllmServer:
+    """The part of a vLLM OpenAI server the project talks to, without vLLM: GET /v1/models, /version,
+    /metrics (Prometheus text as vLLM writes it); POST /v1/completions with ``return_token_ids``.
+
+    Every prompt is answered with prompt[-1] + 1, + 2, ... and counts ``rounds`` drafts per request,
+    of which the first position is accepted ``accepted`` times; ``stranger_tokens`` more generated
+    tokens appear in its counters (someone else's requests). ``per_request``: replies carry vLLM's
+    per-request speculative-decoding counts (``--per-request-spec-decode-metrics summary``).
+
+    As a judge (``VLLM_SERVER_DEV_MODE=1`` and the reload extension; ``dev_mode=False``: neither):
+    POST /collective_rpc ``torchspec_reload_draft`` records the folder's tensors in ``reloads`` and
+    takes the next value of ``accepted_after_reload`` as its ``accepted``; reloads whose index is in
+    ``failing_reloads`` answer 500, and at reload ``exit_at_reload`` the process ends at once (exit
+    code 1, as a crashed server); POST /reset_prefix_cache answers ``{"success": true}``."""
+
+    def __init__(
+        self,
+        num_draft_tokens: int,
+        rounds: int = 3,
+        accepted: int = 2,
+        stranger_tokens: int = 0,
+        per_request: bool = False,
+        dev_mode: bool = True,
+        accepted_after_reload: list[int] | None = None,
+        failing_reloads: tuple[int, ...] = (),
+        port: int = 0,
+        exit_at_reload: int | None = None,
+    ):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.k, self.rounds, self.accepted, self.stranger = num_draft_tokens, rounds, accepted, stranger_tokens
+        self.per_request, self.dev_mode, self.failing_reloads = per_request, dev_mode, failing_reloads
+        self.exit_at_reload = exit_at_reload
+        self.accepted_after_reload = list(accepted_after_reload or [])
+        self.reloads: list[dict[str, torch.Tensor]] = []
+        self.prefix_cache_resets = 0
+        self.counts = {"drafts": 4, "accepted": 1, "generated": 10, "per_pos": [1] + [0] * (num_draft_tokens - 1)}
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, body: str, content_type="application/json", status=200):
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    return self._send(json.dumps({"data": [{"id": "target"}]}))
+                if self.path == "/version":
+                    return self._send(json.dumps({"version": "0.32.0-fake"}))
+                self._send(server.metrics(), "text/plain")
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path in ("/collective_rpc", "/reset_prefix_cache"):
+                    if not server.dev_mode:
+                        return self._send(json.dumps({"detail": "Not Found"}), status=404)
+                    if self.path == "/reset_prefix_cache":
+                        server.prefix_cache_resets += 1
+                        return self._send(json.dumps({"success": True}))
+                    return self._reload(request)
+                assert request["temperature"] == 0.0 and request["ignore_eos"] and request["return_token_ids"]
+                n, last = request["max_tokens"], request["prompt"][-1]
+                with server.lock:
+                    server.counts["generated"] += n + server.stranger
+                    if server.k:
+                        server.counts["drafts"] += server.rounds
+                        server.counts["accepted"] += server.accepted
+                        server.counts["per_pos"][0] += server.accepted
+                reply: dict = {"choices": [{"token_ids": [last + i for i in range(1, n + 1)]}]}
+                if server.per_request and server.k:
+                    stats = {"num_spec_steps": server.rounds, "num_accepted_draft_tokens": server.accepted}
+                    reply["metrics"] = {"speculative_decoding": stats}
+                self._send(json.dumps(reply))
+
+            def _reload(self, request):
+                from safetensors.torch import load_file
+
+                from torchspec.trainer.engine.draft_reload import folder_digest
+
+                assert request["method"] == "torchspec_reload_draft"
+                (folder,) = request["args"]
+                index = len(server.reloads)
+                if index == server.exit_at_reload:
+                    os._exit(1)
+                server.reloads.append(load_file(str(Path(folder) / "model.safetensors")))
+                if index in server.failing_reloads:
+                    return self._send(json.dumps({"detail": "RuntimeError: the worker died"}), status=500)
+                if server.accepted_after_reload:
+                    server.accepted = server.accepted_after_reload.pop(0)
+                report = {"folder": folder, "tensors": len(server.reloads[-1]), "digest": folder_digest(folder)}
+                self._send(json.dumps({"results": [report, report]}))  # two workers (tensor parallel 2)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def metrics(self) -> str:
+        c, label = self.counts, '{engine="0",model_name="target"}'
+        lines = [f"vllm:generation_tokens_total{label} {c['generated']}.0"]
+        if self.k:
+            lines += [
+                f"vllm:spec_decode_num_drafts_total{label} {c['drafts']}.0",
+                f"vllm:spec_decode_num_draft_tokens_total{label} {c['drafts'] * self.k}.0",
+                f"vllm:spec_decode_num_accepted_tokens_total{label} {c['accepted']}.0",
+            ]
+            lines += [
+                f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",model_name="target",position="{i}"}} '
+                f"{count}.0"
+                for i, count in enumerate(c["per_pos"])
+            ]
+        return "\n".join(lines) + "\n"
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

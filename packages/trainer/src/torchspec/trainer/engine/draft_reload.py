@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
 WORKER_EXTENSION = "torchspec.trainer.engine.draft_reload.DraftReloadExtension"
 DEV_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 _RPC = "torchspec_reload_draft"
+_RESET_ATTEMPTS = 5
 
 
 def judge_serve_command(
@@ -114,7 +116,7 @@ def reload_draft(url: str, folder: str | os.PathLike, timeout_s: float = 600.0) 
     except OSError as err:
         hint = (
             f"start it with --worker-extension-cls {WORKER_EXTENSION} and VLLM_SERVER_DEV_MODE=1 "
-            "(serve-command --judge prints the whole command)"
+            "(a training run logs the whole command at its start)"
         )
         raise EngineError(f"the vLLM server {url} could not reload the draft from {folder} ({err}); {hint}") from None
     except ValueError as err:
@@ -125,8 +127,15 @@ def reload_draft(url: str, folder: str | os.PathLike, timeout_s: float = 600.0) 
     digests = {result.get("digest") for result in results}
     if len(digests) != 1:
         raise EngineError(f"the vLLM server {url}'s workers loaded different drafts from {folder}: {sorted(digests)}")
-    try:
-        post_json(url + "/reset_prefix_cache", {}, timeout=60)
-    except (OSError, ValueError) as err:
-        raise EngineError(f"the vLLM server {url} did not drop its prefix cache after the reload ({err})") from None
-    return dict(results[0])
+    for attempt in range(_RESET_ATTEMPTS):  # refused while blocks are held (requests still running)
+        try:
+            reset = post_json(url + "/reset_prefix_cache", {}, timeout=60)
+        except (OSError, ValueError) as err:
+            raise EngineError(f"the vLLM server {url} did not drop its prefix cache after the reload ({err})") from None
+        if reset.get("success", True):
+            return dict(results[0])
+        time.sleep(0.5 * (attempt + 1))
+    raise EngineError(
+        f"the vLLM server {url} kept refusing to drop its prefix cache after the reload (it serves other requests?); "
+        "a judge must serve nobody else"
+    )

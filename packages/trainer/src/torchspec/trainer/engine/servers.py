@@ -51,16 +51,18 @@ def _answers(url: str) -> bool:
         return False
 
 
-def wait_until_serving(urls: list[str], timeout_s: float) -> None:
-    """Wait until every server in ``urls`` answers (servers another rank of this node starts)."""
+def wait_until_serving(
+    urls: list[str], timeout_s: float, what: str = "the states servers", hint: str = "logs in <output_dir>/servers/"
+) -> None:
+    """Wait until every server in ``urls`` answers (servers another rank of this node starts, or a
+    judge the user is starting); else an error naming ``what`` did not answer, with ``hint``."""
     deadline = time.monotonic() + timeout_s
     waiting = list(urls)
     while waiting:
         waiting = [url for url in waiting if not _answers(url)]
         if waiting and time.monotonic() > deadline:
             raise EngineError(
-                f"the states servers {', '.join(waiting)} did not answer within {timeout_s:.0f} s "
-                "(target.engine_timeout_s); their logs are in <output_dir>/servers/"
+                f"{what} {', '.join(waiting)} did not answer within {timeout_s:.0f} s (target.engine_timeout_s); {hint}"
             )
         if waiting:
             time.sleep(1)

@@ -13,8 +13,9 @@ decisions.
 
 A judge the trainer started (``metrics.start_judge``) starts at the first measurement from
 ``<output_dir>/judge/initial`` (the draft then) and is started again when it exits. A judge you
-started (``metrics.judge_url``) must serve the target with a draft of this run's shapes (the command
-is logged at the start of the run, with ``judge/initial`` as its draft). A measurement that fails
+started (``metrics.judge_url``) must serve the target with a draft of this run's shapes: the run logs
+the command at its start, with ``judge/initial`` as its draft, and waits for the judge at its first
+measurement (``target.engine_timeout_s``). A measurement that fails
 before any succeeded stops the run (the judge is set up wrong); later ones are skipped with a warning
 and training goes on.
 """
@@ -36,7 +37,7 @@ from torchspec.trainer.engine.draft_reload import DEV_MODE_ENV, judge_serve_comm
 from torchspec.trainer.engine.fleet import format_command
 from torchspec.trainer.engine.launch import EngineError
 from torchspec.trainer.engine.served import run_served
-from torchspec.trainer.engine.servers import VllmServer
+from torchspec.trainer.engine.servers import VllmServer, wait_until_serving
 from torchspec.trainer.loop.acceptance_stats import ratio_interval
 from torchspec.trainer.loop.speculative_eval import gather_draft
 from torchspec.trainer.targets.resolve import resolve_dtype, resolve_target_path
@@ -131,6 +132,10 @@ class ServedRealAcceptance:
 
     def _judge(self, started: float) -> dict[str, Any]:
         self._write(self.folder / "current")
+        if not self.start and self.measured == 0:  # time to start it with the command logged at the start
+            wait_until_serving(
+                [self.url], self.start_timeout_s, "the judge server", "start it with the command logged at the start"
+            )
         if self.start and self.server is None:
             self.server = VllmServer(
                 self.command,
@@ -143,7 +148,7 @@ class ServedRealAcceptance:
         try:
             return self._run(started)
         except EngineError:
-            if self.server is None or self.server.process.poll() is None:
+            if self.server is None or not _exited(self.server):
                 raise
             code = self.server.process.returncode
             logger.warning(f"the judge server {self.url} exited (code {code}); starting it again")
@@ -178,3 +183,15 @@ class ServedRealAcceptance:
         if self.server is not None:
             self.server.stop()
             self.server = None
+
+
+def _exited(server: VllmServer, grace_s: float = 10.0) -> bool:
+    """Whether the server has exited, waiting ``grace_s`` for one that is going down (a request it
+    failed may reach us before its process ends)."""
+    import subprocess
+
+    try:
+        server.process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
