@@ -69,7 +69,7 @@ class ServedRealAcceptance:
             self.folder / "initial",
             num_draft_tokens=self.num_draft_tokens,
             engine_args=config.target.engine_args,
-            port=int(self.url.rsplit(":", 1)[-1]) if self.start else 8090,
+            port=int(self.url.rstrip("/").rsplit(":", 1)[-1]),
             host="127.0.0.1" if self.start else "0.0.0.0",
             dtype=str(self.dtype).removeprefix("torch."),
             max_model_len=max(256, -(-longest // 64) * 64),
