@@ -275,10 +275,12 @@ def test_a_config_saved_in_the_old_layout_reads_as_the_new_one():
     """What a checkpoint of torchspec-trainer 0.3 holds in training_config.yaml."""
     new = config_to_dict(load_config(REPO / "configs" / "default_llama.yaml"))
     assert upgrade_saved_config(new) == new
-    # Absent from an old file, their defaults apply: the target section, the keys of 0.8.0.
+    # Absent from an old file, their defaults apply: the target section, the keys of 0.8.0 and 0.10.0.
     new.pop("target")
     new["training"].pop("early_stop_patience")
     for key in ("real_acceptance_prompts", "real_acceptance_interval", "real_acceptance_max_new_tokens"):
+        new["metrics"].pop(key)
+    for key in ("judge_url", "start_judge", "judge_devices", "judge_port"):
         new["metrics"].pop(key)
     old = {"model": new["model"], "data": new["data"], "training": dict(new["training"])}
     for old_path, new_path in MOVED_KEYS.items():

@@ -57,7 +57,7 @@ class ServedRealAcceptance:
         self.draft, self.draft_config, self.target, self.prompts, self.ctx = draft, draft.config, target, prompts, ctx
         met = config.metrics
         self.num_draft_tokens, self.max_new_tokens = NUM_DRAFT_TOKENS, met.real_acceptance_max_new_tokens
-        self.start_timeout_s = config.target.engine_timeout_s
+        self.start_timeout_s, self.request_timeout_s = config.target.engine_timeout_s, config.target.request_timeout_s
         self.folder = Path(config.training.output_dir) / "judge"
         on_cpu = not torch.cuda.is_available()
         self.dtype = resolve_dtype(config.model.dtype, torch.device("cpu" if on_cpu else "cuda"))
@@ -158,7 +158,13 @@ class ServedRealAcceptance:
 
     def _run(self, started: float) -> dict[str, Any]:
         reload_draft(self.url, self.folder / "current")
-        run = run_served(self.url, self.prompts, self.max_new_tokens, num_draft_tokens=self.num_draft_tokens)
+        run = run_served(
+            self.url,
+            self.prompts,
+            self.max_new_tokens,
+            num_draft_tokens=self.num_draft_tokens,
+            timeout_s=self.request_timeout_s,  # a hung judge costs one skipped measurement, not the run
+        )
         if len(run.prompt_rounds) != len(self.prompts):
             raise EngineError(
                 f"the judge server {self.url} reports no per-request speculative decoding counts; start it with "
