@@ -69,9 +69,11 @@ def test_trained_draft_is_accepted_far_more_than_an_untrained_one(trained):
     )
     assert before.identical_to_target and after.identical_to_target
     # measured (6 prompts x 48 tokens, K=4): untrained 1.00 (llama), 1.03 (mla); after 80 steps (TTT
-    # length 4) llama 2.16, mla 2.06 (against the DeepSeek-V3-style target)
+    # length 4) llama 2.16, mla 2.06 against the DeepSeek-V3-style target as built on one box, 1.66
+    # against the same recipe built from a cold cache on another box (the code that had landed before
+    # measured 1.66 there too: it is the built target, not the training). Hence a margin of 0.5.
     assert before.acceptance_length < 1.2
-    assert after.acceptance_length > before.acceptance_length + 0.8, (before.acceptance_length, after.acceptance_length)
+    assert after.acceptance_length > before.acceptance_length + 0.5, (before.acceptance_length, after.acceptance_length)
 
 
 def test_post_training_pruning_keeps_acceptance(trained, tmp_path):

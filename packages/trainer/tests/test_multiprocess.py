@@ -1,7 +1,6 @@
 """Integration: the same run on 1 and 2 processes (torchrun, gloo), and resuming across world sizes."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,25 +10,9 @@ from torchspec.trainer.config import load_config
 from torchspec.trainer.loop.checkpoint import list_checkpoints
 from torchspec.trainer.loop.run import train
 
-from trainer_test_helpers import read_metrics, small_overrides
+from trainer_test_helpers import read_metrics, small_overrides, torchrun
 
 EXTRA = {"checkpoint.save_interval": 4, "metrics.eval_interval": 4}
-
-
-def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "torchspec.trainer.cli",
-        "train",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
 
 
 @pytest.fixture(scope="module")

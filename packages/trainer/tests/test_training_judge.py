@@ -24,13 +24,13 @@ import torch
 
 from torchspec.draft_models import TrainingCheckpoint
 from torchspec.trainer.config import ConfigError, load_config, real_acceptance_off
+from torchspec.trainer.engine import draft_reload
 from torchspec.trainer.engine.draft_reload import WORKER_EXTENSION, judge_serve_command
 from torchspec.trainer.engine.launch import EngineError
 from torchspec.trainer.engine.served import run_served
-from torchspec.trainer.loop import served_acceptance
 from torchspec.trainer.loop.run import train
 
-from trainer_test_helpers import FakeVllmServer, read_metrics, small_overrides
+from trainer_test_helpers import FakeVllmServer, read_metrics, small_overrides, torchrun
 
 MEASURED = {
     "metrics.real_acceptance_prompts": 3,
@@ -79,6 +79,23 @@ def test_each_measurement_judges_the_draft_as_trained_at_that_step(assets, tmp_p
     (line,) = [r.getMessage() for r in caplog.records if "metrics.judge_url" in r.getMessage()]
     assert str(tmp_path / "judge" / "initial") in line and WORKER_EXTENSION in line
     assert "VLLM_SERVER_DEV_MODE=1" in line and (tmp_path / "judge" / "initial" / "config.json").is_file()
+
+
+def test_two_ranks_send_the_whole_draft_and_decide_together(assets, tmp_path, judge):
+    """FSDP2 on two ranks: the judge gets the gathered weights (both shards), and both ranks take the
+    judged result, a skipped measurement too, for best.json and checkpoints."""
+    server = judge(rounds=3, accepted_after_reload=[1, 3, 2], failing_reloads=(2,))
+    result = torchrun(small_overrides(assets, tmp_path, **MEASURED, **{"metrics.judge_url": server.url}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2 on cpu" in result.stdout
+    real = read_metrics(tmp_path, "acceptance")
+    assert {step: real[step]["real_acceptance_length"] for step in real} == {2: 1 + 1 / 3, 4: 2.0, 8: 1 + 2 / 3}
+    assert len(server.reloads) == 4
+    for step, loaded in zip((2, 4, 6, 8), server.reloads):
+        checkpoint = TrainingCheckpoint.open(tmp_path / f"iter_{step:07d}")
+        for name, tensor in loaded.items():
+            torch.testing.assert_close(tensor, checkpoint.load_tensor(name).to(tensor.dtype), rtol=0, atol=0)
+    assert json.loads((tmp_path / "best.json").read_text())["checkpoint"] == "iter_0000004"
 
 
 def test_a_failed_measurement_after_a_good_one_is_skipped(assets, tmp_path, judge, caplog):
@@ -144,7 +161,7 @@ def test_a_judge_the_trainer_started_is_started_again_when_it_exits(assets, tmp_
         # First start: a judge that dies at its second reload; the start after it: a healthy one.
         return [sys.executable, "-c", _first_then_healthy(script, marker, port)]
 
-    monkeypatch.setattr(served_acceptance, "judge_serve_command", fake_command)
+    monkeypatch.setattr(draft_reload, "judge_serve_command", fake_command)
     port = _free_port()
     result = run(assets, tmp_path, **{"metrics.start_judge": True, "metrics.judge_port": port})
     assert result.steps == 8

@@ -75,7 +75,7 @@ class RealAcceptance:
         if off is None and not prompts:
             off = "the eval split has no sample with a prompt before its first supervised token"
         if off is None and judge_configured(config):
-            return ServedRealAcceptance(draft, target, prompts, config, ctx)
+            return ServedRealAcceptance(draft, target, prompts, config, ctx, NUM_DRAFT_TOKENS)
         if off is None and isinstance(target, TargetModel):
             return cls(draft, target, prompts, eos, config, ctx)
         if ctx.is_main:

@@ -17,7 +17,8 @@ started (``metrics.judge_url``) must serve the target with a draft of this run's
 the command at its start, with ``judge/initial`` as its draft, and waits for the judge at its first
 measurement (``target.engine_timeout_s``). A measurement that fails
 before any succeeded stops the run (the judge is set up wrong); later ones are skipped with a warning
-and training goes on.
+and training goes on. The judge itself (``engine.judge.JudgeServer``) comes from
+``targets.factory.build_judge``: the loop imports no engine module.
 """
 
 from __future__ import annotations
@@ -33,14 +34,10 @@ import torch.distributed as dist
 from torchspec.draft_models.atomic import make_staging_dir, publish_dir
 from torchspec.trainer.config import ConfigError, TrainConfig
 from torchspec.trainer.distributed.process_group import DistributedContext
-from torchspec.trainer.engine.draft_reload import DEV_MODE_ENV, judge_serve_command, reload_draft
-from torchspec.trainer.engine.fleet import format_command
-from torchspec.trainer.engine.launch import EngineError
-from torchspec.trainer.engine.served import run_served
-from torchspec.trainer.engine.servers import VllmServer, wait_until_serving
 from torchspec.trainer.loop.acceptance_stats import ratio_interval
 from torchspec.trainer.loop.speculative_eval import gather_draft
-from torchspec.trainer.targets.resolve import resolve_dtype, resolve_target_path
+from torchspec.trainer.targets.factory import build_judge
+from torchspec.trainer.targets.resolve import resolve_dtype
 
 __all__ = ["ServedRealAcceptance"]
 
@@ -49,45 +46,35 @@ logger = logging.getLogger("torchspec.trainer")
 
 class ServedRealAcceptance:
     """Speculative decoding of fixed held-out prompts by a vLLM judge server, with the draft as
-    trained so far loaded into it before each measurement."""
+    trained so far loaded into it before each measurement (``num_draft_tokens`` per round)."""
 
-    def __init__(self, draft, target, prompts: list[list[int]], config: TrainConfig, ctx: DistributedContext):
-        from torchspec.trainer.loop.acceptance import NUM_DRAFT_TOKENS
-
+    def __init__(
+        self,
+        draft,
+        target,
+        prompts: list[list[int]],
+        config: TrainConfig,
+        ctx: DistributedContext,
+        num_draft_tokens: int,
+    ):
         self.draft, self.draft_config, self.target, self.prompts, self.ctx = draft, draft.config, target, prompts, ctx
-        met = config.metrics
-        self.num_draft_tokens, self.max_new_tokens = NUM_DRAFT_TOKENS, met.real_acceptance_max_new_tokens
-        self.start_timeout_s, self.request_timeout_s = config.target.engine_timeout_s, config.target.request_timeout_s
+        self.num_draft_tokens, self.max_new_tokens = num_draft_tokens, config.metrics.real_acceptance_max_new_tokens
         self.folder = Path(config.training.output_dir) / "judge"
         on_cpu = not torch.cuda.is_available()
         self.dtype = resolve_dtype(config.model.dtype, torch.device("cpu" if on_cpu else "cuda"))
-        self.url = (met.judge_url or f"http://127.0.0.1:{met.judge_port}").rstrip("/")
-        self.start, self.devices = met.start_judge, met.judge_devices
-        longest = max(len(p) for p in prompts) + self.max_new_tokens + self.num_draft_tokens + 1
-        self.command = judge_serve_command(
-            resolve_target_path(config.model.target_model_path),
-            self.folder / "initial",
-            num_draft_tokens=self.num_draft_tokens,
-            engine_args=config.target.engine_args,
-            port=int(self.url.rstrip("/").rsplit(":", 1)[-1]),
-            host="127.0.0.1" if self.start else "0.0.0.0",
-            dtype=str(self.dtype).removeprefix("torch."),
-            max_model_len=max(256, -(-longest // 64) * 64),
-            on_cpu=on_cpu,
-            python=config.target.engine_python,
-        )
-        self.server: VllmServer | None = None
+        longest = max(len(p) for p in prompts) + self.max_new_tokens + num_draft_tokens + 1
+        self.judge = build_judge(config, self.folder / "initial", max(256, -(-longest // 64) * 64), num_draft_tokens)
         self.measured = 0
         # The main rank's plain copy of the draft (every rank takes part in gathering it), refilled at
         # every measurement.
         self.copy = gather_draft(draft, self.draft_config, ctx.is_main, None)
         if ctx.is_main:
             self._write(self.folder / "initial")
-            if not self.start:
+            if not config.metrics.start_judge:
                 logger.info(
-                    f"real acceptance is judged by the vLLM server {self.url} (metrics.judge_url); it must serve the "
-                    f"target with a draft of this run's shapes and the reload extension, e.g. (environment "
-                    f"VLLM_SERVER_DEV_MODE=1): {format_command(self.command)}"
+                    f"real acceptance is judged by the vLLM server {self.judge.url} (metrics.judge_url); it must serve "
+                    f"the target with a draft of this run's shapes and the reload extension, e.g.: "
+                    f"{self.judge.command_line}"
                 )
 
     def _write(self, final: Path) -> None:
@@ -113,10 +100,12 @@ class ServedRealAcceptance:
         record: dict[str, Any] | None = None
         failure: str | None = None
         if self.ctx.is_main:
-            try:
-                record = self._judge(started)
-            except EngineError as err:
-                failure = str(err)
+            self._write(self.folder / "current")
+            run, failure = self.judge.judge(
+                self.folder / "current", self.prompts, self.max_new_tokens, self.num_draft_tokens
+            )
+            if run is not None:
+                record = self._record(run, started)
         if dist.is_initialized():
             box: list[Any] = [record, failure]
             dist.broadcast_object_list(box, src=0)
@@ -130,46 +119,8 @@ class ServedRealAcceptance:
         self.measured += 1
         return dict(record or {})
 
-    def _judge(self, started: float) -> dict[str, Any]:
-        self._write(self.folder / "current")
-        if not self.start and self.measured == 0:  # time to start it with the command logged at the start
-            wait_until_serving(
-                [self.url], self.start_timeout_s, "the judge server", "start it with the command logged at the start"
-            )
-        if self.start and self.server is None:
-            self.server = VllmServer(
-                self.command,
-                self.folder / "server.log",
-                self.url,
-                self.start_timeout_s,
-                devices=self.devices,
-                env=DEV_MODE_ENV,
-            )
-        try:
-            return self._run(started)
-        except EngineError:
-            if self.server is None or not _exited(self.server):
-                raise
-            code = self.server.process.returncode
-            logger.warning(f"the judge server {self.url} exited (code {code}); starting it again")
-            self.server.restart()
-            self.server.wait_ready()
-            return self._run(started)
-
-    def _run(self, started: float) -> dict[str, Any]:
-        reload_draft(self.url, self.folder / "current")
-        run = run_served(
-            self.url,
-            self.prompts,
-            self.max_new_tokens,
-            num_draft_tokens=self.num_draft_tokens,
-            timeout_s=self.request_timeout_s,  # a hung judge costs one skipped measurement, not the run
-        )
-        if len(run.prompt_rounds) != len(self.prompts):
-            raise EngineError(
-                f"the judge server {self.url} reports no per-request speculative decoding counts; start it with "
-                "--per-request-spec-decode-metrics summary"
-            )
+    def _record(self, run, started: float) -> dict[str, Any]:
+        """What is logged of a judged run (an ``engine.launch.EngineRun`` with per-prompt counts)."""
         tokens = [rounds + accepted for rounds, accepted in zip(run.prompt_rounds, run.prompt_accepted)]
         interval = ratio_interval(tokens, run.prompt_rounds)
         return {
@@ -181,23 +132,9 @@ class ServedRealAcceptance:
             "num_draft_tokens": self.num_draft_tokens,
             "max_new_tokens": self.max_new_tokens,
             "generated_tokens": sum(len(output) for output in run.outputs),
-            "judge": f"vllm {run.engine_version} at {self.url}",
+            "judge": f"vllm {run.engine_version} at {self.judge.url}",
             "seconds": time.perf_counter() - started,
         }
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-
-def _exited(server: VllmServer, grace_s: float = 10.0) -> bool:
-    """Whether the server has exited, waiting ``grace_s`` for one that is going down (a request it
-    failed may reach us before its process ends)."""
-    import subprocess
-
-    try:
-        server.process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        return False
-    return True
+        self.judge.close()

@@ -1,6 +1,7 @@
 """One place builds the configured target: in this process (transformers), on a vLLM engine, or from
-a dump (``target.backend``), with the tokenizer and dtype every command resolves the same way.
-The engine and dump modules are imported only when chosen."""
+a dump (``target.backend``), with the tokenizer and dtype every command resolves the same way; and
+the vLLM judge of the target with the draft (``metrics.judge_url``, ``metrics.start_judge``). The
+engine and dump modules are imported only when chosen."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torchspec.trainer.targets.contract import ServedTarget
 from torchspec.trainer.targets.in_process import TargetModel
 from torchspec.trainer.targets.resolve import resolve_dtype
 
-__all__ = ["backend_name", "build_target"]
+__all__ = ["backend_name", "build_judge", "build_target"]
 
 
 def backend_name(config: TrainConfig) -> str:
@@ -99,3 +100,41 @@ def build_target(config: TrainConfig, path: Path, ctx: DistributedContext) -> Ta
 __getattr__ = moved_names_getattr(
     __name__, "torchspec.trainer.targets.resolve", ("load_tokenizer", "resolve_dtype", "resolve_target_path"), "0.10.0"
 )
+
+
+def build_judge(config: TrainConfig, initial_draft: Path, max_model_len: int, num_draft_tokens: int):
+    """The configured judge (an ``engine.judge.JudgeServer``): the target with ``initial_draft``
+    (any draft of the trained draft's shapes) at ``metrics.judge_url``, or started by this process at
+    ``127.0.0.1:metrics.judge_port`` on ``metrics.judge_devices``, with ``target.engine_args``."""
+    import torch
+
+    from torchspec.trainer.engine.draft_reload import judge_serve_command
+    from torchspec.trainer.engine.judge import JudgeServer
+    from torchspec.trainer.targets.resolve import resolve_target_path
+
+    met, t = config.metrics, config.target
+    url = (met.judge_url or f"http://127.0.0.1:{met.judge_port}").rstrip("/")
+    on_cpu = not torch.cuda.is_available()
+    dtype = resolve_dtype(config.model.dtype, torch.device("cpu" if on_cpu else "cuda"))
+    command = judge_serve_command(
+        resolve_target_path(config.model.target_model_path),
+        initial_draft,
+        num_draft_tokens=num_draft_tokens,
+        engine_args=t.engine_args,
+        port=int(url.rsplit(":", 1)[-1]),
+        host="127.0.0.1" if met.start_judge else "0.0.0.0",
+        dtype=str(dtype).removeprefix("torch."),
+        max_model_len=max_model_len,
+        on_cpu=on_cpu,
+        python=t.engine_python,
+    )
+    log = Path(config.training.output_dir) / "judge" / "server.log"
+    return JudgeServer(
+        command,
+        url,
+        log,
+        start=met.start_judge,
+        devices=met.judge_devices,
+        start_timeout_s=t.engine_timeout_s,
+        request_timeout_s=t.request_timeout_s,
+    )
