@@ -24,7 +24,7 @@ import torch
 
 from torchspec.draft_models import TrainingCheckpoint
 from torchspec.trainer.config import ConfigError, load_config, real_acceptance_off
-from torchspec.trainer.engine import draft_reload
+from torchspec.trainer.engine import draft_reload, launch
 from torchspec.trainer.engine.draft_reload import WORKER_EXTENSION, judge_serve_command
 from torchspec.trainer.engine.launch import EngineError
 from torchspec.trainer.engine.served import run_served
@@ -162,6 +162,7 @@ def test_a_judge_the_trainer_started_is_started_again_when_it_exits(assets, tmp_
         return [sys.executable, "-c", _first_then_healthy(script, marker, port)]
 
     monkeypatch.setattr(draft_reload, "judge_serve_command", fake_command)
+    monkeypatch.setattr(launch, "vllm_available", lambda: True)  # the unit environments have no vLLM
     port = _free_port()
     result = run(assets, tmp_path, **{"metrics.start_judge": True, "metrics.judge_port": port})
     assert result.steps == 8
@@ -190,6 +191,14 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_a_judge_to_start_without_vllm_is_refused_before_step_one(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "vllm_available", lambda: False)
+    monkeypatch.delenv("TORCHSPEC_ENGINE_PYTHON", raising=False)
+    with pytest.raises(ConfigError, match="metrics.start_judge: vLLM is not installed in this environment"):
+        run(assets, tmp_path, **{"metrics.start_judge": True})
+    assert not list(tmp_path.glob("iter_*")) and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_one_judge_at_a_time_and_a_url_that_is_one(assets, tmp_path):

@@ -106,13 +106,23 @@ def build_judge(config: TrainConfig, initial_draft: Path, max_model_len: int, nu
     """The configured judge (an ``engine.judge.JudgeServer``): the target with ``initial_draft``
     (any draft of the trained draft's shapes) at ``metrics.judge_url``, or started by this process at
     ``127.0.0.1:metrics.judge_port`` on ``metrics.judge_devices``, with ``target.engine_args``."""
+    import sys
+
     import torch
 
     from torchspec.trainer.engine.draft_reload import judge_serve_command
     from torchspec.trainer.engine.judge import JudgeServer
+    from torchspec.trainer.engine.launch import engine_python, vllm_available
     from torchspec.trainer.targets.resolve import resolve_target_path
 
     met, t = config.metrics, config.target
+    python = engine_python(t.engine_python)
+    if met.start_judge and python == sys.executable and not vllm_available():  # say so before step 1
+        raise ConfigError(
+            f"metrics.start_judge: vLLM is not installed in this environment ({sys.executable}); set "
+            "target.engine_python to the python of one that has it (the repository's: .venvs/engine/bin/python, "
+            "made by `hatch env create test`)"
+        )
     url = (met.judge_url or f"http://127.0.0.1:{met.judge_port}").rstrip("/")
     on_cpu = not torch.cuda.is_available()
     dtype = resolve_dtype(config.model.dtype, torch.device("cpu" if on_cpu else "cuda"))
@@ -126,7 +136,7 @@ def build_judge(config: TrainConfig, initial_draft: Path, max_model_len: int, nu
         dtype=str(dtype).removeprefix("torch."),
         max_model_len=max_model_len,
         on_cpu=on_cpu,
-        python=t.engine_python,
+        python=python,
     )
     log = Path(config.training.output_dir) / "judge" / "server.log"
     return JudgeServer(
